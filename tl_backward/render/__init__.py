@@ -1,0 +1,25 @@
+"""Rendering: offline-safe HTML pages of circuitsvis components and project-owned HTML/SVG.
+
+Import is light: submodules load on first attribute access (``from tl_backward.render import page``
+or ``tl_backward.render.attention_heads``). See :mod:`tl_backward.render.page` for the Figure/Page
+API and :mod:`tl_backward.render.figures` for reusable figures. (The ``page(*figs)`` helper is not
+re-exported here because ``tl_backward.render.page`` is the submodule; use ``Page([...])`` or ``a + b``.)
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "escape": "page", "script_json": "page", "jsonable": "page", "Figure": "page", "Page": "page",
+    "cv_figure": "page", "html_figure": "page",
+    "attention_heads": "figures", "attention_pattern": "figures", "colored_tokens": "figures",
+    "colored_tokens_multi": "figures", "heatmap_table": "figures", "line_plot": "figures",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        mod = import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,341 @@
+"""Offline-safe HTML pages built from circuitsvis components and project-owned HTML/SVG.
+
+Pure HTML plumbing: no model code, no network. Everything a result's ``render()`` returns is a
+:class:`Figure` (one fragment) or a :class:`Page` (several), and both offer the same interface:
+
+* ``_repr_html_()`` -- what Jupyter/Colab/VS Code display. Self-contained: the circuitsvis bundle is
+  inlined (never the CDN form) and there is no connectivity probe.
+* ``to_html()`` -- a full standalone UTF-8 page; ``save(path)`` writes it and returns the ``Path``.
+* ``a + b`` / ``page(a, b, title=...)`` -- combine; a page holds the 1.3 MB bundle exactly once.
+
+Why not circuitsvis's own ``RenderedHTML``: its ``_repr_html_`` probes google.com on every display and
+then emits the CDN (unpkg) form, its props are raw ``json.dumps`` inside ``<script>`` (a token
+``</script>`` breaks out), and each fragment carries its own copy of the bundle. Here the props are
+encoded with :func:`script_json` and the bundle goes in one classic ``<script>`` that defines
+``window.CircuitsVis``; each figure is ``<div class="tlb-fig" id=...>`` followed by a small mount
+script calling ``CircuitsVis.render(mountId, CircuitsVis[component], props)`` -- the same call
+circuitsvis's ``render_local`` makes (the bundle's ``render`` does ``document.querySelector('#'+id)``
+then ``ReactDOM.createRoot(el).render(...)``).
+
+Element ids are assigned when HTML is produced (random per call), so the same Figure can appear
+twice on a page or in two notebook outputs sharing one document without id clashes.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+__all__ = [
+    "escape",
+    "script_json",
+    "jsonable",
+    "Figure",
+    "Page",
+    "page",
+    "cv_figure",
+    "html_figure",
+    "bundle_js",
+    "CV_COMPONENTS",
+    "CSS",
+]
+
+# Components exported by circuitsvis 1.43.3's dist/cdn/iife.js (checked against the bundle's export map).
+CV_COMPONENTS = frozenset({
+    "AttentionHeads", "AttentionPattern", "AttentionPatterns", "ColoredTokens", "ColoredTokensMulti",
+    "Hello", "TextNeuronActivations", "TokenLogProbs", "TopkSamples", "TopkTokens",
+})
+
+# Values this large are masking sentinels (finfo.min / finfo.max of fp32, bf16, fp64), not data.
+_SENTINEL = 1e30
+# Array floats are rounded to this many significant digits for display (hover shows the value).
+_SIG_DIGITS = 6
+
+
+# ----------------------------------------------------------------------------------------- escaping
+def escape(text: Any) -> str:
+    """HTML-escape ``text`` (``str()`` of it) for element content AND quoted attribute values.
+
+    Escapes ``& < > " '``. Use on every token, label or title placed in project-owned HTML/SVG.
+    """
+    return _html.escape(str(text), quote=True)
+
+
+_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
+
+
+def script_json(obj: Any) -> str:
+    """Encode ``obj`` as JSON that is safe to inline inside ``<script>`` (as a JS expression).
+
+    ``< > &`` become ``\\u003c \\u003e \\u0026`` so no string can form ``</script>`` or ``<!--``;
+    U+2028/2029 are escaped so the JSON is also valid JavaScript. These characters only occur inside
+    JSON strings, where the escapes decode to the same text. ``obj`` is first passed through
+    :func:`jsonable` (tensors/arrays -> lists, NaN/inf -> 0).
+    """
+    text = json.dumps(jsonable(obj), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group(0)], text)
+
+
+def _clean_float(x: float) -> float:
+    return 0.0 if (math.isnan(x) or math.isinf(x) or abs(x) >= _SENTINEL) else x
+
+
+def _round_floats(a: "np.ndarray", sig: int = _SIG_DIGITS) -> "np.ndarray":
+    """Zero NaN/inf/sentinels and round to ``sig`` significant digits (vectorised), so JSON holds
+    ``0.0149671`` instead of float32 noise like ``0.014967052266001701`` -- 3x smaller pages."""
+    import numpy as np
+
+    a = np.where(np.isfinite(a) & (np.abs(a) < _SENTINEL), a, 0.0)
+    with np.errstate(divide="ignore"):
+        exp = np.floor(np.log10(np.abs(a), where=a != 0, out=np.zeros_like(a)))
+    scale = 10.0 ** (sig - 1 - exp)
+    return np.round(a * scale) / scale
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert props to plain JSON types: tensors/numpy -> nested lists (floats as float64),
+    numpy scalars -> Python scalars, tuples -> lists; NaN, +-inf and masking sentinels
+    (|x| >= 1e30, e.g. ``finfo.min``) -> 0; array floats rounded to 6 significant digits. Dict keys become strings; ``None`` stays ``None``."""
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return _clean_float(obj)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    mod = type(obj).__module__
+    if mod.startswith("torch"):
+        t = obj.detach().cpu()
+        if t.is_floating_point():
+            return _round_floats(t.double().numpy()).tolist()
+        return t.tolist()
+    if mod.startswith("numpy"):
+        import numpy as np
+
+        a = np.asarray(obj)
+        if a.dtype.kind == "f":
+            a = _round_floats(a.astype(np.float64))
+        return a.tolist() if a.ndim else a.item()
+    raise TypeError(f"cannot encode {type(obj).__name__!r} as a figure prop; pass lists, numbers, "
+                    "strings, dicts, numpy arrays or torch tensors")
+
+
+# -------------------------------------------------------------------------------------- bundle + css
+@lru_cache(maxsize=1)
+def bundle_js() -> str:
+    """The circuitsvis browser bundle (``dist/cdn/iife.js``) made safe to inline in a classic script.
+
+    ``</script`` (once, inside a string literal in React) becomes ``<\\/script`` -- the same string to
+    JavaScript, invisible to the HTML parser (circuitsvis deletes it instead). ``<!--`` is escaped the
+    same way for the same reason, and the trailing ``sourceMappingURL`` comment is dropped.
+    """
+    import circuitsvis  # local import: only pages with circuitsvis figures need it
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    js = path.read_text(encoding="utf-8")
+    js = re.sub(r"</(script)", r"<\\/\1", js, flags=re.IGNORECASE)
+    js = js.replace("<!--", "<\\!--")
+    js = re.sub(r"^//# sourceMappingURL=.*$", "", js, flags=re.MULTILINE)
+    # The bundle is `"use strict";var CircuitsVis=(()=>{...})();` -- in a classic script that var is
+    # already global; assign it explicitly so the intent survives any wrapping by notebook frontends.
+    return js + "\n;window.CircuitsVis = CircuitsVis;\n"
+
+
+CSS = """
+.tlb-fig{background:#fff;color:#1a1a1a;border:1px solid #d0d0d0;border-radius:6px;padding:10px 12px;
+  margin:12px 0;font:13px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;overflow-x:auto;
+  color-scheme:light;max-width:100%;box-sizing:border-box}
+.tlb-fig .tlb-title{font-weight:600;font-size:14px;margin:0 0 8px 0}
+.tlb-fig .tlb-note{color:#555;font-size:12px;margin:4px 0}
+.tlb-fig .tlb-error{color:#b00020;font-family:monospace;white-space:pre-wrap}
+.tlb-fig table.tlb-table{border-collapse:collapse;font-size:12px}
+.tlb-fig table.tlb-table th,.tlb-fig table.tlb-table td{border:1px solid #e2e2e2;padding:2px 6px;
+  text-align:center;white-space:nowrap}
+.tlb-fig table.tlb-table th{background:#f4f4f4;font-weight:600;position:sticky;top:0}
+.tlb-fig table.tlb-table th.tlb-rowhead{text-align:right;position:static}
+.tlb-fig table.tlb-table td{font-family:ui-monospace,Menlo,Consolas,monospace;color:#111}
+.tlb-fig svg text{font-family:system-ui,sans-serif;fill:#222}
+body.tlb-page{margin:20px auto;max-width:1200px;padding:0 16px;background:#fafafa;color:#1a1a1a;
+  font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+body.tlb-page h1{font-size:20px}
+"""
+
+# Saved pages forbid every network fetch at the browser level (defence in depth; the content makes
+# none anyway). Inline scripts/styles and data: images are all a page needs.
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+       "img-src data:; font-src data:")
+_CSP_META = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+
+
+# -------------------------------------------------------------------------------------------- figures
+@dataclass(frozen=True)
+class Figure:
+    """One immutable figure: project HTML and/or one circuitsvis component mount.
+
+    ``html`` is trusted, already-escaped inner HTML; ``component``/``props_json`` (a
+    :func:`script_json` string) describe a circuitsvis mount, rendered below ``html``.
+    ``needs_bundle`` is true iff a circuitsvis component is mounted.
+    """
+
+    html: str = ""
+    title: str | None = None
+    component: str | None = None
+    props_json: str | None = None
+    height: str | None = None
+
+    @property
+    def needs_bundle(self) -> bool:
+        return self.component is not None
+
+    @property
+    def figures(self) -> tuple["Figure", ...]:
+        return (self,)
+
+    def fragment(self, fig_id: str) -> str:
+        """This figure's HTML (no bundle), with element ids derived from ``fig_id``."""
+        parts = [f'<div class="tlb-fig" id="{escape(fig_id)}">']
+        if self.title:
+            parts.append(f'<div class="tlb-title">{escape(self.title)}</div>')
+        if self.html:
+            parts.append(self.html)
+        if self.component is not None:
+            mount_id = fig_id + "-cv"
+            style = f' style="height:{escape(self.height)};overflow:auto"' if self.height else ""
+            parts.append(f'<div class="tlb-cv" id="{escape(mount_id)}"{style}></div>')
+            parts.append(_mount_script(mount_id, self.component, self.props_json or "{}"))
+        parts.append("</div>")
+        return "".join(parts)
+
+    # shared interface ---------------------------------------------------------------------------
+    def __add__(self, other: "Figure | Page") -> "Page":
+        return Page(self.figures + _figures_of(other))
+
+    def _repr_html_(self) -> str:
+        return _body(self.figures, title=None, include_bundle=True)
+
+    def to_html(self, title: str | None = None) -> str:
+        return Page(self.figures, title=title or self.title or "tl_backward").to_html()
+
+    def save(self, path: Union[str, Path], title: str | None = None) -> Path:
+        return Page(self.figures, title=title or self.title or "tl_backward").save(path)
+
+
+def _figures_of(obj: Any) -> tuple[Figure, ...]:
+    if isinstance(obj, (Figure, Page)):
+        return obj.figures
+    raise TypeError(f"can only combine Figure/Page objects, got {type(obj).__name__}")
+
+
+@dataclass(frozen=True, init=False)
+class Page:
+    """Several figures on one page (bundle included once). ``Page([f1, f2], title="...")``."""
+
+    figures: tuple[Figure, ...]
+    title: str
+
+    def __init__(self, figures: Iterable[Figure | "Page"] = (), title: str = "tl_backward"):
+        flat: tuple[Figure, ...] = ()
+        for f in figures:
+            flat += _figures_of(f)
+        object.__setattr__(self, "figures", flat)
+        object.__setattr__(self, "title", str(title))
+
+    @property
+    def needs_bundle(self) -> bool:
+        return any(f.needs_bundle for f in self.figures)
+
+    def __add__(self, other: Figure | "Page") -> "Page":
+        return Page(self.figures + _figures_of(other), title=self.title)
+
+    def _repr_html_(self) -> str:
+        return _body(self.figures, title=self.title, include_bundle=True)
+
+    def to_html(self) -> str:
+        """A complete standalone HTML document (UTF-8, no external resources)."""
+        head = [
+            "<!DOCTYPE html>", '<html lang="en"><head>', '<meta charset="utf-8">', _CSP_META,
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{escape(self.title)}</title>", f"<style>{CSS}</style>",
+        ]
+        if self.needs_bundle:
+            head.append(f"<script>{bundle_js()}</script>")
+        head.append('</head><body class="tlb-page">')
+        body = _body(self.figures, title=self.title, include_bundle=False, include_css=False)
+        return "\n".join(head) + "\n" + body + "\n</body></html>\n"
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write :meth:`to_html` to ``path`` (parent dirs created) and return the Path."""
+        p = Path(path)
+        if p.suffix.lower() not in (".html", ".htm"):
+            raise ValueError(f"path must end in .html or .htm, got {str(path)!r}")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # Lone surrogates (odd tokenizer output) cannot be UTF-8; replace rather than crash.
+        p.write_bytes(self.to_html().encode("utf-8", errors="replace"))
+        return p
+
+
+def page(*figures: Figure | Page, title: str = "tl_backward") -> Page:
+    """``page(f1, f2, ..., title=...)`` -- shorthand for ``Page([f1, f2, ...], title=...)``."""
+    return Page(figures, title=title)
+
+
+def _body(figs: tuple[Figure, ...], *, title: str | None, include_bundle: bool,
+          include_css: bool = True) -> str:
+    """Figures as an HTML fragment; with ``include_bundle`` it stands alone (notebook output)."""
+    uid = "tlb-" + uuid.uuid4().hex[:12]
+    parts = []
+    if include_css:
+        parts.append(f"<style>{CSS}</style>")
+    if include_bundle and any(f.needs_bundle for f in figs):
+        parts.append(f"<script>{bundle_js()}</script>")
+    if title:
+        parts.append(f'<h1 class="tlb-h1">{escape(title)}</h1>')
+    parts.extend(f.fragment(f"{uid}-{i}") for i, f in enumerate(figs))
+    return f'<div class="tlb-root" id="{uid}">' + "\n".join(parts) + "</div>"
+
+
+def _mount_script(mount_id: str, component: str, props_json: str) -> str:
+    # ids are [a-z0-9-] (generated), component is validated against CV_COMPONENTS; props_json comes
+    # from script_json. On failure the figure shows the error as text instead of staying blank.
+    return (
+        "<script>(function(){var id=" + script_json(mount_id) + ";try{"
+        "if(!window.CircuitsVis)throw new Error('circuitsvis bundle not loaded');"
+        "CircuitsVis.render(id,CircuitsVis[" + script_json(component) + "]," + props_json + ");"
+        "}catch(e){var el=document.getElementById(id);if(el){var p=document.createElement('div');"
+        "p.className='tlb-error';p.textContent='circuitsvis failed: '+e;el.appendChild(p);}}})();</script>"
+    )
+
+
+def cv_figure(component: str, props: dict, *, title: str | None = None,
+              height: int | str | None = None) -> Figure:
+    """Mount the circuitsvis React ``component`` with ``props`` (camelCase names, as the React side
+    expects, e.g. ``{"attention": ..., "tokens": ..., "maxValue": ...}``).
+
+    Props with value ``None`` are dropped (the component default applies); tensors/arrays become
+    lists with NaN/inf/sentinels -> 0; everything is encoded with :func:`script_json`.
+    ``height``: CSS height of the mount area (int = pixels), scrolls when exceeded.
+    """
+    if component not in CV_COMPONENTS:
+        raise ValueError(f"component must be one of {sorted(CV_COMPONENTS)}, got {component!r}")
+    if not isinstance(props, dict):
+        raise TypeError(f"props must be a dict of component props, got {type(props).__name__}")
+    clean = {k: v for k, v in props.items() if v is not None}
+    h = f"{int(height)}px" if isinstance(height, (int, float)) else height
+    return Figure(title=title, component=component, props_json=script_json(clean), height=h)
+
+
+def html_figure(html: str, *, title: str | None = None) -> Figure:
+    """Wrap project-owned HTML/SVG (the caller has already escaped every untrusted string with
+    :func:`escape`). Must not contain external references; use inline styles/SVG only."""
+    if not isinstance(html, str):
+        raise TypeError(f"html must be a str, got {type(html).__name__}")
+    return Figure(html=html, title=title)
