@@ -1,0 +1,114 @@
+"""ModelAdapter: attention scale, hook names, weights, readout, refusals; load_model."""
+
+import pytest
+import torch
+
+import tl_backward
+from tl_backward.core.adapter import apply_rotary, get_adapter
+from tests.reference import assert_no_hooks
+
+
+def test_attention_scale_reproduces_the_scores(model):
+    """Unmasked hook_attn_scores == q·kᵀ / s, with RoPE'd q/k where the model rotates."""
+    _check_scores(model)
+
+
+def _check_scores(model):
+    ad = get_adapter(model)
+    tokens = ad.tokenize("the cat sat on the mat").tokens
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(
+        ("hook_attn_scores", "hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_cos", "hook_sin")))
+    for layer in range(ad.n_layers):
+        q, k = cache[ad.hook_name("q", layer)], cache[ad.hook_name("k", layer)]
+        if ad.rotary:
+            cos, sin = cache[ad.hook_name("cos", layer)], cache[ad.hook_name("sin", layer)]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if ad.rot_hooks:  # the bridge's own rotated tensors agree with apply_rotary
+            torch.testing.assert_close(q, cache[ad.hook_name("rot_q", layer)], rtol=1e-5, atol=1e-6)
+        k = k.repeat_interleave(ad.n_heads // ad.n_kv_heads, dim=2)
+        expected = torch.einsum("bqhd,bkhd->bhqk", q, k) / ad.attn_scale(layer)
+        causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril()
+        got = cache[ad.hook_name("attn_scores", layer)]
+        torch.testing.assert_close(got[..., causal], expected[..., causal], rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_inverse_layer_scaling_is_included():
+    from tl_backward.zoo.tiny import tiny_model
+
+    model = tiny_model("gpt2", scale_attn_by_inverse_layer_idx=True)
+    ad = get_adapter(model)
+    assert ad.attn_scale(1) == pytest.approx(2 * ad.attn_scale(0))
+    _check_scores(model)
+
+
+def test_weights_are_tl_layout_copies(model):
+    ad = get_adapter(model)
+    assert ad.W_Q(0).shape == (ad.n_heads, ad.d_model, ad.d_head)
+    assert ad.W_K(0).shape == (ad.n_kv_heads, ad.d_model, ad.d_head)
+    assert ad.W_O(0).shape == (ad.n_heads, ad.d_head, ad.d_model)
+    assert ad.W_in(1).shape == (ad.d_model, ad.d_mlp) and ad.W_out(1).shape == (ad.d_mlp, ad.d_model)
+    assert ad.W_U.shape == (ad.d_model, ad.d_vocab) and ad.b_U.shape == (ad.d_vocab,)
+    w = ad.W_out(0)
+    w += 1.0  # a copy: the model must not change
+    assert not torch.equal(w, ad.W_out(0))
+    # HF storage layout differs per module; the TL view is x @ W.
+    hf_out = ad.linear(0, "mlp_out").original_component
+    expected = hf_out.weight if type(hf_out).__name__ == "Conv1D" else hf_out.weight.T
+    torch.testing.assert_close(ad.W_out(0), expected.detach())
+
+
+def test_unembed_reproduces_logits(model):
+    ad = get_adapter(model)
+    tokens = ad.tokenize("the cat sat").tokens
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n == f"blocks.{ad.n_layers - 1}.hook_resid_post")
+    torch.testing.assert_close(ad.unembed(cache[f"blocks.{ad.n_layers - 1}.hook_resid_post"]), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_head_mapping(llama_model):
+    ad = get_adapter(llama_model)
+    assert (ad.n_heads, ad.n_kv_heads) == (4, 2)
+    assert [ad.kv_head(h) for h in range(4)] == [0, 0, 1, 1]
+
+
+def test_hook_names_and_layer_errors(model):
+    ad = get_adapter(model)
+    assert ad.hook_name("pattern", 1) == "blocks.1.attn.hook_pattern"
+    assert all(ad.hook_name(k, 0) in model.hook_dict for k in ("q", "z", "mlp_post", "mlp_in", "attn_in", "resid_pre"))
+    with pytest.raises(ValueError, match="out of range"):
+        ad.hook_name("pattern", ad.n_layers)
+    with pytest.raises(ValueError, match="kind must be"):
+        ad.hook_name("patern", 0)
+    with pytest.raises(TypeError):
+        ad.check_layer("0")
+
+
+def test_refuses_models_without_a_gradient_path():
+    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+
+    cfg = TransformerBridgeConfig(d_model=16, d_head=4, n_layers=1, n_ctx=8, d_vocab=20, n_heads=4, d_mlp=32, act_fn="gelu")
+    native = TransformerBridge.boot_native(cfg)
+    with pytest.raises(ValueError, match="boot_transformers"):
+        get_adapter(native)
+    with pytest.raises(TypeError, match="TransformerBridge"):
+        get_adapter(torch.nn.Linear(2, 2))
+
+
+def test_load_model_from_a_local_directory_offline(tmp_path, monkeypatch):
+    from tl_backward.zoo.tiny import tiny_hf_model, word_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = tiny_hf_model("llama", seed=3)
+    hf.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    model = tl_backward.load_model(str(tmp_path))
+    assert not model.training
+    tokens = get_adapter(model).tokenize("the cat").tokens
+    torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+    assert_no_hooks(model)
+
+
+def test_load_model_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="name"):
+        tl_backward.load_model(3)
+    with pytest.raises(TypeError, match="dtype"):
+        tl_backward.load_model("x", dtype="float32")

@@ -1,0 +1,433 @@
+"""One place that knows the TransformerBridge: shapes, hook names, weights, tokenisation.
+
+Everything else in tl_backward asks :func:`get_adapter` instead of poking at bridge internals,
+so family differences (GPT-2 / GPT-NeoX / Llama-Qwen2-Mistral) live in this file only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+# Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path.
+RECONSTRUCTING_ATTENTION = (
+    "JointQKVAttentionBridge",
+    "JointQKVPositionEmbeddingsAttentionBridge",
+    "PositionEmbeddingsAttentionBridge",
+)
+_FAMILIES = {
+    "GPT2LMHeadModel": "gpt2",
+    "GPTNeoXForCausalLM": "neox",
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+}
+# Per-layer hook kinds -> legacy TransformerLens name templates.
+_HOOKS = {
+    "pattern": "blocks.{l}.attn.hook_pattern",
+    "attn_scores": "blocks.{l}.attn.hook_attn_scores",
+    "q": "blocks.{l}.attn.hook_q",
+    "k": "blocks.{l}.attn.hook_k",
+    "v": "blocks.{l}.attn.hook_v",
+    "z": "blocks.{l}.attn.hook_z",
+    "rot_q": "blocks.{l}.attn.hook_rot_q",
+    "rot_k": "blocks.{l}.attn.hook_rot_k",
+    "cos": "blocks.{l}.attn.hook_cos",
+    "sin": "blocks.{l}.attn.hook_sin",
+    "attn_in": "blocks.{l}.ln1.hook_out",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "mlp_in": "blocks.{l}.mlp.hook_in",
+    "mlp_pre": "blocks.{l}.mlp.hook_pre",
+    "mlp_pre_linear": "blocks.{l}.mlp.hook_pre_linear",
+    "mlp_post": "blocks.{l}.mlp.hook_post",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids ready for the model, right-padded.
+
+    ``mask`` marks real (non-padding) tokens; ``last`` is each row's last real position.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+    last: Int[Tensor, " batch"]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Tensor], pad_id: int) -> "Batch":
+        """Right-pad a list of 1-D token rows into one batch."""
+        lengths = torch.tensor([len(r) for r in rows])
+        tokens = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = row
+        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        return cls(tokens=tokens, mask=mask, last=lengths - 1)
+
+    def rows(self) -> list[Tensor]:
+        """The unpadded token rows."""
+        return [self.tokens[i, : int(n) + 1] for i, n in enumerate(self.last)]
+
+
+class ModelAdapter:
+    """Read-only facts about a reconstructing ``TransformerBridge``.
+
+    Construct through :func:`get_adapter` (cached per model). Weights come back as fp32 detached
+    copies in TransformerLens layout: ``W_Q [head, d_model, d_head]``, ``W_O [head, d_head, d_model]``,
+    ``W_in``/``W_gate [d_model, d_mlp]``, ``W_out [d_mlp, d_model]``, ``W_U [d_model, d_vocab]``.
+    """
+
+    def __init__(self, model: Any):
+        _check_supported(model)
+        self.model = model
+        cfg = model.cfg
+        self.n_layers: int = cfg.n_layers
+        self.n_heads: int = cfg.n_heads
+        self.n_kv_heads: int = cfg.n_key_value_heads or cfg.n_heads
+        self.d_head: int = cfg.d_head
+        self.d_model: int = cfg.d_model
+        self.d_mlp: int = cfg.d_mlp
+        self.d_vocab: int = model.W_U.shape[-1]
+        self.n_ctx: int = cfg.n_ctx
+        self.gated_mlp: bool = bool(cfg.gated_mlp)
+        self.parallel_blocks: bool = bool(cfg.parallel_attn_mlp)
+        self.family: str = _FAMILIES.get(type(model.original_model).__name__, "other")
+        self.rotary: bool = "blocks.0.attn.hook_cos" in model.hook_dict
+        # Only this bridge fires hook_rot_q/k; GPT-NeoX's rotates inside without the hook
+        # (rotate q/k yourself with apply_rotary and the hook_cos/hook_sin tensors).
+        self.rot_hooks: bool = type(model.blocks[0].attn).__name__ == "PositionEmbeddingsAttentionBridge"
+
+    # ---------------------------------------------------------------- names
+    def hook_name(self, kind: str, layer: int) -> str:
+        """The TransformerLens hook name for ``kind`` at ``layer`` (see module ``_HOOKS``)."""
+        if kind not in _HOOKS:
+            raise ValueError(f"kind must be one of {sorted(_HOOKS)}, got {kind!r}")
+        self.check_layer(layer)
+        if kind == "resid_mid" and self.parallel_blocks:
+            raise ValueError(
+                "this model has parallel attention+MLP blocks (GPT-NeoX style): there is no "
+                "resid_mid; use resid_pre / resid_post"
+            )
+        if kind == "mlp_pre_linear" and not self.gated_mlp:
+            raise ValueError("mlp_pre_linear exists only for gated MLPs; use mlp_pre")
+        if kind in ("rot_q", "rot_k") and not self.rot_hooks:
+            raise ValueError(
+                f"this model does not fire hook_{kind}: capture {kind[-1]}, cos and sin and use "
+                "tl_backward.core.adapter.apply_rotary"
+            )
+        if kind in ("cos", "sin") and not self.rotary:
+            raise ValueError(f"{kind} exists only for rotary models")
+        return _HOOKS[kind].format(l=layer)
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}")
+        return layer
+
+    def layers(self, layers: int | Sequence[int] | None) -> list[int]:
+        """Normalise a ``layers`` argument (None = all) to a checked list."""
+        if layers is None:
+            return list(range(self.n_layers))
+        if isinstance(layers, int):
+            layers = [layers]
+        out = [self.check_layer(l) for l in layers]
+        if not out:
+            raise ValueError("layers is empty: pass None for all layers or a list of layer indices")
+        return out
+
+    def resolve_hook(self, name: str) -> str:
+        """Validate a user hook name; unknown names get a ValueError suggesting the closest."""
+        if not isinstance(name, str):
+            raise TypeError(f"hook names must be strings, got {type(name).__name__}")
+        if name in self.model.hook_dict:
+            return name
+        hint = difflib.get_close_matches(name, list(self.model.hook_dict), n=1, cutoff=0.5)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        if name.endswith("hook_resid_mid") and self.parallel_blocks:
+            extra = " (parallel attention+MLP blocks have no resid_mid)"
+        raise ValueError(f"unknown hook name {name!r}{extra}")
+
+    # ---------------------------------------------------------------- attention
+    def attn_scale(self, layer: int) -> float:
+        """s such that ``attn_scores = q·kᵀ / s`` (before the mask) at ``layer``.
+
+        ``cfg.attn_scale`` reads -1 on bridges, so this uses the HF module's ``scaling``, which in
+        transformers 5 already includes GPT-2's ``scale_attn_by_inverse_layer_idx`` factor; without
+        that attribute it falls back to √d_head (×(layer+1) under inverse-layer scaling).
+        Checked against the bridge's real scores in the tests.
+        """
+        self.check_layer(layer)
+        hf_attn = self.model.blocks[layer].attn.original_component
+        scaling = getattr(hf_attn, "scaling", None)
+        if scaling is not None:
+            return 1.0 / float(scaling)
+        scale = float(self.d_head) ** 0.5
+        if getattr(hf_attn, "scale_attn_by_inverse_layer_idx", False):
+            scale *= layer + 1
+        return scale
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads (GQA)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    # ---------------------------------------------------------------- weights (TL layout, fp32)
+    def _attn(self, layer: int):
+        return self.model.blocks[self.check_layer(layer)].attn
+
+    def _mlp(self, layer: int):
+        return self.model.blocks[self.check_layer(layer)].mlp
+
+    @staticmethod
+    def _get(module: Any, name: str, zeros: tuple[int, ...] | None = None) -> Tensor:
+        try:
+            value = getattr(module, name)
+        except AttributeError:
+            value = None
+        if value is None:
+            if zeros is None:
+                raise ValueError(f"this model has no {name}")
+            return torch.zeros(zeros)
+        return value.detach().float().clone()
+
+    def W_Q(self, layer: int) -> Float[Tensor, "head d_model d_head"]:
+        return self._get(self._attn(layer), "W_Q")
+
+    def W_K(self, layer: int) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self._get(self._attn(layer), "W_K")
+
+    def W_V(self, layer: int) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self._get(self._attn(layer), "W_V")
+
+    def W_O(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
+        return self._get(self._attn(layer), "W_O")
+
+    def b_O(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self._get(self._attn(layer), "b_O", (self.d_model,))
+
+    def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+        """FF1: the input projection (the *up* projection for gated MLPs)."""
+        return self._get(self._mlp(layer), "W_in")
+
+    def W_gate(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+        if not self.gated_mlp:
+            raise ValueError("W_gate exists only for gated MLPs")
+        return self._get(self._mlp(layer), "W_gate")
+
+    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+        return self._get(self._mlp(layer), "W_out")
+
+    def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
+        return self._get(self._mlp(layer), "b_in", (self.d_mlp,))
+
+    def b_out(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self._get(self._mlp(layer), "b_out", (self.d_model,))
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.model.W_U.detach().float()
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        b = getattr(self.model, "b_U", None)
+        return torch.zeros(self.d_vocab) if b is None else b.detach().float()
+
+    def linear(self, layer: int, module: str):
+        """The bridged linear module: ``module`` in {q, k, v, o, mlp_in, mlp_gate, mlp_out}.
+
+        Its ``hook_in`` carries the factor x and its ``hook_out`` the factor δ (Backward Lens).
+        """
+        table = {
+            "q": lambda: self._attn(layer).q,
+            "k": lambda: self._attn(layer).k,
+            "v": lambda: self._attn(layer).v,
+            "o": lambda: self._attn(layer).o,
+            "mlp_in": lambda: getattr(self._mlp(layer), "in"),
+            "mlp_gate": lambda: self._mlp(layer).gate,
+            "mlp_out": lambda: self._mlp(layer).out,
+        }
+        if module not in table:
+            raise ValueError(f"module must be one of {sorted(table)}, got {module!r}")
+        if module == "mlp_gate" and not self.gated_mlp:
+            raise ValueError("mlp_gate exists only for gated MLPs (Llama-style); this MLP is not gated")
+        return table[module]()
+
+    # ---------------------------------------------------------------- readout
+    @torch.no_grad()
+    def ln_final(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The model's real final norm (gain and bias included), in fp32."""
+        norm = self.model.ln_final
+        dtype = next(self.model.parameters()).dtype
+        return norm(v.to(dtype)).float()
+
+    @torch.no_grad()
+    def unembed(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """Logit lens: ``ln_final(v) @ W_U + b_U``; reproduces the model's logits at the last layer."""
+        return self.ln_final(v) @ self.W_U.to(v.device) + self.b_U.to(v.device)
+
+    # ---------------------------------------------------------------- tokens
+    @property
+    def tokenizer(self):
+        tok = getattr(self.model, "tokenizer", None)
+        if tok is None:
+            raise ValueError("this model has no tokenizer: pass token ids (a LongTensor) instead of strings")
+        return tok
+
+    @property
+    def pad_id(self) -> int:
+        tok = getattr(self.model, "tokenizer", None)
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        if pad is None:
+            pad = getattr(tok, "eos_token_id", None) if tok is not None else None
+        return int(pad) if pad is not None else 0
+
+    def tokenize(self, input: Any, prepend_bos: bool | None = None) -> Batch:
+        """Turn a string, a list of strings (right-padded) or token ids into a :class:`Batch`."""
+        if isinstance(input, str):
+            rows = [self._encode(input, prepend_bos, "input")]
+        elif isinstance(input, (list, tuple)):
+            if not input:
+                raise ValueError("input is an empty list: pass at least one prompt")
+            if not all(isinstance(s, str) for s in input):
+                raise TypeError("input lists must hold strings; pass token ids as a LongTensor")
+            rows = [self._encode(s, prepend_bos, f"input[{i}]") for i, s in enumerate(input)]
+        elif isinstance(input, Tensor):
+            ids = self._check_ids(input, "input")
+            if ids.shape[1] == 0:
+                raise ValueError("input has no tokens")
+            rows = list(ids)  # token tensors are taken as given: every position is real
+        else:
+            raise TypeError(
+                f"input must be a string, a list of strings or a LongTensor of token ids, got {type(input).__name__}"
+            )
+        return self._check_length(Batch.from_rows(rows, self.pad_id))
+
+    def _encode(self, text: str, prepend_bos: bool | None, what: str) -> Tensor:
+        if not text.strip():
+            raise ValueError(f"{what} is empty: pass a non-empty prompt")
+        ids = self.model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0].cpu()
+        if ids.numel() == 0:
+            raise ValueError(f"{what} tokenises to nothing")
+        return ids
+
+    def _check_ids(self, ids: Tensor, what: str) -> Tensor:
+        if ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise TypeError(f"{what} token ids must be an integer tensor, got {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"{what} token ids must have shape [pos] or [batch, pos], got {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.d_vocab):
+            raise ValueError(f"{what} has token ids outside the vocabulary [0, {self.d_vocab})")
+        return ids.long().cpu()
+
+    def _check_length(self, batch: Batch) -> Batch:
+        if batch.tokens.shape[1] > self.n_ctx:
+            raise ValueError(
+                f"input is {batch.tokens.shape[1]} tokens long but the model's context (n_ctx) is "
+                f"{self.n_ctx}: shorten the prompt"
+            )
+        return batch
+
+    def target_tokens(self, target: Any) -> Int[Tensor, " target"]:
+        """Token ids of a target: a string (tokenised without BOS), an int, or ids."""
+        if isinstance(target, str):
+            if not target.strip():
+                raise ValueError("target is empty: pass a word such as ' Paris' or a token id")
+            ids = self.model.to_tokens(target, prepend_bos=False, truncate=False)[0].cpu()
+            if ids.numel() == 0:
+                raise ValueError(f"target {target!r} tokenises to nothing")
+            unk = getattr(self.tokenizer, "unk_token_id", None)
+            if unk is not None and bool((ids == unk).any()) and target.strip() != self.tokenizer.unk_token:
+                raise ValueError(f"target {target!r} is not in the model's vocabulary (it tokenises to the unknown token)")
+            return ids.long()
+        if isinstance(target, bool):
+            raise TypeError("target must be a string, an int token id or a sequence of ids, not a bool")
+        if isinstance(target, int):
+            target = [target]
+        if isinstance(target, (list, tuple)) and target and all(isinstance(t, int) for t in target):
+            target = torch.tensor(target)
+        if isinstance(target, Tensor):
+            ids = self._check_ids(target.reshape(-1), "target")[0]
+            if ids.numel() == 0:
+                raise ValueError("target has no tokens")
+            return ids
+        raise TypeError(f"target must be a string, an int token id or a sequence of ids, got {type(target).__name__}")
+
+    def to_str_tokens(self, tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None) -> list[list[str]]:
+        """Token strings per row (padding dropped when ``mask`` is given)."""
+        tok = getattr(self.model, "tokenizer", None)
+        out = []
+        for i, row in enumerate(tokens):
+            ids = row if mask is None else row[mask[i]]
+            if tok is None:
+                out.append([str(int(t)) for t in ids])
+            else:
+                out.append([tok.decode([int(t)]) for t in ids])
+        return out
+
+
+def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "batch pos rot"],
+                 sin: Float[Tensor, "batch pos rot"]) -> Float[Tensor, "batch pos head d_head"]:
+    """Rotate the first ``rot`` dims of q or k as the HF models do (``rotate_half`` convention):
+    ``x_r·cos + rotate_half(x_r)·sin``, the remaining dims pass through (GPT-NeoX partial rotary).
+    """
+    rot = cos.shape[-1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def _check_supported(model: Any) -> None:
+    try:
+        from transformer_lens import TransformerBridge
+    except ImportError as err:  # pragma: no cover - dependency is pinned
+        raise ImportError("tl_backward needs transformer_lens>=4.3 (TransformerBridge)") from err
+    if not isinstance(model, TransformerBridge):
+        raise TypeError(
+            f"expected a transformer_lens TransformerBridge, got {type(model).__name__}; "
+            "load one with tl_backward.load_model(...) or TransformerBridge.boot_transformers(...)"
+        )
+    if not isinstance(getattr(model, "original_model", None), torch.nn.Module):
+        raise ValueError(
+            "this bridge does not wrap a local torch module (remote or inference-only driver): "
+            "tl_backward needs autograd through the model"
+        )
+    attn_cls = type(model.blocks[0].attn).__name__
+    if attn_cls not in RECONSTRUCTING_ATTENTION:
+        raise ValueError(
+            f"attention bridge {attn_cls} fires hook_attn_scores outside the autograd path (e.g. boot_native "
+            "models), so attention gradients would be wrong; boot the model with "
+            "TransformerBridge.boot_transformers(...) from an HF GPT-2 / GPT-NeoX / Llama / Qwen2 / Mistral model"
+        )
+    if getattr(model.cfg, "attn_scores_soft_cap", -1) not in (None, -1, -1.0, 0):
+        raise ValueError("attention soft-capping (e.g. Gemma-2) is not supported: grad/scale would not be dL/d(q·k)")
+
+
+_ADAPTERS: "weakref.WeakKeyDictionary[Any, ModelAdapter]" = weakref.WeakKeyDictionary()
+
+
+def get_adapter(model: Any) -> ModelAdapter:
+    """The (cached) :class:`ModelAdapter` of ``model``; raises for unsupported models."""
+    if isinstance(model, ModelAdapter):
+        return model
+    try:
+        return _ADAPTERS[model]
+    except (KeyError, TypeError):
+        pass
+    adapter = ModelAdapter(model)
+    _ADAPTERS[model] = adapter
+    return adapter

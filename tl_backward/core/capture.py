@@ -1,0 +1,248 @@
+"""One forward and one backward pass, keeping activations and metric gradients at chosen hooks.
+
+This is the only place in tl_backward that registers backward hooks. The recipe
+(transformerlens4.md §5): freeze every parameter, turn the embedding outputs into fresh
+leaves, run forward and ``torch.autograd.grad`` inside ``model.hooks(...)``, and restore the
+model in ``finally``. No weight gradient is computed and no parameter ``.grad`` is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from .adapter import ModelAdapter, get_adapter
+from .metrics import bind_metric, check_scalar
+
+Names = Sequence[str] | Callable[[str], bool]
+# Where the embeddings enter; their outputs become the leaves of the backward pass.
+_LEAF_HOOKS = ("hook_embed", "hook_pos_embed")
+# Hook points TransformerLens only provides after a set_use_* flag; filters skip them.
+_GATED = re.compile(r"hook_(result|q_input|k_input|v_input|attn_in|mlp_in)$")
+_RESID_MID = re.compile(r"^blocks\.(\d+)\.hook_resid_mid$")
+
+
+@dataclass(frozen=True)
+class GradientCache:
+    """Activations and metric gradients from one :func:`capture`, keyed by the requested names.
+
+    Mirrors TransformerLens's ``ActivationCache``: ``cache[name]`` is the activation,
+    ``cache[name + "_grad"]`` (or ``cache.gradients[name]``) is ∂metric/∂activation. Tensors are
+    detached and fp32 (upcast from bf16/fp16 models).
+    """
+
+    activations: dict[str, Tensor]
+    gradients: dict[str, Tensor]
+    metric: Float[Tensor, ""]
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+    last: Int[Tensor, " batch"]
+    str_tokens: list[list[str]]
+    canonical: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name in self.activations:
+            return self.activations[name]
+        if name.endswith("_grad") and name[: -len("_grad")] in self.gradients:
+            return self.gradients[name[: -len("_grad")]]
+        raise KeyError(f"{name!r} was not captured; captured: {sorted(self.activations)}")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.activations
+
+    def keys(self) -> list[str]:
+        return list(self.activations)
+
+    def grad(self, name: str) -> Tensor:
+        """∂metric/∂(activation at ``name``)."""
+        return self[name + "_grad"]
+
+    def to(self, device: str | torch.device) -> "GradientCache":
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return GradientCache(move(self.activations), move(self.gradients), self.metric.to(device),
+                             self.tokens.to(device), self.mask.to(device), self.last.to(device),
+                             self.str_tokens, self.canonical)
+
+    def _find(self, legacy: str, canonical: str) -> str | None:
+        if legacy in self.gradients:
+            return legacy
+        return next((k for k, c in self.canonical.items() if c == canonical and k in self.gradients), None)
+
+    def resid_grads(self, kind: str = "pre", model: Any = None) -> Float[Tensor, "layer batch pos d_model"]:
+        """Stacked residual-stream gradients for ``kind`` in {"pre", "mid", "post"}, all layers."""
+        if kind not in ("pre", "mid", "post"):
+            raise ValueError(f"kind must be 'pre', 'mid' or 'post', got {kind!r}")
+        pattern = re.compile(rf"^blocks\.(\d+)\.hook_resid_{kind}$")
+        found = sorted((int(m.group(1)), k) for k in self.gradients if (m := pattern.match(k)))
+        if not found:
+            raise KeyError(
+                f"no hook_resid_{kind} gradients were captured: pass "
+                f"names=lambda n: n.endswith('hook_resid_{kind}') to capture()"
+            )
+        layers = [l for l, _ in found]
+        if layers != list(range(len(layers))):
+            raise KeyError(f"hook_resid_{kind} was captured for layers {layers} only; capture every layer")
+        return torch.stack([self.gradients[k] for _, k in found])
+
+
+@dataclass(frozen=True)
+class _Request:
+    name: str  # as the caller wrote it
+    fwd: str  # canonical hook whose forward output is the activation
+    bwd: str  # canonical hook whose backward gradient is the full gradient
+
+
+def capture(
+    model: Any,
+    input: Any,
+    metric: Any,
+    *,
+    names: Names,
+    prepend_bos: bool | None = None,
+) -> GradientCache:
+    """Run one forward and one backward pass and keep, for each hook in ``names``, the
+    activation ``a`` and ``∂metric/∂a``.
+
+    Args:
+        model: a reconstructing ``TransformerBridge`` (GPT-2, GPT-NeoX, Llama/Qwen2/Mistral).
+        input: a string, a list of strings (right-padded; each row's loss sits at its own last
+            real token) or token ids ``[batch, pos]``.
+        metric: ``tl_backward.metrics.target_nll(...)``/``logit_diff(...)`` or any callable
+            ``(logits [batch, pos, vocab], tokens [batch, pos]) -> scalar``. Batches are summed.
+        names: hook names (legacy aliases like ``blocks.0.hook_resid_mid`` or canonical names) or
+            a filter ``name -> bool`` over ``model.hook_dict``. Only these are cached.
+        prepend_bos: None uses the model's default.
+
+    ``blocks.L.hook_resid_mid`` reports the *full* residual gradient (TransformerLens's alias,
+    ``ln2.hook_in``, sees only the layer-norm branch); other names report the gradient at that
+    hook point's output.
+
+    The model is left as found: parameters' ``requires_grad``, train/eval mode and hooks are
+    restored (also on error), and no parameter ``.grad`` is written.
+    """
+    adapter = get_adapter(model)
+    batch = adapter.tokenize(input, prepend_bos)
+    batch, score = bind_metric(metric, adapter, batch)
+    requests = _plan(adapter, names)
+
+    acts: dict[str, Tensor] = {}
+    grads: dict[str, Tensor] = {}
+    leaves: dict[str, Tensor] = {}
+
+    def keep_act(tensor: Tensor, hook: Any, key: str) -> None:
+        acts[key] = tensor.detach().float().clone()
+
+    def keep_grad(grad: Tensor, hook: Any, key: str) -> None:
+        grads[key] = grad.detach().float().clone()
+
+    def make_leaf(tensor: Tensor, hook: Any, key: str) -> Tensor:
+        leaf = tensor.detach().requires_grad_(True)
+        leaves[key] = leaf
+        return leaf
+
+    fwd_hooks = [(name, _bind(make_leaf, name)) for name in _LEAF_HOOKS if name in model.hook_dict]
+    fwd_hooks += [(fwd, _bind(keep_act, fwd)) for fwd in dict.fromkeys(r.fwd for r in requests)]
+    bwd_hooks = [(bwd, _bind(keep_grad, bwd)) for bwd in dict.fromkeys(r.bwd for r in requests)]
+
+    device = _device(model)
+    with _frozen(model), torch.enable_grad(), warnings.catch_warnings(), \
+            model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+        # Expected: the hook at a leaf fires on its output gradient (its input is frozen).
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        logits = model(batch.tokens.to(device), return_type="logits")
+        value = check_scalar(score(logits))
+        inputs = list(leaves.values())
+        if not inputs:
+            raise RuntimeError("no embedding hook fired during the forward pass; cannot start the backward pass")
+        leaf_grads = torch.autograd.grad(value, inputs, allow_unused=True)
+        del logits
+    for key, g in zip(leaves, leaf_grads):
+        # The hook at the leaf itself may not fire (caveat 3 of the spec); backfill it.
+        if g is not None and key not in grads:
+            grads[key] = g.detach().float()
+
+    missing = [r.name for r in requests if r.bwd not in grads]
+    if missing:
+        raise ValueError(
+            f"no gradient reached {missing}: these hook points are not on the autograd path from the "
+            "embeddings to the metric"
+        )
+    return GradientCache(
+        activations={r.name: acts[r.fwd] for r in requests},
+        gradients={r.name: grads[r.bwd] for r in requests},
+        metric=value.detach().float(),
+        tokens=batch.tokens,
+        mask=batch.mask,
+        last=batch.last,
+        str_tokens=adapter.to_str_tokens(batch.tokens, batch.mask),
+        canonical={r.name: r.fwd for r in requests},
+    )
+
+
+def _plan(adapter: ModelAdapter, names: Names) -> list[_Request]:
+    """Resolve requested names to (forward hook, backward hook) pairs on canonical names."""
+    from transformer_lens.model_bridge.bridge_core import build_alias_to_canonical_map
+
+    hook_dict = adapter.model.hook_dict
+    if callable(names) and not isinstance(names, str):
+        chosen = [n for n in hook_dict if not _GATED.search(n) and names(n)]
+        if not chosen:
+            raise ValueError("the names filter matched no hook point")
+    elif isinstance(names, str):
+        chosen = [names]
+    else:
+        chosen = list(names)
+        if not chosen:
+            raise ValueError("names is empty: list the hook points to capture")
+    alias = build_alias_to_canonical_map(hook_dict)
+    requests = []
+    for name in chosen:
+        adapter.resolve_hook(name)
+        canonical = alias.get(name, name)
+        bwd = canonical
+        mid = _RESID_MID.match(name)
+        if mid:
+            # resid_mid = resid_pre + attn_out feeds both LN2 and the skip connection; the
+            # gradient at attn_out is the full one (the alias's backward hook sees LN2 only).
+            attn_out = f"blocks.{mid.group(1)}.hook_attn_out"
+            bwd = alias.get(attn_out, attn_out)
+        requests.append(_Request(name=name, fwd=canonical, bwd=bwd))
+    return requests
+
+
+def _bind(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+    def hook(tensor: Tensor, hook: Any) -> Any:
+        return fn(tensor, hook, key)
+
+    return hook
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - every bridge has parameters
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _frozen(model: Any) -> Iterator[None]:
+    """Eval mode with every parameter frozen; restores flags and modes on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
