@@ -53,6 +53,19 @@ def test_jsonable_replaces_nan_inf_and_sentinels():
     assert "NaN" not in P.script_json({"v": t}) and "Infinity" not in P.script_json({"v": t})
 
 
+def test_cv_figure_escapes_props_that_circuitsvis_injects_as_html():
+    bad = ["<img/src=x/onerror=alert(1)>", "a b"]
+    for comp, key in [("ColoredTokens", "tokens"), ("TopkTokens", "tokens"),
+                      ("TokenLogProbs", "prompt"), ("TokenLogProbs", "topKTokens")]:
+        val = [bad] if comp in ("TopkTokens",) or key == "topKTokens" else bad
+        props = _decode_props(P.cv_figure(comp, {key: val, "other": bad}))
+        flat = props[key][0] if isinstance(props[key][0], list) else props[key]
+        assert flat == ["&lt;img/src=x/onerror=alert(1)&gt;", "a b"], comp
+        assert props["other"] == bad  # untouched: not an innerHTML prop
+    # canvas-drawn tokens stay raw
+    assert _decode_props(P.cv_figure("AttentionHeads", {"tokens": bad}))["tokens"] == bad
+
+
 def test_cv_figure_validates():
     with pytest.raises(ValueError, match="component must be one of"):
         P.cv_figure("Sankey", {})
@@ -88,6 +101,14 @@ def test_saved_page_is_offline_safe(tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//|ws)""", low)
     assert not re.search(r"url\(\s*['\"]?\s*(https?:|//)", low)
     assert "content-security-policy" in low and "default-src 'none'" in low
+    # script-src lists exactly the hashes of the page's script blocks (no 'unsafe-inline')
+    import base64, hashlib
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', html).group(1)
+    script_src = re.search(r"script-src ([^;]*);", csp).group(1).split()
+    blocks = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    want = {"'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
+            for b in blocks}
+    assert set(script_src) == want and len(blocks) == 3  # bundle + 2 mounts
     assert html.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in html
 
 
@@ -108,6 +129,8 @@ def test_untrusted_tokens_are_escaped_everywhere(tmp_path):
     cv = [f for f in pg.figures if f.needs_bundle]
     assert _decode_props(cv[0])["tokens"] == toks
     assert _decode_props(cv[0])["attentionHeadNames"] == ["L0H0", XSS[0]]
+    # ColoredTokens puts tokens into innerHTML, so they are HTML-escaped before encoding
+    assert _decode_props(cv[1])["tokens"] == [P.escape(t) for t in toks]
     assert "\\u003c/script\\u003e\\u003cb\\u003ex\\u003c/b\\u003e" in html
 
 

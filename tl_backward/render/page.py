@@ -44,6 +44,7 @@ __all__ = [
     "html_figure",
     "bundle_js",
     "CV_COMPONENTS",
+    "HTML_STRING_PROPS",
     "CSS",
 ]
 
@@ -52,6 +53,19 @@ CV_COMPONENTS = frozenset({
     "AttentionHeads", "AttentionPattern", "AttentionPatterns", "ColoredTokens", "ColoredTokensMulti",
     "Hello", "TextNeuronActivations", "TokenLogProbs", "TopkSamples", "TopkTokens",
 })
+
+# Props whose strings these components insert with React's dangerouslySetInnerHTML (checked in
+# iife.js: ColoredTokens/ColoredTokensMulti/TextNeuronActivations/TopkSamples/TokenLogProbs/TopkTokens
+# replace whitespace with "&nbsp;" and set innerHTML; the deprecated AttentionPatterns likewise).
+# A token "<img/src=x/onerror=...>" would run there, so cv_figure HTML-escapes these strings first;
+# innerHTML decodes the entities, so the token shows as its exact text. (Side effect: a few hover
+# tooltips that print the same prop as plain React text show the escaped form, e.g. "&lt;".)
+# AttentionHeads/AttentionPattern draw tokens on a canvas (chart.js) and need the raw strings.
+HTML_STRING_PROPS = {
+    "ColoredTokens": ("tokens",), "ColoredTokensMulti": ("tokens",),
+    "TextNeuronActivations": ("tokens",), "TopkSamples": ("tokens",), "TopkTokens": ("tokens",),
+    "TokenLogProbs": ("prompt", "topKTokens"), "AttentionPatterns": ("tokens",),
+}
 
 # Values this large are masking sentinels (finfo.min / finfo.max of fp32, bf16, fp64), not data.
 _SENTINEL = 1e30
@@ -169,11 +183,29 @@ body.tlb-page{margin:20px auto;max-width:1200px;padding:0 16px;background:#fafaf
 body.tlb-page h1{font-size:20px}
 """
 
-# Saved pages forbid every network fetch at the browser level (defence in depth; the content makes
-# none anyway). Inline scripts/styles and data: images are all a page needs.
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-       "img-src data:; font-src data:")
-_CSP_META = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+# Saved pages carry a Content-Security-Policy (defence in depth; the content is safe without it):
+# no fetch of any kind (default-src 'none'), and only OUR inline scripts run -- each <script> block
+# is allowed by its sha256 hash, so injected markup such as <img onerror=...> cannot run even if some
+# string escaped escaping. Consequence for html_figure content: no inline event-handler attributes
+# (onclick=...); attach listeners from a <script> block instead (those are hashed automatically).
+CSP_TEMPLATE = ("default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+                "img-src data:; font-src data:")
+_SCRIPT_BLOCK_RE = re.compile(r"<script\b[^>]*>(.*?)</script>", re.S | re.I)
+
+
+def _csp_meta(html: str) -> str:
+    """CSP <meta> allowing exactly the inline ``<script>`` blocks found in ``html``."""
+    hashes = sorted({_sha256(m.group(1)) for m in _SCRIPT_BLOCK_RE.finditer(html)})
+    policy = CSP_TEMPLATE.format(hashes=" ".join(f"'{h}'" for h in hashes) or "'none'")
+    return f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
+
+
+@lru_cache(maxsize=64)
+def _sha256(text: str) -> str:
+    import base64
+    import hashlib
+
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
 
 
 # -------------------------------------------------------------------------------------------- figures
@@ -259,18 +291,20 @@ class Page:
     def _repr_html_(self) -> str:
         return _body(self.figures, title=self.title, include_bundle=True)
 
-    def to_html(self) -> str:
-        """A complete standalone HTML document (UTF-8, no external resources)."""
-        head = [
-            "<!DOCTYPE html>", '<html lang="en"><head>', '<meta charset="utf-8">', _CSP_META,
-            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{escape(self.title)}</title>", f"<style>{CSS}</style>",
-        ]
+    def to_html(self, *, csp: bool = True) -> str:
+        """A complete standalone HTML document (UTF-8, no external resources). ``csp=False`` omits
+        the Content-Security-Policy meta (only for tests that check the content on its own)."""
+        head = [f"<title>{escape(self.title)}</title>", f"<style>{CSS}</style>"]
         if self.needs_bundle:
             head.append(f"<script>{bundle_js()}</script>")
         head.append('</head><body class="tlb-page">')
-        body = _body(self.figures, title=self.title, include_bundle=False, include_css=False)
-        return "\n".join(head) + "\n" + body + "\n</body></html>\n"
+        rest = "\n".join(head) + "\n" + _body(self.figures, title=self.title, include_bundle=False,
+                                               include_css=False) + "\n</body></html>\n"
+        top = ["<!DOCTYPE html>", '<html lang="en"><head>', '<meta charset="utf-8">']
+        if csp:
+            top.append(_csp_meta(rest))
+        top.append('<meta name="viewport" content="width=device-width, initial-scale=1">')
+        return "\n".join(top) + "\n" + rest
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write :meth:`to_html` to ``path`` (parent dirs created) and return the Path."""
@@ -321,7 +355,8 @@ def cv_figure(component: str, props: dict, *, title: str | None = None,
     expects, e.g. ``{"attention": ..., "tokens": ..., "maxValue": ...}``).
 
     Props with value ``None`` are dropped (the component default applies); tensors/arrays become
-    lists with NaN/inf/sentinels -> 0; everything is encoded with :func:`script_json`.
+    lists with NaN/inf/sentinels -> 0; everything is encoded with :func:`script_json`. Pass raw
+    token strings: those a component injects as HTML (:data:`HTML_STRING_PROPS`) are escaped here.
     ``height``: CSS height of the mount area (int = pixels), scrolls when exceeded.
     """
     if component not in CV_COMPONENTS:
@@ -329,8 +364,19 @@ def cv_figure(component: str, props: dict, *, title: str | None = None,
     if not isinstance(props, dict):
         raise TypeError(f"props must be a dict of component props, got {type(props).__name__}")
     clean = {k: v for k, v in props.items() if v is not None}
+    for key in HTML_STRING_PROPS.get(component, ()):
+        if key in clean:
+            clean[key] = _escape_strings(clean[key])
     h = f"{int(height)}px" if isinstance(height, (int, float)) else height
     return Figure(title=title, component=component, props_json=script_json(clean), height=h)
+
+
+def _escape_strings(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return escape(obj)
+    if isinstance(obj, (list, tuple)):
+        return [_escape_strings(v) for v in obj]
+    return obj
 
 
 def html_figure(html: str, *, title: str | None = None) -> Figure:
