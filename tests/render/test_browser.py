@@ -178,3 +178,16 @@ def test_notebook_outputs_sharing_one_document_mount_independently(tmp_path):
     for el in mounts:
         assert el["tags"].get("span", 0) >= 2
         assert re.sub(r"\s", "", "".join(el["text"])) == "ab"
+
+
+def test_screenshot_writes_png_of_requested_size(tmp_path):
+    import struct
+
+    from tests.browser import screenshot
+
+    page = P.page(attention_heads(torch.eye(3)[None] * 0.01, ["a", "b", "c"], signed=True)).save(
+        tmp_path / "s.html")
+    png = screenshot(page, tmp_path / "s.png", size=(640, 480))
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (640, 480)

@@ -19,6 +19,24 @@ then ``ReactDOM.createRoot(el).render(...)``).
 
 Element ids are assigned when HTML is produced (random per call), so the same Figure can appear
 twice on a page or in two notebook outputs sharing one document without id clashes.
+
+Untrusted strings (tokens, prompts): circuitsvis draws some on canvas but injects others with
+``innerHTML`` (ColoredTokens, TokenLogProbs, TopkTokens, ...) -- a live XSS with circuitsvis's own
+wrappers. :func:`cv_figure` HTML-escapes exactly those props (:data:`HTML_STRING_PROPS`), so pass raw
+strings to it. Saved pages also carry a CSP that allows no fetch and only our own (hashed) scripts.
+
+Writing a feature renderer (``render/<feature>.py``)::
+
+    from tl_backward.render.page import Figure, Page, cv_figure, html_figure, escape
+    from tl_backward.render.figures import attention_heads, heatmap_table, line_plot
+
+    def render_result(res) -> Page:
+        return Page([attention_heads(res.maps, res.tokens, signed=True, head_names=names),
+                     heatmap_table(res.norms, rows, cols, title="...")], title="...")
+
+Own HTML goes through :func:`html_figure` with every untrusted string passed through
+:func:`escape`; no external URLs, no inline event handlers (``onclick=``: blocked by the page CSP;
+add listeners from a ``<script>`` block, which is hashed automatically).
 """
 
 from __future__ import annotations
@@ -57,7 +75,7 @@ CV_COMPONENTS = frozenset({
 # Props whose strings these components insert with React's dangerouslySetInnerHTML (checked in
 # iife.js: ColoredTokens/ColoredTokensMulti/TextNeuronActivations/TopkSamples/TokenLogProbs/TopkTokens
 # replace whitespace with "&nbsp;" and set innerHTML; the deprecated AttentionPatterns likewise).
-# A token "<img/src=x/onerror=...>" would run there, so cv_figure HTML-escapes these strings first;
+# A token "<img/src='x'/onerror=...>" runs there (verified in headless Chromium), so cv_figure HTML-escapes these strings first;
 # innerHTML decodes the entities, so the token shows as its exact text. (Side effect: a few hover
 # tooltips that print the same prop as plain React text show the escaped form, e.g. "&lt;".)
 # AttentionHeads/AttentionPattern draw tokens on a canvas (chart.js) and need the raw strings.
@@ -209,7 +227,7 @@ def _sha256(text: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- figures
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Figure:
     """One immutable figure: project HTML and/or one circuitsvis component mount.
 
@@ -251,6 +269,14 @@ class Figure:
     def __add__(self, other: "Figure | Page") -> "Page":
         return Page(self.figures + _figures_of(other))
 
+    def __repr__(self) -> str:  # concise: props can be megabytes
+        kind = self.component or "html"
+        size = len(self.props_json or "") + len(self.html)
+        return f"Figure({kind}, title={self.title!r}, {size / 1e3:.1f} kB)"
+
+    def __html__(self) -> str:
+        return self._repr_html_()
+
     def _repr_html_(self) -> str:
         return _body(self.figures, title=None, include_bundle=True)
 
@@ -267,7 +293,7 @@ def _figures_of(obj: Any) -> tuple[Figure, ...]:
     raise TypeError(f"can only combine Figure/Page objects, got {type(obj).__name__}")
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, repr=False)
 class Page:
     """Several figures on one page (bundle included once). ``Page([f1, f2], title="...")``."""
 
@@ -287,6 +313,12 @@ class Page:
 
     def __add__(self, other: Figure | "Page") -> "Page":
         return Page(self.figures + _figures_of(other), title=self.title)
+
+    def __repr__(self) -> str:
+        return f"Page({self.title!r}, {len(self.figures)} figures)"
+
+    def __html__(self) -> str:
+        return self._repr_html_()
 
     def _repr_html_(self) -> str:
         return _body(self.figures, title=self.title, include_bundle=True)
