@@ -61,6 +61,9 @@ def test_attention_pattern_mask():
     m = torch.tril(torch.ones(4, 4))
     p = props(F.attention_pattern(m, TOKS, mask_upper_tri=False))
     assert p["maskUpperTri"] is False and (p["minValue"], p["maxValue"]) == (0.0, 1.0)
+    assert "positiveColor" not in p
+    p = props(F.attention_pattern(m, TOKS, positive_color="#6a3d9a"))
+    assert p["positiveColor"] == "#6a3d9a"
     with pytest.raises(ValueError, match=r"\[4, 4\]"):
         F.attention_pattern(torch.ones(4, 3), TOKS)
 
@@ -136,3 +139,17 @@ def test_line_plot_svg():
         F.line_plot({"a": [1, 2]}, x_labels=["x"])
     with pytest.raises(ValueError, match="non-empty"):
         F.line_plot({}, x_labels=["x"])
+
+
+def test_line_plot_log_axis():
+    html = F.line_plot({"rank": [1000, 100, 0, 1]}, x_labels=["L0", "L1", "L2", "L3"],
+                       log_y=True, invert_y=True).html
+    assert html.count("<circle") == 3  # rank 0 cannot sit on a log axis: gap
+    labels = re.findall(r'text-anchor="end">([^<]+)<', html)
+    assert labels == ["1", "10", "100", "1000"]
+    cy = [float(y) for y in re.findall(r'cy="([\d.]+)"', html)]
+    # equal ratios -> equal spacing; inverted: 1 on top
+    assert cy[0] > cy[1] > cy[2]
+    assert abs((cy[0] - cy[1]) - (cy[1] - cy[2]) / 2) < 0.2
+    with pytest.raises(ValueError, match="positive"):
+        F.line_plot({"a": [1.0]}, x_labels=["x"], log_y=True, y_range=(0, 10))

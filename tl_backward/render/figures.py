@@ -52,14 +52,16 @@ def _max_abs(a: np.ndarray, max_abs: float | None) -> float:
 # ------------------------------------------------------------------------------- circuitsvis figures
 def attention_heads(maps: Any, tokens: Sequence[str], *, head_names: Sequence[str] | None = None,
                     signed: bool = False, mask_upper_tri: bool = True, max_abs: float | None = None,
-                    title: str | None = None) -> Figure:
+                    title: str | None = None, positive_color: str | None = None,
+                    negative_color: str | None = None) -> Figure:
     """Several attention-like maps ``Float[heads, query_pos, key_pos]`` over ``tokens`` (circuitsvis
     AttentionHeads: a thumbnail per head, click to enlarge).
 
     ``signed=True`` (Reversed Attention, ~1e-2 values): colour range +-m, m = ``max_abs`` or
     max|maps| over all heads shown, so 0 is white, negative red, positive blue. ``signed=False``
     (attention patterns): range 0..1 (or 0..``max_abs``). ``mask_upper_tri`` greys the future
-    triangle (causal maps); pass False for MAS masks / bidirectional maps.
+    triangle (causal maps); pass False for MAS masks / bidirectional maps. ``positive_color`` /
+    ``negative_color``: any CSS colour (defaults blue / red).
     """
     a = _array(maps, "maps", 3)
     toks = _strings(tokens, "tokens")
@@ -77,13 +79,15 @@ def attention_heads(maps: Any, tokens: Sequence[str], *, head_names: Sequence[st
     else:
         lo, hi = 0.0, (float(max_abs) if max_abs else 1.0)
     props = {"attention": a, "tokens": toks, "attentionHeadNames": names, "maxValue": hi,
-             "minValue": lo, "maskUpperTri": bool(mask_upper_tri)}
+             "minValue": lo, "maskUpperTri": bool(mask_upper_tri),
+             "positiveColor": positive_color, "negativeColor": negative_color}
     return cv_figure("AttentionHeads", props, title=title)
 
 
 def attention_pattern(map: Any, tokens: Sequence[str], *, signed: bool = False,
                       mask_upper_tri: bool = True, max_abs: float | None = None,
-                      show_axis_labels: bool = True, title: str | None = None) -> Figure:
+                      show_axis_labels: bool = True, title: str | None = None,
+                      positive_color: str | None = None, negative_color: str | None = None) -> Figure:
     """One map ``Float[query_pos, key_pos]`` (circuitsvis AttentionPattern), e.g. a MAS mask with
     ``mask_upper_tri=False``. Colour range as in :func:`attention_heads`."""
     a = _array(map, "map", 2)
@@ -97,12 +101,14 @@ def attention_pattern(map: Any, tokens: Sequence[str], *, signed: bool = False,
     else:
         lo, hi = 0.0, (float(max_abs) if max_abs else 1.0)
     props = {"attention": a, "tokens": toks, "maxValue": hi, "minValue": lo,
-             "maskUpperTri": bool(mask_upper_tri), "showAxisLabels": bool(show_axis_labels)}
+             "maskUpperTri": bool(mask_upper_tri), "showAxisLabels": bool(show_axis_labels),
+             "positiveColor": positive_color, "negativeColor": negative_color}
     return cv_figure("AttentionPattern", props, title=title)
 
 
 def colored_tokens(tokens: Sequence[str], values: Any, *, signed: bool | None = None,
-                   max_abs: float | None = None, title: str | None = None) -> Figure:
+                   max_abs: float | None = None, title: str | None = None,
+                   positive_color: str | None = None, negative_color: str | None = None) -> Figure:
     """Tokens with background colour by ``values`` ``Float[pos]`` (circuitsvis ColoredTokens;
     hover shows the value). ``signed`` (default: any value < 0) uses +-m, else 0..m,
     with m = ``max_abs`` or max|values|."""
@@ -113,7 +119,8 @@ def colored_tokens(tokens: Sequence[str], values: Any, *, signed: bool | None = 
     if signed is None:
         signed = bool((v < 0).any())
     m = _max_abs(v, max_abs)
-    props = {"tokens": toks, "values": v, "maxValue": m, "minValue": -m if signed else 0.0}
+    props = {"tokens": toks, "values": v, "maxValue": m, "minValue": -m if signed else 0.0,
+             "positiveColor": positive_color, "negativeColor": negative_color}
     return cv_figure("ColoredTokens", props, title=title)
 
 
@@ -236,23 +243,30 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 def line_plot(series: Mapping[str, Sequence[float]], *, x_labels: Sequence[str],
               title: str | None = None, y_label: str = "", x_label: str = "",
               y_range: tuple[float, float] | None = None, invert_y: bool = False,
-              width: int = 560, height: int = 300) -> Figure:
+              log_y: bool = False, width: int = 560, height: int = 300) -> Figure:
     """A small inline-SVG line chart (no dependencies): one line per ``series`` name, points at
-    ``x_labels`` (e.g. target rank vs layer). Non-finite points leave gaps. ``invert_y`` puts small
-    values on top (ranks: 1 = best). Hovering a point shows ``series, x: value``."""
+    ``x_labels`` (e.g. target rank vs layer). Non-finite points (and non-positive ones with
+    ``log_y``) leave gaps. ``invert_y`` puts small values on top (ranks: 1 = best); ``log_y`` uses a
+    log10 axis (ranks span 1..vocab). Hovering a point shows ``series, x: value``."""
     xs = _strings(x_labels, "x_labels")
     if not isinstance(series, Mapping) or not series:
         raise ValueError("series must be a non-empty dict {name: list of floats}")
-    data = {}
+    raw, data = {}, {}
     for name, ys in series.items():
         arr = np.asarray(ys.detach().cpu().double() if hasattr(ys, "detach") else ys, dtype=np.float64)
         if arr.shape != (len(xs),):
             raise ValueError(f"series {name!r} has shape {tuple(arr.shape)}, expected ({len(xs)},)")
-        data[str(name)] = arr
+        raw[str(name)] = arr
+        with np.errstate(divide="ignore", invalid="ignore"):
+            data[str(name)] = np.where(arr > 0, np.log10(np.where(arr > 0, arr, 1.0)), np.nan) if log_y else arr
     allv = np.concatenate(list(data.values()))
     allv = allv[np.isfinite(allv)]
-    lo, hi = (y_range if y_range is not None else
-              ((float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)))
+    if y_range is not None:
+        if log_y and min(y_range) <= 0:
+            raise ValueError(f"y_range must be positive with log_y, got {y_range}")
+        lo, hi = (math.log10(y_range[0]), math.log10(y_range[1])) if log_y else map(float, y_range)
+    else:
+        lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     ml, mr, mt, mb = 56, 16, 14, 40
@@ -263,16 +277,19 @@ def line_plot(series: Mapping[str, Sequence[float]], *, x_labels: Sequence[str],
         return ml + (pw * i / (len(xs) - 1) if len(xs) > 1 else pw / 2)
 
     def py(v: float) -> float:
-        t = (v - lo) / (hi - lo)
+        t = (min(max(v, lo), hi) - lo) / (hi - lo)
         return mt + (t if invert_y else 1 - t) * ph
 
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + legend_w}" height="{height}" '
            f'viewBox="0 0 {width + legend_w} {height}" role="img">',
            f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>']
-    for t in _nice_ticks(lo, hi):
+    ticks = ([float(k) for k in range(math.ceil(lo - 1e-9), math.floor(hi + 1e-9) + 1)] or [lo, hi]
+             if log_y else _nice_ticks(lo, hi))
+    for t in ticks:
         y = py(t)
+        label = f"{10 ** t:g}" if log_y else f"{t:g}"
         svg.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-                   f'<text x="{ml - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{t:g}</text>')
+                   f'<text x="{ml - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{label}</text>')
     every = max(1, math.ceil(len(xs) / 16))
     for i, lab in enumerate(xs):
         if i % every == 0:
@@ -289,18 +306,18 @@ def line_plot(series: Mapping[str, Sequence[float]], *, x_labels: Sequence[str],
         segs, cur = [], []
         for i, v in enumerate(ys):
             if math.isfinite(v):
-                cur.append(f"{px(i):.1f},{py(min(max(v, lo), hi)):.1f}")
+                cur.append(f"{px(i):.1f},{py(v):.1f}")
             elif cur:
                 segs.append(cur)
                 cur = []
         if cur:
             segs.append(cur)
-        for s in segs:
-            svg.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{" ".join(s)}"/>')
+        for seg in segs:
+            svg.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{" ".join(seg)}"/>')
         for i, v in enumerate(ys):
             if math.isfinite(v):
-                svg.append(f'<circle cx="{px(i):.1f}" cy="{py(min(max(v, lo), hi)):.1f}" r="3" '
-                           f'fill="{c}"><title>{escape(f"{name}, {xs[i]}: {v:.4g}")}</title></circle>')
+                svg.append(f'<circle cx="{px(i):.1f}" cy="{py(v):.1f}" r="3" fill="{c}"><title>'
+                           f'{escape(f"{name}, {xs[i]}: {raw[name][i]:.4g}")}</title></circle>')
         ly = mt + 8 + 16 * k
         svg.append(f'<line x1="{width + 4}" x2="{width + 18}" y1="{ly}" y2="{ly}" stroke="{c}" '
                    f'stroke-width="2"/><text x="{width + 22}" y="{ly + 4}" font-size="11">'
