@@ -1,0 +1,86 @@
+"""mas_generate: cached decoding equals a no-cache MAS-then-causal reference; length-1 blocks are causal."""
+
+import pytest
+import torch
+
+from tl_backward.masking import mas_generate
+from tl_backward.masking import segments as S
+
+from .helpers import no_cache_generate
+
+PROMPTS = [["the cat sat on", "where is the cat ?"], ["big dog", "red", "what is it"]]
+ANSWERS = ["A :", "A"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_cached_generation_equals_no_cache_reference(model, side):
+    seg = S.from_blocks(model, PROMPTS, ANSWERS, padding_side=side)
+    out = mas_generate(model, seg, max_new_tokens=8, eos_token_id=None)
+    assert out.new_tokens.shape == (2, 8) and out.new_valid.all()
+    assert torch.equal(out.new_tokens, no_cache_generate(model, seg, 8))
+
+
+def test_left_and_right_padding_generate_the_same(model):
+    left = mas_generate(model, S.from_blocks(model, PROMPTS, ANSWERS, padding_side="left"),
+                        max_new_tokens=6, eos_token_id=None)
+    right = mas_generate(model, S.from_blocks(model, PROMPTS, ANSWERS, padding_side="right"),
+                         max_new_tokens=6, eos_token_id=None)
+    single = mas_generate(model, S.from_blocks(model, PROMPTS[1], ANSWERS[1]), max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(left.new_tokens, right.new_tokens)
+    assert torch.equal(left.new_tokens[1], single.new_tokens[0])
+
+
+def test_all_length_one_segments_generate_like_ordinary_causal_decoding(model):
+    tokens = S.from_blocks(model, PROMPTS[0], ANSWERS[0]).tokens
+    singles = S.from_ids(tokens, torch.arange(tokens.shape[1]))
+    out = mas_generate(model, singles, max_new_tokens=8, eos_token_id=None)
+    ref = model.generate(tokens, max_new_tokens=8, do_sample=False, use_past_kv_cache=False,
+                         stop_at_eos=False, verbose=False)
+    assert torch.equal(out.new_tokens[0], ref[0, tokens.shape[1]:])
+
+
+def test_mas_prefill_changes_the_continuation_somewhere(model):
+    seg = S.from_blocks(model, PROMPTS, ANSWERS)
+    with torch.no_grad():
+        mas = model(seg.tokens, attention_mask=seg.mask())
+        causal = model(seg.tokens, attention_mask=seg.causal().mask())
+    assert not torch.allclose(mas, causal, atol=1e-4)
+
+
+def test_eos_stops_a_row_and_pads_after_it(model):
+    seg = S.from_blocks(model, PROMPTS, ANSWERS)
+    free = mas_generate(model, seg, max_new_tokens=6, eos_token_id=None)
+    eos = int(free.new_tokens[0, 1])
+    out = mas_generate(model, seg, max_new_tokens=6, eos_token_id=eos)
+    stop = int((free.new_tokens[0] == eos).nonzero()[0])
+    assert out.new_tokens[0, : stop + 1].tolist() == free.new_tokens[0, : stop + 1].tolist()
+    assert out.new_valid[0].tolist() == [True] * (stop + 1) + [False] * (out.new_tokens.shape[1] - stop - 1)
+    assert (out.new_tokens[0, stop + 1 :] == model.tokenizer.pad_token_id).all()
+    assert len(out.text(model)) == 2 and out.full.tokens.shape[1] == seg.tokens.shape[1] + out.new_tokens.shape[1]
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(model):
+    seg = S.from_blocks(model, PROMPTS, ANSWERS)
+    state = torch.random.get_rng_state()
+    a = mas_generate(model, seg, max_new_tokens=6, temperature=1.5, seed=3, eos_token_id=None)
+    b = mas_generate(model, seg, max_new_tokens=6, temperature=1.5, seed=3, eos_token_id=None)
+    c = mas_generate(model, seg, max_new_tokens=6, temperature=1.5, seed=4, top_k=5, eos_token_id=None)
+    assert torch.equal(a.new_tokens, b.new_tokens) and c.new_tokens.shape == a.new_tokens.shape
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_generation_leaves_no_hooks_and_checks_arguments(model):
+    seg = S.from_blocks(model, PROMPTS, ANSWERS)
+    counts = [len(b.attn._forward_pre_hooks) for b in model.blocks]
+    weights = [p.clone() for p in model.parameters()]
+    mas_generate(model, seg, max_new_tokens=2)
+    assert [len(b.attn._forward_pre_hooks) for b in model.blocks] == counts
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        mas_generate(model, seg, max_new_tokens=0)
+    with pytest.raises(ValueError, match="n_ctx"):
+        mas_generate(model, seg, max_new_tokens=model.cfg.n_ctx)
+    with pytest.raises(ValueError, match="temperature"):
+        mas_generate(model, seg, max_new_tokens=2, temperature=-1)
+    with pytest.raises(TypeError, match="Segments"):
+        mas_generate(model, seg.tokens, max_new_tokens=2)

@@ -1,0 +1,20 @@
+"""Segment-based attention masking (MAS): segments, the mask rule, hooks, generation, fine-tuning."""
+
+from . import segments
+from .context import segment_mask
+from .finetune import FinetuneResult, answer_loss, causal_finetune, finetune, mas_finetune
+from .generate import Generation, mas_generate
+from .segments import Segments
+
+__all__ = [
+    "segments",
+    "Segments",
+    "segment_mask",
+    "mas_generate",
+    "Generation",
+    "mas_finetune",
+    "causal_finetune",
+    "finetune",
+    "answer_loss",
+    "FinetuneResult",
+]

@@ -1,0 +1,122 @@
+"""``segment_mask``: make every forward pass of a Bridge use the MAS mask, then restore causal.
+
+Why a forward pre-hook on the wrapped HF model: every Bridge entry point (``model(tokens)``,
+``run_with_cache`` -- which calls ``forward`` directly, bypassing module hooks on the Bridge --,
+``run_with_hooks``, tl_backward's ``capture``) ends in one call of ``model.original_model``. A
+pre-hook there sees the final token tensor and kwargs, so it can inject the 4-D keep-mask (which
+reconstructing bridges treat as authoritative, no causal mask added) and position ids. A hook on
+``hook_attn_scores`` could not do this: the causal mask is applied before it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from .segments import Segments
+
+_ACTIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def hf_module(model: Any) -> torch.nn.Module:
+    """The HF module every Bridge forward goes through (refuses non-HF / native bridges)."""
+    if isinstance(model, Segments) or not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a TransformerBridge, got {type(model).__name__}")
+    hf = getattr(model, "original_model", None)
+    if not isinstance(hf, torch.nn.Module):
+        raise ValueError(
+            "MAS needs a reconstructing TransformerBridge booted with boot_transformers "
+            "(boot_native uses the opposite bool-mask convention and is unsupported)"
+        )
+    return hf
+
+
+def _cache_len(past: Any) -> int:
+    if past is None:
+        return 0
+    get = getattr(past, "get_seq_length", None)
+    return int(get()) if callable(get) else 1
+
+
+def _check_segments(model: Any, segments: Any) -> Segments:
+    if not isinstance(segments, Segments):
+        raise TypeError(
+            f"segments must be a tl_backward.segments.Segments (from from_blocks/from_delimiter/"
+            f"from_chat), got {type(segments).__name__}"
+        )
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx and segments.tokens.shape[1] > n_ctx:
+        raise ValueError(f"segments has {segments.tokens.shape[1]} positions, more than n_ctx={n_ctx}")
+    return segments
+
+
+@contextmanager
+def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
+    """Run every forward pass of ``model`` inside the block under the MAS mask of ``segments``.
+
+    Forward passes must be given exactly ``segments.tokens`` (same shape and ids; pass them as a
+    tensor). Anything else -- other tokens, a string that tokenises differently, a conflicting
+    ``attention_mask``, a KV-cache step -- raises ``ValueError`` instead of silently applying a
+    wrong mask. With left padding, position ids ``(cumsum(valid) - 1).clamp(min=0)`` are injected
+    too. On exit (also after an exception) the hook is removed and the model is exactly causal.
+
+    Example::
+
+        seg = tl_backward.segments.from_blocks(model, ["the cat sat", "where is the cat ?"], "on the mat")
+        with tl_backward.segment_mask(model, seg):
+            logits, cache = model.run_with_cache(seg.tokens)
+    """
+    hf = hf_module(model)
+    segments = _check_segments(model, segments)
+    if model in _ACTIVE:
+        raise ValueError("segment_mask contexts cannot be nested on the same model")
+    device = next(hf.parameters()).device
+    seg = segments.to(device)
+    keep = seg.mask()
+    positions = seg.position_ids if seg.left_padded else None
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = args[0] if args else kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        if ids is None and embeds is None:
+            raise ValueError("segment_mask: forward called without input_ids or inputs_embeds")
+        if _cache_len(kwargs.get("past_key_values")) > 0:
+            raise ValueError(
+                "segment_mask: a KV-cache decode step cannot use the prefill mask; "
+                "use tl_backward.mas_generate for MAS generation"
+            )
+        if ids is not None:
+            if ids.shape != seg.tokens.shape or not torch.equal(ids.to(device), seg.tokens):
+                raise ValueError(
+                    f"segment_mask: this forward got tokens of shape {tuple(ids.shape)} that differ from "
+                    f"the segments' tokens {tuple(seg.tokens.shape)}; pass segments.tokens exactly "
+                    "(or leave the segment_mask context for other inputs)"
+                )
+        elif tuple(embeds.shape[:2]) != tuple(seg.tokens.shape):
+            raise ValueError(
+                f"segment_mask: inputs_embeds of shape {tuple(embeds.shape)} do not match the "
+                f"segments' {tuple(seg.tokens.shape)}"
+            )
+        given = kwargs.get("attention_mask")
+        if given is not None:
+            if given.ndim != 2 or not torch.equal(given.to(device).bool(), seg.valid):
+                raise ValueError(
+                    "segment_mask: an explicit attention_mask conflicts with the segment mask; "
+                    "pass none (the segments' padding mask is used)"
+                )
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = keep
+        if positions is not None and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = positions
+        return args, kwargs
+
+    handle = hf.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    _ACTIVE.add(model)
+    try:
+        yield segments
+    finally:
+        handle.remove()
+        _ACTIVE.discard(model)

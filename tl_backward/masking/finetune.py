@@ -1,0 +1,217 @@
+"""Fine-tuning under the MAS mask (and the causal baseline with everything else equal).
+
+Models are pre-trained causally, so MAS needs fine-tuning. The loss is the mean next-token NLL over
+*answer* tokens only (``Segments.target``): under MAS a block token sees its own next token, so a
+prompt-token loss would leak. The causal arm runs the identical code with every segment id set to
+-1 (same tokens, padding, positions, batches, seeds), so only the mask differs.
+
+These functions change the weights **in place** (that is their point): pass ``copy.deepcopy(model)``
+to keep the base. The model is left in eval mode with no parameter ``.grad``; requires_grad flags
+are restored. LoRA (``lora=``) needs the optional ``peft`` dependency (``pip install
+tl_backward[lora]``); adapters go on the attention q/v projections by default (the paper's recipe)
+and are merged into the weights at the end, so the returned model is a plain Bridge again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .context import hf_module
+from .segments import Segments, concat
+
+MASKS = ("mas", "causal")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a fine-tuning run did: the mask, the per-step answer losses and the settings."""
+
+    mask: str
+    losses: Float[Tensor, " step"]
+    steps: int
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    lora: bool
+
+
+def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[Tensor, ""]:
+    """Mean NLL of the answer tokens: ``-mean_{t: target[t]} log p(tokens[t] | context of t-1)``.
+
+    The logits at position ``t - 1`` score token ``t``; ``mask`` picks the MAS or the causal mask
+    (both given as explicit 4-D masks with the segments' position ids). Differentiable.
+    """
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    device = next(hf_module(model).parameters()).device
+    seg = segments.to(device)
+    if not seg.target[:, 1:].any(-1).all():
+        raise ValueError("every row needs answer tokens (Segments.target) after its first position; "
+                         "build the data with an answer, e.g. segments.from_blocks(model, blocks, answer)")
+    keep = (seg if mask == "mas" else seg.causal()).mask()
+    logits = model(seg.tokens, attention_mask=keep, position_ids=seg.position_ids)
+    logp = logits[:, :-1].float().log_softmax(-1)
+    nll = -logp.gather(-1, seg.tokens[:, 1:, None]).squeeze(-1)
+    return nll[seg.target[:, 1:]].mean()
+
+
+def _as_dataset(data: Segments | Sequence[Segments]) -> Segments:
+    if isinstance(data, Segments):
+        return data
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, Segments) for d in data):
+        return concat(list(data))
+    raise TypeError("dataset must be a Segments batch or a non-empty list of Segments")
+
+
+def _lora_targets(model: Any, modules: Sequence[str]) -> list[str]:
+    """Names (inside ``model.original_model``) of the Linear/Conv1D behind ``blocks[l].attn.<m>``."""
+    hf = hf_module(model)
+    names = {id(mod): name for name, mod in hf.named_modules()}
+    out = []
+    for blk in model.blocks:
+        for m in modules:
+            bridge = getattr(blk.attn, m, None)
+            inner = getattr(bridge, "original_component", None)
+            if inner is None or id(inner) not in names:
+                raise ValueError(f"lora: attention module {m!r} not found on this bridge (try 'q', 'k', 'v', 'o')")
+            out.append(names[id(inner)])
+    return out
+
+
+def _inject_lora(model: Any, lora: Any) -> list[Any]:
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("lora= needs peft: pip install 'tl_backward[lora]' (or pip install peft)") from exc
+    opts = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "modules": ("q", "v")}
+    if isinstance(lora, dict):
+        unknown = set(lora) - set(opts)
+        if unknown:
+            raise ValueError(f"lora: unknown keys {sorted(unknown)}; allowed {sorted(opts)}")
+        opts.update(lora)
+    elif lora is not True:
+        raise TypeError("lora must be None, True or a dict(r=, lora_alpha=, lora_dropout=, modules=)")
+    targets = _lora_targets(model, opts.pop("modules"))
+    hf = hf_module(model)
+    inject_adapter_in_model(LoraConfig(target_modules=targets, bias="none", **opts), hf)
+    return [m for m in hf.modules() if isinstance(m, LoraLayer)]
+
+
+def _merge_lora(model: Any, layers: list[Any]) -> None:
+    """Fold every adapter into its base weight and put the base module back in place."""
+    hf = hf_module(model)
+    ids = {id(layer) for layer in layers}
+    for parent in list(hf.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in ids:
+                child.merge()
+                parent._modules[child_name] = child.get_base_layer()
+
+
+def finetune(
+    model: Any,
+    dataset: Segments | Sequence[Segments],
+    *,
+    mask: str = "mas",
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    lora: Any = None,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place on answer tokens under the ``mask`` ("mas" or "causal").
+
+    AdamW, constant learning rate, mini-batches drawn by a ``seed``-ed permutation each epoch;
+    dropout randomness is seeded too (inside ``torch.random.fork_rng``, so the caller's global RNG
+    state is untouched). ``lora=True`` or ``dict(r=32, lora_alpha=64, lora_dropout=0.05,
+    modules=("q", "v"))`` trains peft LoRA adapters instead of all weights and merges them.
+    """
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    for name, val in (("epochs", epochs), ("batch_size", batch_size)):
+        if not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    data = _as_dataset(dataset)
+    hf = hf_module(model)
+    device = next(hf.parameters()).device
+    n = len(data)
+    steps = epochs * math.ceil(n / batch_size)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    layers: list[Any] = []
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        try:
+            if lora is not None:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                layers = _inject_lora(model, lora)
+                params = [p for layer in layers for n_, p in layer.named_parameters() if "lora_" in n_]
+            else:
+                params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("no trainable parameters (all requires_grad=False)")
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            order = torch.Generator().manual_seed(seed)
+            model.train()
+            bar = _progress(steps, progress, f"{mask} fine-tune")
+            for _ in range(epochs):
+                perm = torch.randperm(n, generator=order)
+                for i in range(0, n, batch_size):
+                    loss = answer_loss(model, data.select(perm[i : i + batch_size]), mask=mask)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    opt.step()
+                    losses.append(loss.item())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.close()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            if layers:
+                with torch.no_grad():
+                    _merge_lora(model, layers)
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+                p.grad = None
+            model.eval()
+    return FinetuneResult(mask, torch.tensor(losses), steps, epochs, lr, batch_size, seed, lora is not None)
+
+
+def mas_finetune(model: Any, dataset: Segments | Sequence[Segments], **kwargs: Any) -> FinetuneResult:
+    """:func:`finetune` with the MAS mask (changes weights in place; see the module docstring)."""
+    return finetune(model, dataset, mask="mas", **kwargs)
+
+
+def causal_finetune(model: Any, dataset: Segments | Sequence[Segments], **kwargs: Any) -> FinetuneResult:
+    """:func:`finetune` with the plain causal mask: the fair baseline for :func:`mas_finetune`."""
+    return finetune(model, dataset, mask="causal", **kwargs)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)

@@ -1,0 +1,178 @@
+"""``mas_generate``: prefill once under the MAS mask, then decode causally from the KV cache.
+
+``bridge.generate()`` rejects 4-D masks, so the loop is manual: a prefill call with the 4-D keep-mask
+and explicit position ids returns ``(logits, past_key_values)``; each decode step feeds one token per
+row with the cache, a running 2-D padding mask over all columns so far (HF adds the causal part) and
+its absolute position ``n_real_prompt_tokens + step``. Columns are shared by the batch, so with
+right padding the pads sit between a short prompt and its answer: they stay masked as keys and the
+position ids skip them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from .context import _check_segments, hf_module
+from .segments import Segments, _pad_id
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Output of :func:`mas_generate`.
+
+    Attributes:
+        prompt: the input :class:`Segments`.
+        new_tokens: Int[Tensor, "batch new"] — generated ids (pad id after a row's EOS).
+        new_valid: Bool[Tensor, "batch new"] — False after a row finished.
+    """
+
+    prompt: Segments
+    new_tokens: Int[Tensor, "batch new"]
+    new_valid: Bool[Tensor, "batch new"]
+
+    @property
+    def full(self) -> Segments:
+        """Prompt plus generated tokens (causal, padding after EOS masked) as one Segments."""
+        return self.prompt.append(self.new_tokens, self.new_valid)
+
+    def text(self, model: Any) -> list[str]:
+        """Decoded generated text per row (tokens after EOS dropped)."""
+        tok = model.tokenizer
+        return [tok.decode(row[ok].tolist()) for row, ok in zip(self.new_tokens, self.new_valid)]
+
+
+@contextmanager
+def _kv_cache_shim(model: Any) -> Iterator[None]:
+    """Hand the HF decoder layer's ``cache=`` kwarg to the attention bridge as ``past_key_values``.
+
+    Workaround (transformer-lens 4.3.0 with transformers >= 5.2x): decoder layers now pass the KV
+    cache as ``cache=``, but the attention bridges only read ``past_key_values``/``layer_past``, so
+    on Llama/Qwen2 bridges the cache stays empty and every cached decode step ignores the prompt
+    (``bridge.generate(use_past_kv_cache=True)`` is affected too). The pre-hooks only copy the
+    reference when ``past_key_values`` is absent, and are removed on exit.
+    """
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs = dict(kwargs)
+            kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+
+    handles = [blk.attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for blk in model.blocks]
+    try:
+        with warnings.catch_warnings():
+            # The Bridge's documented decode kwarg is past_key_values; HF renamed it to cache.
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def _last_real(valid: Tensor) -> Tensor:
+    """Column of each row's last real token."""
+    cols = torch.arange(valid.shape[1], device=valid.device)
+    return torch.where(valid, cols, -1).max(-1).values
+
+
+@torch.no_grad()
+def mas_generate(
+    model: Any,
+    segments: Segments,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_token_id: int | None | str = "auto",
+    seed: int | None = None,
+) -> Generation:
+    """Generate with a MAS prefill and causal, KV-cached decoding.
+
+    Args:
+        model: a reconstructing ``TransformerBridge``.
+        segments: the prompts (left or right padded; their ``target`` is ignored).
+        max_new_tokens: tokens to generate per row (>= 1).
+        temperature: 0 = greedy (deterministic); > 0 samples from ``softmax(logits / T)``.
+        top_k: keep only the k most likely tokens when sampling.
+        eos_token_id: stop a row after this id (``"auto"`` = the tokenizer's EOS, None = never).
+        seed: seeds a private generator for sampling (the global RNG is untouched).
+
+    Returns:
+        :class:`Generation`. The model's weights, mode and hooks are untouched.
+    """
+    hf = hf_module(model)
+    segments = _check_segments(model, segments)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    batch, length = segments.tokens.shape
+    if n_ctx and length + max_new_tokens > n_ctx:
+        raise ValueError(
+            f"prompt ({length} columns) + max_new_tokens ({max_new_tokens}) exceeds n_ctx={n_ctx}"
+        )
+    tok = getattr(model, "tokenizer", None)
+    if eos_token_id == "auto":
+        eos_token_id = getattr(tok, "eos_token_id", None)
+    pad = _pad_id(tok) if tok is not None else 0
+    device = next(hf.parameters()).device
+    seg = segments.to(device)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+    with _kv_cache_shim(model):
+        return _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_id, pad, gen)
+
+
+def _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_id, pad, gen) -> Generation:
+    batch, device = seg.tokens.shape[0], seg.device
+    logits, cache = model(
+        seg.tokens, attention_mask=seg.mask(), position_ids=seg.position_ids,
+        return_type="logits_and_cache",
+    )
+    if cache is None or cache.get_seq_length() != seg.tokens.shape[1]:
+        raise RuntimeError(
+            "mas_generate: the prefill did not fill the KV cache (bridge/transformers version mismatch?)"
+        )
+    next_logits = logits[torch.arange(batch, device=device), _last_real(seg.valid)]
+    running = seg.valid.long()
+    n_real = seg.valid.sum(-1)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out, alive = [], []
+    for step in range(max_new_tokens):
+        new = _pick(next_logits, temperature, top_k, gen)
+        new = torch.where(done, torch.full_like(new, pad), new)
+        out.append(new)
+        alive.append(~done)
+        if eos_token_id is not None:
+            done = done | (new == eos_token_id)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
+        logits, cache = model(
+            new[:, None], attention_mask=running, position_ids=(n_real + step)[:, None],
+            past_key_values=cache, return_type="logits_and_cache",
+        )
+        next_logits = logits[:, -1]
+    return Generation(segments, torch.stack(out, 1).cpu(), torch.stack(alive, 1).cpu())

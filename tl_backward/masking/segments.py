@@ -1,0 +1,509 @@
+"""Prompt segmentation for segment-based attention masking (MAS).
+
+A :class:`Segments` holds the exact token tensor the model will see (BOS and padding included)
+and, per token, a segment id: ``k >= 0`` for bidirectional block ``k``, ``-1`` for causal tokens.
+Builders:
+
+- :func:`from_blocks` — a list of strings, one block each, then a causal answer;
+- :func:`from_delimiter` — each delimiter (default ``"###"``) closes a block;
+- :func:`from_chat` — each system/user message is a block; assistant turns are causal;
+- :func:`from_spans` / :func:`from_ids` — explicit token spans or ids (validated).
+
+Conventions (documented choices): BOS belongs to the first block when that block starts right
+after it; padding tokens get id ``-1`` and are never attended to; ``target`` marks answer tokens
+(scored by :func:`tl_backward.mas_finetune`), which must be causal.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from .rule import position_ids as _position_ids
+from .rule import row_end as _row_end
+from .rule import staircase_mask
+
+__all__ = [
+    "Segments",
+    "from_blocks",
+    "from_delimiter",
+    "from_chat",
+    "from_spans",
+    "from_ids",
+    "concat",
+    "staircase_mask",
+]
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A batch of segmented prompts.
+
+    Attributes:
+        tokens: Int[Tensor, "batch pos"] — token ids exactly as fed to the model.
+        segment_ids: Int[Tensor, "batch pos"] — block id (``>= 0``) or ``-1`` (causal / pad).
+        valid: Bool[Tensor, "batch pos"] — real tokens (False = padding, never attended to).
+        target: Bool[Tensor, "batch pos"] — answer tokens to score in fine-tuning (causal only).
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    segment_ids: Int[Tensor, "batch pos"]
+    valid: Bool[Tensor, "batch pos"]
+    target: Bool[Tensor, "batch pos"]
+
+    def __post_init__(self) -> None:
+        _validate(self.tokens, self.segment_ids, self.valid, self.target)
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    # -- the mask ----------------------------------------------------------------------------
+    @property
+    def row_end(self) -> Int[Tensor, "batch pos"]:
+        """Last key position each query may see (staircase form of the rule)."""
+        return _row_end(self.segment_ids)
+
+    @property
+    def position_ids(self) -> Int[Tensor, "batch pos"]:
+        """``(cumsum(valid) - 1).clamp(min=0)``: correct positions under left or right padding."""
+        return _position_ids(self.valid)
+
+    def mask(self, q_len: int | None = None) -> Bool[Tensor, "batch 1 query_pos key_pos"]:
+        """4-D bool keep-mask (True = may attend) for the Bridge's ``attention_mask=``."""
+        return staircase_mask(self.row_end, self.valid, q_len)
+
+    @property
+    def left_padded(self) -> bool:
+        """True if some row has a pad token before one of its real tokens."""
+        real_at_or_after = self.valid.flip(-1).long().cummax(-1).values.flip(-1).bool()
+        return bool((~self.valid & real_at_or_after).any())
+
+    @property
+    def n_blocks(self) -> Int[Tensor, " batch"]:
+        return (self.segment_ids.max(-1).values + 1).clamp(min=0)
+
+    def spans(self, row: int = 0) -> list[tuple[int, int]]:
+        """Half-open ``(start, stop)`` token spans of the blocks of one row."""
+        ids = self.segment_ids[row]
+        out = []
+        for k in range(int(ids.max().item()) + 1):
+            where = (ids == k).nonzero().flatten()
+            out.append((int(where[0]), int(where[-1]) + 1))
+        return out
+
+    # -- derived segmentations --------------------------------------------------------------
+    def causal(self) -> "Segments":
+        """Same tokens, padding and targets, every segment id -1: the plain causal baseline."""
+        return Segments(self.tokens, torch.full_like(self.segment_ids, -1), self.valid, self.target)
+
+    def append(self, tokens: Int[Tensor, "batch new"], valid: Bool[Tensor, "batch new"] | None = None,
+               target: bool = False) -> "Segments":
+        """Append causal columns (generated or answer tokens) to every row."""
+        tokens = torch.as_tensor(tokens, device=self.device).long()
+        if tokens.ndim != 2 or tokens.shape[0] != len(self):
+            raise ValueError(f"tokens must be [batch={len(self)}, new], got {tuple(tokens.shape)}")
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(self.device).bool()
+        return Segments(
+            torch.cat([self.tokens, tokens], 1),
+            torch.cat([self.segment_ids, torch.full_like(tokens, -1)], 1),
+            torch.cat([self.valid, valid], 1),
+            torch.cat([self.target, valid & target], 1),
+        )
+
+    def select(self, index: Any) -> "Segments":
+        """Rows ``index`` (int, slice, list or tensor), with columns that are padding in every
+        selected row dropped from both ends."""
+        if isinstance(index, int):
+            index = [index]
+        sub = [t[index] for t in (self.tokens, self.segment_ids, self.valid, self.target)]
+        cols = sub[2].any(0).nonzero().flatten()
+        if cols.numel() == 0:
+            raise ValueError("select: the selected rows contain no real tokens")
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        return Segments(*(t[:, lo:hi] for t in sub))
+
+    def to(self, device: Any) -> "Segments":
+        return Segments(*(t.to(device) for t in (self.tokens, self.segment_ids, self.valid, self.target)))
+
+    def str_tokens(self, model: Any, row: int = 0) -> list[str]:
+        tok = _tokenizer(model)
+        return [tok.decode([int(t)]) for t in self.tokens[row]]
+
+
+# ------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------
+def _validate(tokens: Tensor, seg: Tensor, valid: Tensor, target: Tensor) -> None:
+    for name, t in (("tokens", tokens), ("segment_ids", seg), ("valid", valid), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Segments.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"Segments.{name} must be [batch, pos], got shape {tuple(t.shape)}")
+        if t.shape != tokens.shape:
+            raise ValueError(f"Segments.{name} has shape {tuple(t.shape)}, tokens {tuple(tokens.shape)}")
+    if tokens.is_floating_point() or seg.is_floating_point():
+        raise TypeError("Segments.tokens and segment_ids must be integer tensors")
+    if valid.dtype != torch.bool or target.dtype != torch.bool:
+        raise TypeError("Segments.valid and target must be bool tensors")
+    if tokens.shape[1] == 0:
+        raise ValueError("Segments: empty prompt (0 positions)")
+    if (seg < -1).any():
+        raise ValueError("segment ids must be >= -1 (-1 = causal token)")
+    if (seg[~valid] >= 0).any():
+        raise ValueError("padding tokens (valid=False) must have segment id -1")
+    if (target & ~valid).any():
+        raise ValueError("target tokens must be real tokens (valid=True)")
+    if (target & (seg >= 0)).any():
+        raise ValueError(
+            "target (answer) tokens must be causal (segment id -1): under MAS a block token sees "
+            "its own next token, so scoring it would leak the answer"
+        )
+    if not valid.any(-1).all():
+        raise ValueError("every row needs at least one real token (valid=True)")
+    # Blocks: ids 0, 1, 2, ... in order of position, each one contiguous run.
+    in_block = seg >= 0
+    if in_block.any():
+        running = torch.where(in_block, seg, torch.full_like(seg, -1)).cummax(-1).values
+        if (in_block & (seg < running)).any():
+            raise ValueError("segment ids must increase along the sequence (block 0 first, no overlap)")
+        prev = torch.cat([torch.full_like(seg[:, :1], -1), running[:, :-1]], 1)
+        if (in_block & (seg > prev + 1)).any():
+            raise ValueError("segment ids must be 0, 1, 2, ... without gaps (an empty segment?)")
+        # Contiguity: a block may not resume after another token (causal or other block).
+        starts = in_block & (seg != torch.cat([torch.full_like(seg[:, :1], -2), seg[:, :-1]], 1))
+        if (starts & (seg <= prev)).any():
+            raise ValueError("each segment must be one contiguous run of tokens (split/overlapping segment)")
+
+
+def concat(items: Sequence[Segments], *, padding_side: str = "right", pad_id: int = 0) -> Segments:
+    """Stack the rows of several Segments into one batch, re-padded to the longest row.
+
+    Each row keeps its span from its first to its last real token; padding (id ``pad_id``, never
+    attended to) is added on ``padding_side``.
+    """
+    if not items or not all(isinstance(s, Segments) for s in items):
+        raise TypeError("concat needs a non-empty list of Segments")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    rows = []
+    for s in items:
+        cols = torch.arange(s.tokens.shape[1])
+        for b in range(len(s)):
+            real = cols[s.valid[b].cpu()]
+            lo, hi = int(real[0]), int(real[-1]) + 1
+            rows.append(tuple(t[b, lo:hi].cpu() for t in (s.tokens, s.segment_ids, s.valid, s.target)))
+    length = max(r[0].shape[0] for r in rows)
+    fills = (pad_id, -1, False, False)
+    out = []
+    for k, fill in enumerate(fills):
+        padded = []
+        for r in rows:
+            pad = torch.full((length - r[k].shape[0],), fill, dtype=r[k].dtype)
+            padded.append(torch.cat([pad, r[k]] if padding_side == "left" else [r[k], pad]))
+        out.append(torch.stack(padded))
+    return Segments(*out)
+
+
+# ------------------------------------------------------------------------------------------
+# explicit constructors
+# ------------------------------------------------------------------------------------------
+def from_ids(
+    tokens: Int[Tensor, "batch pos"],
+    segment_ids: Int[Tensor, "batch pos"],
+    valid: Bool[Tensor, "batch pos"] | None = None,
+    target: Bool[Tensor, "batch pos"] | None = None,
+) -> Segments:
+    """Segments from explicit per-token ids (validated; ``valid`` defaults to all real)."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    segment_ids = torch.as_tensor(segment_ids, device=tokens.device).long().reshape(tokens.shape)
+    valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else torch.as_tensor(valid).reshape(tokens.shape)
+    target = torch.zeros_like(valid) if target is None else torch.as_tensor(target).reshape(tokens.shape)
+    return Segments(tokens.long(), segment_ids, valid.bool(), target.bool())
+
+
+def from_spans(
+    tokens: Int[Tensor, "batch pos"],
+    spans: Sequence[tuple[int, int]] | Sequence[Sequence[tuple[int, int]]],
+    *,
+    valid: Bool[Tensor, "batch pos"] | None = None,
+    target: Bool[Tensor, "batch pos"] | None = None,
+) -> Segments:
+    """Segments from half-open token spans ``(start, stop)`` per row (one list for a single row).
+
+    Raises ValueError for out-of-range, empty, unordered/overlapping spans or spans on padding.
+    """
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    batch, length = tokens.shape
+    if len(spans) and isinstance(spans[0], tuple) and len(spans[0]) == 2 and isinstance(spans[0][0], int):
+        spans = [spans]  # one row
+    if len(spans) != batch:
+        raise ValueError(f"spans: need one list of (start, stop) per row ({batch}), got {len(spans)}")
+    seg = torch.full((batch, length), -1, dtype=torch.long)
+    for b, row in enumerate(spans):
+        prev_stop = 0
+        for k, span in enumerate(row):
+            start, stop = (int(x) for x in span)
+            where = f"spans[{b}][{k}]=({start}, {stop})"
+            if start < 0 or stop > length:
+                raise ValueError(f"{where} is out of range for {length} tokens")
+            if stop <= start:
+                raise ValueError(f"{where} is empty (stop must exceed start)")
+            if start < prev_stop:
+                raise ValueError(f"{where} overlaps or precedes the previous span (spans must be sorted)")
+            seg[b, start:stop] = k
+            prev_stop = stop
+    if valid is not None and (seg.to(tokens.device)[~torch.as_tensor(valid).bool()] >= 0).any():
+        raise ValueError("spans cover padding tokens (valid=False)")
+    return from_ids(tokens, seg.to(tokens.device), valid, target)
+
+
+# ------------------------------------------------------------------------------------------
+# text builders
+# ------------------------------------------------------------------------------------------
+def _tokenizer(model: Any) -> Any:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("model has no tokenizer; build Segments with from_ids/from_spans instead")
+    return tok
+
+
+def _bos(tok: Any, prepend_bos: bool) -> list[int]:
+    if not prepend_bos:
+        return []
+    if tok.bos_token_id is None:
+        raise ValueError("the tokenizer has no BOS token; pass prepend_bos=False")
+    return [int(tok.bos_token_id)]
+
+
+def _encode(tok: Any, text: str, offsets: bool = False):
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    ids = [int(i) for i in enc["input_ids"]]
+    return (ids, [tuple(o) for o in enc["offset_mapping"]]) if offsets else ids
+
+
+def _pad_id(tok: Any) -> int:
+    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def _assemble(rows: list[tuple[list[int], list[int], list[bool]]], pad_id: int, padding_side: str) -> Segments:
+    """Stack per-row (ids, segment ids, target) lists, padding to the longest row."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    length = max(len(r[0]) for r in rows)
+    cols = {k: [] for k in ("tokens", "seg", "valid", "target")}
+    for ids, seg, tgt in rows:
+        n = length - len(ids)
+        pad = lambda xs, v: ([v] * n + xs) if padding_side == "left" else (xs + [v] * n)  # noqa: E731
+        cols["tokens"].append(pad(ids, pad_id))
+        cols["seg"].append(pad(seg, -1))
+        cols["valid"].append(pad([True] * len(ids), False))
+        cols["target"].append(pad(tgt, False))
+    return Segments(
+        torch.tensor(cols["tokens"], dtype=torch.long),
+        torch.tensor(cols["seg"], dtype=torch.long),
+        torch.tensor(cols["valid"], dtype=torch.bool),
+        torch.tensor(cols["target"], dtype=torch.bool),
+    )
+
+
+def _as_batch(x: Any, inner: type, name: str) -> tuple[list, bool]:
+    """Normalise a single item or a list of items; returns (items, was_batched)."""
+    if isinstance(x, inner):
+        return [x], False
+    if isinstance(x, (list, tuple)) and x and all(isinstance(i, (list, tuple)) for i in x):
+        return list(x), True
+    if isinstance(x, (list, tuple)):
+        return [list(x)], False
+    raise TypeError(f"{name} must be a list (or a list of lists for a batch), got {type(x).__name__}")
+
+
+def _answers(answer: str | Sequence[str], n: int) -> list[str]:
+    if isinstance(answer, str):
+        return [answer] * n
+    answer = list(answer)
+    if len(answer) != n:
+        raise ValueError(f"answer: need one string per prompt ({n}), got {len(answer)}")
+    return answer
+
+
+def from_blocks(
+    model: Any,
+    blocks: Sequence[str] | Sequence[Sequence[str]],
+    answer: str | Sequence[str] = "",
+    *,
+    prepend_bos: bool = True,
+    padding_side: str = "right",
+) -> Segments:
+    """One bidirectional block per string, then the causal ``answer`` (marked as target).
+
+    Each string is tokenised on its own (include leading spaces yourself for BPE tokenizers, e.g.
+    ``" Question: ..."``). BOS is prepended to, and belongs to, block 0. Pass a list of lists (and
+    a list of answers) for a batch, padded on ``padding_side``.
+    """
+    tok = _tokenizer(model)
+    if isinstance(blocks, str):
+        raise TypeError("blocks must be a list of strings (one per block), not a single string")
+    prompts, _ = _as_batch(blocks, str, "blocks")
+    answers = _answers(answer, len(prompts))
+    rows = []
+    for b, (prompt, ans) in enumerate(zip(prompts, answers)):
+        if not prompt:
+            raise ValueError(f"blocks[{b}] is empty: give at least one block")
+        ids, seg = _bos(tok, prepend_bos), []
+        seg += [0] * len(ids)
+        for k, text in enumerate(prompt):
+            if not isinstance(text, str):
+                raise TypeError(f"blocks: block {k} must be a str, got {type(text).__name__}")
+            piece = _encode(tok, text)
+            if not piece:
+                raise ValueError(f"block {k} ({text!r}) of prompt {b} tokenises to no tokens (empty segment)")
+            ids += piece
+            seg += [k] * len(piece)
+        tail = _encode(tok, ans) if ans else []
+        rows.append((ids + tail, seg + [-1] * len(tail), [False] * len(ids) + [True] * len(tail)))
+    return _assemble(rows, _pad_id(tok), padding_side)
+
+
+def _char_spans_to_tokens(offsets: list[tuple[int, int]], ends: list[int], text: str) -> list[int]:
+    """Index of the token holding character ``e - 1`` for each char end ``e``."""
+    starts = torch.tensor([o[0] for o in offsets] or [0])
+    out = []
+    for e in ends:
+        idx = int((starts < e).sum()) - 1
+        if idx < 0:
+            raise ValueError(f"no token covers character {e - 1} of {text[:40]!r}")
+        out.append(idx)
+    return out
+
+
+def from_delimiter(
+    model: Any,
+    text: str | Sequence[str],
+    delimiter: str = "###",
+    *,
+    answer: str | Sequence[str] = "",
+    prepend_bos: bool = True,
+    padding_side: str = "right",
+) -> Segments:
+    """Each ``delimiter`` closes a block (inclusive); the text after the last one is causal.
+
+    Block 0 runs from BOS (or the first token) through the token that holds the last character of
+    the first delimiter; block k from just after the previous delimiter through the k-th one. The
+    text is tokenised once (offsets map delimiters to tokens, so it works for any fast tokenizer).
+    An optional ``answer`` is appended causally and marked as target.
+    """
+    if not isinstance(delimiter, str) or not delimiter:
+        raise ValueError("delimiter must be a non-empty string")
+    tok = _tokenizer(model)
+    texts = [text] if isinstance(text, str) else list(text)
+    answers = _answers(answer, len(texts))
+    rows = []
+    for b, (t, ans) in enumerate(zip(texts, answers)):
+        if not isinstance(t, str):
+            raise TypeError(f"text[{b}] must be a str, got {type(t).__name__}")
+        ends = [m.end() for m in re.finditer(re.escape(delimiter), t)]
+        if not ends:
+            raise ValueError(f"text[{b}] contains no delimiter {delimiter!r}: MAS needs at least one block")
+        ids, offsets = _encode(tok, t, offsets=True)
+        closing = _char_spans_to_tokens(offsets, ends, t)
+        if len(set(closing)) != len(closing):
+            raise ValueError(f"text[{b}]: two delimiters fall in one token (an empty segment)")
+        head = _bos(tok, prepend_bos)
+        seg = [-1] * len(ids)
+        start = 0
+        for k, stop in enumerate(closing):
+            seg[start : stop + 1] = [k] * (stop + 1 - start)
+            start = stop + 1
+        tail = _encode(tok, ans) if ans else []
+        rows.append((head + ids + tail, [0] * len(head) + seg + [-1] * len(tail),
+                     [False] * (len(head) + len(ids)) + [True] * len(tail)))
+    return _assemble(rows, _pad_id(tok), padding_side)
+
+
+_BLOCK_ROLES = ("system", "user")
+
+
+def _render_chat(tok: Any, messages: list[dict], generation_prompt: bool) -> str:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    # Fallback for tokenizers without a template (GPT-2, the tiny word tokenizer).
+    text = "".join(f"{m['role']} : {m['content']}\n" for m in messages)
+    return text + ("assistant :" if generation_prompt else "")
+
+
+def from_chat(
+    model: Any,
+    messages: Sequence[dict] | Sequence[Sequence[dict]],
+    *,
+    add_generation_prompt: bool = True,
+    prepend_bos: bool = True,
+    padding_side: str = "right",
+) -> Segments:
+    """Each system/user message (its span in the rendered chat template) is one block.
+
+    The tokenizer's ``chat_template`` renders the conversation; a message's span is the text the
+    template adds for it (header through end-of-turn). Assistant turns and the open generation
+    header are causal. Tokenizers without a template use ``"role : content\\n"`` lines. BOS (from
+    the template, or prepended when ``prepend_bos`` and absent) joins block 0 when block 0 starts
+    the conversation.
+    """
+    tok = _tokenizer(model)
+    convs, _ = _as_batch(messages, dict, "messages")
+    rows = []
+    for b, conv in enumerate(convs):
+        if not conv:
+            raise ValueError(f"messages[{b}] is empty")
+        for i, m in enumerate(conv):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{b}][{i}] must be a dict with 'role' and 'content'")
+        full = _render_chat(tok, list(conv), add_generation_prompt)
+        bounds = [0]
+        for i in range(1, len(conv) + 1):
+            prefix = _render_chat(tok, list(conv[:i]), False)
+            if not full.startswith(prefix):
+                raise ValueError("the chat template does not render conversations prefix-wise; "
+                                 "build the blocks with from_blocks or from_spans instead")
+            bounds.append(len(prefix))
+        ids, offsets = _encode(tok, full, offsets=True)
+        starts = torch.tensor([o[0] for o in offsets])
+        seg = [-1] * len(ids)
+        k = 0
+        for i, m in enumerate(conv):
+            if m["role"] not in _BLOCK_ROLES:
+                continue
+            lo = int((starts < bounds[i]).sum())
+            hi = int((starts < bounds[i + 1]).sum())
+            if hi <= lo:
+                raise ValueError(f"messages[{b}][{i}] renders to no tokens (empty segment)")
+            seg[lo:hi] = [k] * (hi - lo)
+            k += 1
+        bos = tok.bos_token_id
+        head: list[int] = []
+        if prepend_bos and not (ids and bos is not None and ids[0] == bos):
+            head = _bos(tok, True)
+        if ids and bos is not None and ids[0] == bos and seg[0] == -1 and len(seg) > 1 and seg[1] == 0:
+            seg[0] = 0  # a template's own BOS joins block 0
+        seg = [0 if seg and seg[0] == 0 else -1] * len(head) + seg
+        rows.append((head + ids, seg, [False] * (len(head) + len(ids))))
+    return _assemble(rows, _pad_id(tok), padding_side)
