@@ -112,3 +112,9 @@ def test_load_model_rejects_bad_arguments():
         tl_backward.load_model(3)
     with pytest.raises(TypeError, match="dtype"):
         tl_backward.load_model("x", dtype="float32")
+
+
+def test_load_model_unknown_name_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not load model 'no-such-model-xyz'"):
+        tl_backward.load_model("no-such-model-xyz")

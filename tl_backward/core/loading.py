@@ -34,7 +34,15 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
         label = directory.name if embedded else str(directory)
         model = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype)
     else:
-        model = TransformerBridge.boot_transformers(str(name), device=device, dtype=dtype)
+        try:
+            model = TransformerBridge.boot_transformers(str(name), device=device, dtype=dtype)
+        except (OSError, ValueError) as err:
+            # Hub failures surface as OSError/ValueError deep inside transformers; say what was tried.
+            raise ValueError(
+                f"could not load model {name!r}: it is not an embedded model {list_models()}, not a local "
+                f"directory, and the Hugging Face hub could not provide it ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})"
+            ) from err
     return model.eval()
 
 
