@@ -2,7 +2,7 @@
 
 from . import segments
 from .context import segment_mask
-from .finetune import FinetuneResult, answer_loss, causal_finetune, finetune, mas_finetune
+from .finetune import FinetuneResult, answer_loss, causal_finetune, copy_model, finetune, mas_finetune
 from .generate import Generation, mas_generate
 from .segments import Segments
 
@@ -16,5 +16,6 @@ __all__ = [
     "causal_finetune",
     "finetune",
     "answer_loss",
+    "copy_model",
     "FinetuneResult",
 ]

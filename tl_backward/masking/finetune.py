@@ -42,6 +42,23 @@ class FinetuneResult:
     lora: bool
 
 
+def copy_model(model: Any) -> Any:
+    """A deep copy of a Bridge, e.g. to fine-tune several arms from one base.
+
+    Plain ``copy.deepcopy`` fails after a grad-enabled forward: some attention bridges keep the
+    last pattern (a non-leaf tensor) as an attribute. Those are copied detached; the original model
+    is not modified.
+    """
+    import copy
+
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[Tensor, ""]:
     """Mean NLL of the answer tokens: ``-mean_{t: target[t]} log p(tokens[t] | context of t-1)``.
 
