@@ -1,0 +1,281 @@
+"""Backward Lens: gradient factors read through the final norm and the unembedding (spec §3-4).
+
+For each layer, token and weight matrix, the factor that lives in ``d_model`` is projected with
+the logit lens ``LL(v) = ln_final(v) @ W_U + b_U`` (the real final norm, bias included):
+
+| module | projected | read |
+|---|---|---|
+| ``mlp_in`` (FF1), ``mlp_gate``, ``q``/``k``/``v`` | x (the module input) | top-k |
+| ``mlp_out`` (FF2), ``o`` | δ (gradient at the module output) | bottom-k: descent adds −δ |
+
+Bottom-k of LL(δ) is not top-k of LL(−δ) when the final norm or unembedding has a bias; like the
+paper, tl_backward reports bottom-k of LL(δ). Every cell also reports the rank of the target (its
+first token) and of the model's current top prediction at the row's last prompt position, and
+the factor's norm (tiny norms project onto the norm's bias: read them with ``normalize=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_backward.core.adapter import get_adapter
+from tl_backward.core.metrics import bind_metric, target_nll
+
+from .factors import GradientFactors, _finite, gradient_factors
+from .projection import l2_normalize, vocab_readout
+
+# module -> (projected side, reading direction)
+READING = {
+    "mlp_in": ("x", "top"), "mlp_gate": ("x", "top"), "q": ("x", "top"), "k": ("x", "top"),
+    "v": ("x", "top"), "mlp_out": ("delta", "bottom"), "o": ("delta", "bottom"),
+}
+
+
+@dataclass(frozen=True)
+class LensReadout:
+    """The lens of one module over ``layers × tokens``.
+
+    ``top_ids/top_logits [layer, tokens, k]`` descending, ``bottom_ids/bottom_logits`` ascending
+    (least probable first), ``target_rank``, ``pred_rank`` and ``norm`` ``[layer, tokens]``.
+    ``read`` says which list carries the paper's reading (``"top"`` for x, ``"bottom"`` for δ).
+    """
+
+    module: str
+    side: str
+    read: str
+    layers: tuple[int, ...]
+    top_ids: Int[Tensor, "layer tokens k"]
+    top_logits: Float[Tensor, "layer tokens k"]
+    bottom_ids: Int[Tensor, "layer tokens k"]
+    bottom_logits: Float[Tensor, "layer tokens k"]
+    target_rank: Int[Tensor, "layer tokens"]
+    pred_rank: Int[Tensor, "layer tokens"]
+    norm: Float[Tensor, "layer tokens"]
+
+    @property
+    def read_ids(self) -> Int[Tensor, "layer tokens k"]:
+        """The ids in the paper's reading order (top-k for x, bottom-k for δ)."""
+        return self.top_ids if self.read == "top" else self.bottom_ids
+
+
+@dataclass(frozen=True)
+class ImprintShift:
+    """Predicted effect, at token ``token``, of a one-token SGD step ``W ← W − lr·x_t ⊗ δ_t`` on one
+    layer's matrix (each layer separately, everything else fixed, same input re-run):
+
+    * ``imprint [layer, d_mlp]``: change of W_in's output (pre-activation; the up projection for
+      gated MLPs) = ``−lr‖x_t‖² δ_t`` with the FF1 factors;
+    * ``shift [layer, d_model]``: change of the MLP output = ``−lr‖x_t‖² δ_t`` with the FF2 factors.
+
+    Exact (linear in the updated matrix). None where the module was not computed.
+    """
+
+    layers: tuple[int, ...]
+    token: int
+    position: tuple[int, int]
+    lr: float
+    imprint: Float[Tensor, "layer d_mlp"] | None
+    shift: Float[Tensor, "layer d_model"] | None
+
+
+@dataclass(frozen=True)
+class BackwardLens:
+    """Result of :func:`backward_lens`: ``lens[module]`` is a :class:`LensReadout`.
+
+    ``factors`` keeps the :class:`GradientFactors`; ``target_ids``/``pred_ids [batch]`` are each
+    row's target (first token) and the model's argmax at the row's last prompt position.
+    """
+
+    factors: GradientFactors
+    readouts: dict[str, LensReadout]
+    target_ids: Int[Tensor, " batch"]
+    pred_ids: Int[Tensor, " batch"]
+    top_k: int
+    normalize: bool
+    d_vocab: int
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def __getitem__(self, module: str) -> LensReadout:
+        if module not in self.readouts:
+            raise KeyError(f"module {module!r} was not projected; available: {list(self.readouts)}")
+        return self.readouts[module]
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self.readouts)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.factors.layers
+
+    @property
+    def token_strs(self) -> list[str]:
+        return self.factors.token_strs
+
+    def decode(self, ids: Sequence[int] | Tensor) -> list[str]:
+        """Token strings of vocabulary ids."""
+        ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids)]
+        if self.tokenizer is None:
+            return [str(i) for i in ids]
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def layer_index(self, layer: int) -> int:
+        n = self.factors.n_layers
+        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
+            layer += n
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer!r} was not computed; available layers: {list(self.layers)}")
+        return self.layers.index(layer)
+
+    def token_index(self, token: int | tuple[int, int]) -> int:
+        """Index on the factors' token axis of ``token`` (an index, or a ``(batch, pos)`` pair)."""
+        n = self.factors.n_tokens
+        if isinstance(token, tuple) and len(token) == 2:
+            hits = ((self.factors.positions[:, 0] == token[0]) & (self.factors.positions[:, 1] == token[1])).nonzero()
+            if not len(hits):
+                raise ValueError(f"(batch, pos) = {token} is padding or out of range")
+            return int(hits[0, 0])
+        if isinstance(token, bool) or not isinstance(token, int) or not -n <= token < n:
+            raise ValueError(f"token must be an index in [0, {n}) over the non-padding tokens or a (batch, pos) pair, got {token!r}")
+        return token % n
+
+    def tokens(self, module: str, layer: int, token: int | tuple[int, int], which: str | None = None) -> list[str]:
+        """The k tokens of one cell; ``which`` = "top" | "bottom" | None (the module's reading)."""
+        r = self[module]
+        which = which or r.read
+        if which not in ("top", "bottom"):
+            raise ValueError(f"which must be 'top', 'bottom' or None, got {which!r}")
+        ids = (r.top_ids if which == "top" else r.bottom_ids)[self.layer_index(layer), self.token_index(token)]
+        return self.decode(ids)
+
+    def imprint_shift(self, token_index: int | tuple[int, int], lr: float) -> ImprintShift:
+        """Imprint (FF1) and shift (FF2) of a one-token SGD step at ``token_index`` (spec §4)."""
+        t = self.token_index(token_index)
+        lr = _finite(lr, "lr")
+        have = [m for m in ("mlp_in", "mlp_out") if m in self.factors.modules]
+        if not have:
+            raise ValueError("imprint/shift need the MLP factors: call backward_lens(..., modules=('mlp_in', 'mlp_out'))")
+        out = {}
+        for m in have:
+            out[m] = torch.stack([self.factors[l, m].sgd_output_change(t, lr)[t] for l in self.layers])
+        b, p = self.factors.positions[t].tolist()
+        return ImprintShift(layers=self.layers, token=t, position=(b, p), lr=lr,
+                            imprint=out.get("mlp_in"), shift=out.get("mlp_out"))
+
+    def render(self, modules: str | Sequence[str] | None = None, row: int = 0):
+        """The paper's table (layers × tokens, ``top1 \\ bottom1``, colour = factor norm) per
+        module, a target-rank-per-layer plot and per-layer norms, for batch row ``row``."""
+        from tl_backward.render.lens import render_backward_lens
+
+        return render_backward_lens(self, modules=modules, row=row)
+
+
+def backward_lens(
+    model: Any,
+    input: Any,
+    target: Any,
+    *,
+    modules: str | Sequence[str] = ("mlp_in", "mlp_out"),
+    layers: int | Sequence[int] | None = None,
+    top_k: int = 5,
+    normalize: bool = False,
+    prepend_bos: bool | None = None,
+) -> BackwardLens:
+    """Project gradient factors of the target's NLL into the vocabulary.
+
+    One forward + backward (:func:`gradient_factors`), then one chunked projection of every
+    distinct d_model-sized factor (modules sharing an input, like q/k/v, are projected once).
+
+    Args:
+        model: a reconstructing ``TransformerBridge``.
+        input: prompt(s) or token ids (see :func:`gradient_factors`).
+        target: the target word or id(s); a list gives one target per prompt.
+        modules / layers: as in :func:`gradient_factors`.
+        top_k: tokens kept per cell and direction, in ``[1, d_vocab]``.
+        normalize: L2-normalise each factor before ``ln_final`` (the paper's appendix lens).
+        prepend_bos: None uses the model's default.
+    """
+    ad = get_adapter(model)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= ad.d_vocab:
+        raise ValueError(f"top_k must be an int in [1, {ad.d_vocab}] (the vocabulary size), got {top_k!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    if target is None:
+        raise ValueError("target is None: pass the target word (e.g. ' Paris') or its token id")
+    recorder = _Recording(target_nll(target))
+    gf = gradient_factors(model, input, metric=recorder, modules=modules, layers=layers, prepend_bos=prepend_bos)
+    n_rows = gf.tokens.shape[0]
+    target_ids = _row_targets(ad, target, n_rows)
+    pred_ids = recorder.pred[-1]
+
+    # One [layers, tokens, d_model] block per distinct projected tensor.
+    blocks: list[Tensor] = []
+    where: dict[str, int] = {}
+    keys: dict[tuple, int] = {}
+    for m in gf.modules:
+        side = READING[m][0]
+        vecs = []
+        for l in gf.layers:
+            f = gf[l, m]
+            v = f.x if side == "x" else f.delta
+            vecs.append(v[0] if f.per_head else v)  # the d_model side is shared by all heads
+        key = tuple((v.untyped_storage().data_ptr(), v.storage_offset()) for v in vecs)
+        if key not in keys:
+            keys[key] = len(blocks)
+            blocks.append(torch.stack(vecs))
+        where[m] = keys[key]
+    stacked = torch.stack(blocks)  # [blocks, layer, tokens, d_model]
+    norms = stacked.norm(dim=-1)
+    flat = stacked.reshape(-1, ad.d_model)
+    h = ad.ln_final(l2_normalize(flat) if normalize else flat)
+    rows_b = gf.positions[:, 0]
+    ids = torch.stack([target_ids[rows_b], pred_ids[rows_b]], -1)  # [tokens, 2]
+    ids = ids.expand(len(blocks) * len(gf.layers), *ids.shape).reshape(-1, 2)
+    r = vocab_readout(h, ad.W_U, ad.b_U, k=top_k, rank_ids=ids)
+    shape = (len(blocks), len(gf.layers), gf.n_tokens)
+    parts = {name: getattr(r, name).reshape(*shape, -1) for name in
+             ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "ranks")}
+    readouts = {}
+    for m in gf.modules:
+        i = where[m]
+        readouts[m] = LensReadout(
+            module=m, side=READING[m][0], read=READING[m][1], layers=gf.layers,
+            top_ids=parts["top_ids"][i], top_logits=parts["top_logits"][i],
+            bottom_ids=parts["bottom_ids"][i], bottom_logits=parts["bottom_logits"][i],
+            target_rank=parts["ranks"][i][..., 0], pred_rank=parts["ranks"][i][..., 1], norm=norms[i],
+        )
+    return BackwardLens(factors=gf, readouts=readouts, target_ids=target_ids, pred_ids=pred_ids,
+                        top_k=top_k, normalize=normalize, d_vocab=ad.d_vocab,
+                        tokenizer=getattr(model, "tokenizer", None))
+
+
+@dataclass
+class _Recording:
+    """Wraps a metric to note the model's argmax at each row's loss position (no extra pass)."""
+
+    inner: Any
+    pred: list = field(default_factory=list)
+
+    def bind(self, adapter, batch):
+        bound, fn = bind_metric(self.inner, adapter, batch)
+        last = bound.last
+
+        def wrapped(logits: Tensor) -> Tensor:
+            with torch.no_grad():
+                rows = logits[torch.arange(len(last), device=logits.device), last.to(logits.device)]
+                self.pred.append(rows.argmax(-1).cpu())
+            return fn(logits)
+
+        return bound, wrapped
+
+
+def _row_targets(ad: Any, target: Any, n_rows: int) -> Int[Tensor, " batch"]:
+    """First target token per row (one target for all rows, or a list of one per row)."""
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target):
+        return torch.stack([ad.target_tokens(t)[0] for t in target])
+    return ad.target_tokens(target)[:1].expand(n_rows).clone()

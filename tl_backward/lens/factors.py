@@ -1,0 +1,334 @@
+"""Low-rank factors of weight gradients (Backward Lens, Katz et al. 2024, §1-2 of the spec).
+
+For a token-wise linear map ``z_i = x_i W`` (TransformerLens layout, ``W: [d_in, d_out]``) with
+``δ_i = ∂L/∂z_i``::
+
+    ∂L/∂W = Σ_i x_i ⊗ δ_i = Xᵀ Δ          X: [tokens, d_in], Δ: [tokens, d_out]
+
+so the gradient has rank ≤ tokens and is stored as its two factors instead of a dense matrix.
+x is read at the bridged module's ``hook_in`` (forward), δ at its ``hook_out`` (backward), from one
+:func:`~tl_backward.core.capture.capture` (one forward + one backward, frozen weights).
+
+Attention factors (an extension; the paper covers the MLP matrices only) carry a leading head
+axis: ``W_Q/W_K/W_V[h] = Σ_i x_i ⊗ q/k/v_grad[i, h]`` (k/v per *kv* head under GQA) and
+``W_O[h] = Σ_i z[i, h] ⊗ δ_i``. The side shared by all heads (x for q/k/v, δ for o) is a stride-0
+``expand`` view, so it costs no memory per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_backward.core.adapter import get_adapter
+from tl_backward.core.capture import capture
+from tl_backward.core.metrics import resolve_metric
+
+# Module names -> (TL weight name, is attention). Order is the display order.
+MODULES = {
+    "mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out",
+    "q": "W_Q", "k": "W_K", "v": "W_V", "o": "W_O",
+}
+ATTENTION = ("q", "k", "v", "o")
+
+
+@dataclass(frozen=True)
+class FactorNorms:
+    """Norms of a factor: per token ``x`` = ‖x_i‖, ``delta`` = ‖δ_i‖, ``term`` = ‖x_i ⊗ δ_i‖_F =
+    ‖x_i‖·‖δ_i‖, and ``grad`` = ‖Σ_i x_i ⊗ δ_i‖_F (via Gram matrices, fp64). Shapes ``[tokens]``
+    (``[head, tokens]`` / ``[head]`` for attention)."""
+
+    x: Float[Tensor, "*head tokens"]
+    delta: Float[Tensor, "*head tokens"]
+    term: Float[Tensor, "*head tokens"]
+    grad: Float[Tensor, "*head"]
+
+
+@dataclass(frozen=True)
+class FactorSVD:
+    """``∂L/∂W ≈ U diag(S) Vᵀ`` (exact when ``k`` ≥ rank). ``U: [*head, d_in, k]``,
+    ``S: [*head, k]`` (descending), ``V: [*head, d_out, k]``; fp64."""
+
+    U: Float[Tensor, "*head d_in k"]
+    S: Float[Tensor, "*head k"]
+    V: Float[Tensor, "*head d_out k"]
+
+    def reconstruct(self) -> Float[Tensor, "*head d_in d_out"]:
+        return torch.einsum("...ik,...k,...ok->...io", self.U, self.S, self.V)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """The gradient of one weight matrix as ``Σ_i x_i ⊗ δ_i`` over the non-padding tokens.
+
+    ``x: [tokens, d_in]``, ``delta: [tokens, d_out]`` for MLP matrices; attention factors add a
+    leading head axis (``[head, tokens, d]``; ``factor.head(h)`` gives the 2-D factor of one head).
+    ``reconstruct()`` returns the dense gradient in TransformerLens layout (``W_in [d_model, d_mlp]``,
+    ``W_out [d_mlp, d_model]``, ``W_Q [head, d_model, d_head]``, ``W_O [head, d_head, d_model]``).
+    """
+
+    layer: int
+    module: str
+    x: Float[Tensor, "*head tokens d_in"]
+    delta: Float[Tensor, "*head tokens d_out"]
+
+    @property
+    def weight_name(self) -> str:
+        """The TransformerLens weight this is the gradient of (``W_in``, ``W_Q``, ...)."""
+        return MODULES[self.module]
+
+    @property
+    def per_head(self) -> bool:
+        return self.x.ndim == 3
+
+    @property
+    def n_tokens(self) -> int:
+        return self.x.shape[-2]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the dense gradient (TL layout)."""
+        return (*self.x.shape[:-2], self.x.shape[-1], self.delta.shape[-1])
+
+    def head(self, h: int) -> "Factor":
+        """The 2-D factor of head ``h`` (a kv head for k/v under GQA)."""
+        if not self.per_head:
+            raise ValueError(f"{self.module} is not an attention factor: it has no heads")
+        n = self.x.shape[0]
+        if not isinstance(h, int) or not -n <= h < n:
+            raise ValueError(f"head must be an int in [0, {n}), got {h!r}")
+        return Factor(self.layer, self.module, self.x[h], self.delta[h])
+
+    def reconstruct(self, dtype: torch.dtype = torch.float32) -> Float[Tensor, "*head d_in d_out"]:
+        """The dense gradient ``Xᵀ Δ`` in TL layout."""
+        return torch.einsum("...ti,...to->...io", self.x.to(dtype), self.delta.to(dtype))
+
+    def svd(self, k: int | None = None) -> FactorSVD:
+        """Top-``k`` singular triplets of ``Xᵀ Δ`` (all ``min(tokens, d_in, d_out)`` if None),
+        from the factors, in fp64, never forming the dense matrix.
+
+        With ``X = U_x S_x V_xᵀ``: ``Xᵀ Δ = V_x (S_x U_xᵀ Δ)`` and ``V_x`` has orthonormal columns, so
+        the SVD of the small ``[tokens, d_out]`` matrix ``M = S_x U_xᵀ Δ = U_m S V_mᵀ`` gives
+        ``Xᵀ Δ = (V_x U_m) S V_mᵀ``.
+        """
+        X, D = self.x.double(), self.delta.double()
+        Ux, Sx, Vxh = torch.linalg.svd(X, full_matrices=False)
+        M = Sx[..., :, None] * (Ux.transpose(-1, -2) @ D)
+        Um, S, Vmh = torch.linalg.svd(M, full_matrices=False)
+        U = Vxh.transpose(-1, -2) @ Um
+        V = Vmh.transpose(-1, -2)
+        if k is not None:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"k must be a positive int, got {k!r}")
+            U, S, V = U[..., :k], S[..., :k], V[..., :k]
+        return FactorSVD(U, S, V)
+
+    def rank(self, rtol: float | None = None) -> Int[Tensor, "*head"]:
+        """Numerical rank of ``Xᵀ Δ`` in fp64: #{σ > rtol·σ_max}, with ``torch.linalg.matrix_rank``'s
+        default ``rtol = max(d_in, d_out)·eps(fp64)`` (the dense matrix's singular values)."""
+        S = self.svd().S
+        if rtol is None:
+            rtol = max(self.x.shape[-1], self.delta.shape[-1]) * torch.finfo(torch.float64).eps
+        smax = S.max(-1, keepdim=True).values if S.shape[-1] else torch.zeros(*S.shape[:-1], 1)
+        return ((S > rtol * smax) & (S > 0)).sum(-1)
+
+    def norms(self) -> FactorNorms:
+        X, D = self.x.double(), self.delta.double()
+        nx, nd = X.norm(dim=-1), D.norm(dim=-1)
+        # ‖XᵀΔ‖_F² = Σ_ij (x_i·x_j)(δ_i·δ_j): two [tokens, tokens] Grams instead of the dense matrix.
+        gram = (X @ X.transpose(-1, -2)) * (D @ D.transpose(-1, -2))
+        return FactorNorms(x=nx, delta=nd, term=nx * nd, grad=gram.sum((-1, -2)).clamp(min=0).sqrt())
+
+    def sgd_output_change(self, token: int, lr: float) -> Float[Tensor, "*head tokens d_out"]:
+        """Exact change of this module's output at every token after the one-token SGD step
+        ``W ← W − lr·x_t ⊗ δ_t`` (all other weights fixed, same input): ``−lr (x_j·x_t) δ_t``.
+
+        At ``j = t`` this is the spec's *imprint* (W_in) / *shift* (W_out): ``−lr‖x_t‖² δ_t``.
+        """
+        n = self.n_tokens
+        if not isinstance(token, int) or isinstance(token, bool) or not -n <= token < n:
+            raise ValueError(f"token must be an int index in [0, {n}) over the non-padding tokens, got {token!r}")
+        lr = _finite(lr, "lr")
+        xt, dt = self.x[..., token, :], self.delta[..., token, :]
+        overlap = torch.einsum("...ji,...i->...j", self.x, xt)
+        return -lr * overlap[..., :, None] * dt[..., None, :]
+
+    def nbytes(self) -> int:
+        """Bytes held by the factors (shared / expanded storage counted once)."""
+        return _unique_bytes([self.x, self.delta])
+
+
+@dataclass(frozen=True)
+class GradientFactors:
+    """Factors of every requested weight gradient from one backward pass.
+
+    ``gf[layer, module]`` -> :class:`Factor` (negative layers count from the end);
+    ``gf[layer, module, head]`` -> that head's 2-D factor. The token axis of every factor runs over
+    the non-padding (batch, position) pairs in row-major order: ``positions[i] = (b, p)``.
+    """
+
+    factors: dict[tuple[int, str], Factor]
+    layers: tuple[int, ...]
+    modules: tuple[str, ...]
+    n_layers: int
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+    last: Int[Tensor, " batch"]
+    positions: Int[Tensor, "tokens 2"]
+    str_tokens: list[list[str]]
+    metric: Float[Tensor, ""]
+    gated_mlp: bool = field(default=False, repr=False)
+
+    def __getitem__(self, key: tuple) -> Factor:
+        if not isinstance(key, tuple) or len(key) not in (2, 3):
+            raise KeyError("index GradientFactors as gf[layer, module] or gf[layer, module, head]")
+        layer, module = key[0], key[1]
+        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
+            layer += self.n_layers
+        if module not in self.modules:
+            raise KeyError(f"module {module!r} was not computed; available: {list(self.modules)}")
+        if (layer, module) not in self.factors:
+            raise KeyError(f"layer {key[0]!r} was not computed; available layers: {list(self.layers)}")
+        factor = self.factors[(layer, module)]
+        return factor.head(key[2]) if len(key) == 3 else factor
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def items(self):
+        return self.factors.items()
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.positions)
+
+    @property
+    def token_strs(self) -> list[str]:
+        """Token strings along the factors' token axis."""
+        return [self.str_tokens[b][p] for b, p in self.positions.tolist()]
+
+    def nbytes(self) -> int:
+        """Bytes held by all factors (shared storage counted once)."""
+        return _unique_bytes([t for f in self.factors.values() for t in (f.x, f.delta)])
+
+    def dense_nbytes(self) -> int:
+        """Bytes the dense fp32 gradients of the same matrices would take."""
+        total = 0
+        for f in self.factors.values():
+            n = 1
+            for s in f.shape:
+                n *= s
+            total += 4 * n
+        return total
+
+
+def gradient_factors(
+    model: Any,
+    input: Any,
+    target: Any = None,
+    *,
+    metric: Any = None,
+    modules: str | Sequence[str] = ("mlp_in", "mlp_out"),
+    layers: int | Sequence[int] | None = None,
+    prepend_bos: bool | None = None,
+) -> GradientFactors:
+    """Factors ``(x_i, δ_i)`` of ``∂metric/∂W`` for the chosen weight matrices, one forward+backward.
+
+    Args:
+        model: a reconstructing ``TransformerBridge`` (GPT-2, GPT-NeoX, Llama/Qwen2/Mistral).
+        input: a prompt, a list of prompts (right-padded; padding is dropped from the token axis)
+            or token ids ``[batch, pos]``.
+        target / metric: exactly one: a target (its NLL at each row's last prompt position,
+            summed over the batch; multi-token targets are teacher-forced) or a callable
+            ``(logits, tokens) -> scalar``.
+        modules: any of ``mlp_in`` (W_in; the up projection of gated MLPs), ``mlp_gate``
+            (W_gate), ``mlp_out`` (W_out), ``q``, ``k``, ``v``, ``o`` (per head), or ``"all"``.
+        layers: None for all layers, an int, or a list.
+        prepend_bos: None uses the model's default; the papers differ, so be explicit.
+
+    Returns:
+        :class:`GradientFactors`; ``gf[l, m].reconstruct()`` equals autograd's ``∂metric/∂W``.
+    """
+    ad = get_adapter(model)
+    mods = resolve_modules(ad, modules)
+    lays = ad.layers(layers)
+    metric = resolve_metric(target, metric)
+    hooks: dict[tuple[int, str], tuple[str, str]] = {}
+    for l in lays:
+        for m in mods:
+            lin = ad.linear(l, m)
+            hooks[(l, m)] = (lin.hook_in.name, lin.hook_out.name)
+    names = list(dict.fromkeys(n for pair in hooks.values() for n in pair))
+    cache = capture(model, input, metric, names=names, prepend_bos=prepend_bos)
+
+    mask = cache.mask
+    factors: dict[tuple[int, str], Factor] = {}
+    seen_x: dict[int, list[Tensor]] = {}  # per layer: x tensors already kept (q/k/v, in/gate share one)
+    for (l, m), (in_name, out_name) in hooks.items():
+        x = _share(cache[in_name][mask], seen_x.setdefault(l, []))
+        d = cache.grad(out_name)[mask]
+        if m in ("q", "k", "v"):  # x [n, d_model], δ [n, head, d_head]
+            d = d.permute(1, 0, 2).contiguous()
+            x = x.expand(d.shape[0], *x.shape)
+        elif m == "o":  # x = z [n, head, d_head], δ [n, d_model]
+            x = x.permute(1, 0, 2).contiguous()
+            d = d.expand(x.shape[0], *d.shape)
+        factors[(l, m)] = Factor(l, m, x, d)
+    b_idx, p_idx = mask.nonzero(as_tuple=True)
+    return GradientFactors(
+        factors=factors, layers=tuple(lays), modules=mods, n_layers=ad.n_layers,
+        tokens=cache.tokens, mask=mask, last=cache.last, positions=torch.stack([b_idx, p_idx], -1),
+        str_tokens=cache.str_tokens, metric=cache.metric, gated_mlp=ad.gated_mlp,
+    )
+
+
+def resolve_modules(ad: Any, modules: str | Sequence[str]) -> tuple[str, ...]:
+    """Validate a ``modules`` argument: names from :data:`MODULES` or ``"all"``; clear errors."""
+    if isinstance(modules, str):
+        if modules == "all":
+            return tuple(m for m in MODULES if m != "mlp_gate" or ad.gated_mlp)
+        modules = (modules,)
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
+        raise TypeError(f"modules must be a module name or a list of names from {list(MODULES)}, got {modules!r}")
+    if not modules:
+        raise ValueError(f"modules is empty: pass names from {list(MODULES)} or 'all'")
+    for m in modules:
+        if m not in MODULES:
+            raise ValueError(f"unknown module {m!r}: choose from {list(MODULES)} (or 'all')")
+        if m == "mlp_gate" and not ad.gated_mlp:
+            raise ValueError("module 'mlp_gate' exists only for gated MLPs (Llama-style); this model's MLP is not gated")
+    return tuple(dict.fromkeys(modules))
+
+
+def _share(x: Tensor, seen: list[Tensor]) -> Tensor:
+    """Reuse an identical tensor already kept for this layer (q/k/v and in/gate read the same input)."""
+    for other in seen:
+        if other.shape == x.shape and torch.equal(other, x):
+            return other
+    seen.append(x)
+    return x
+
+
+def _finite(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+            isinstance(value, Tensor) and value.numel() == 1):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _unique_bytes(tensors: Sequence[Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
