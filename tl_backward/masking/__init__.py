@@ -1,7 +1,7 @@
 """Segment-based attention masking (MAS): segments, the mask rule, hooks, generation, fine-tuning."""
 
 from . import segments
-from .context import segment_mask
+from .context import attention_patterns, segment_mask
 from .finetune import FinetuneResult, answer_loss, causal_finetune, copy_model, finetune, mas_finetune
 from .generate import Generation, mas_generate
 from .segments import Segments
@@ -10,6 +10,7 @@ __all__ = [
     "segments",
     "Segments",
     "segment_mask",
+    "attention_patterns",
     "mas_generate",
     "Generation",
     "mas_finetune",

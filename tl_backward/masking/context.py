@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from .segments import Segments
 
@@ -120,3 +122,25 @@ def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
     finally:
         handle.remove()
         _ACTIVE.discard(model)
+
+
+def attention_patterns(
+    model: Any, segments: Segments, *, layers: int | Sequence[int] | None = None, mask: str = "mas",
+) -> Float[Tensor, "layer batch head query_pos key_pos"]:
+    """Attention patterns of ``segments`` under the MAS mask (``mask="mas"``) or plain causal
+    attention with the same padding and positions (``mask="causal"``), fp32, no grad."""
+    from ..core.adapter import get_adapter
+
+    if mask not in ("mas", "causal"):
+        raise ValueError(f"mask must be 'mas' or 'causal', got {mask!r}")
+    ad = get_adapter(model)
+    names = [ad.hook_name("pattern", layer) for layer in ad.layers(layers)]
+    seg = _check_segments(model, segments).to(next(hf_module(model).parameters()).device)
+    with torch.no_grad():
+        if mask == "mas":
+            with segment_mask(model, seg):
+                _, cache = model.run_with_cache(seg.tokens, names_filter=names)
+        else:
+            _, cache = model.run_with_cache(seg.tokens, names_filter=names, attention_mask=seg.causal().mask(),
+                                            position_ids=seg.position_ids)
+    return torch.stack([cache[n].float().cpu() for n in names])

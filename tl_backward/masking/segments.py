@@ -139,6 +139,13 @@ class Segments:
     def to(self, device: Any) -> "Segments":
         return Segments(*(t.to(device) for t in (self.tokens, self.segment_ids, self.valid, self.target)))
 
+    def render(self, model: Any, row: int = 0) -> Any:
+        """Figure of one row: the blocks (coloured tokens) and the keep-mask. ``model`` gives the
+        token strings (or pass a list of strings)."""
+        from ..render.masks import mask_figure, segment_tokens
+
+        return segment_tokens(self, model, row=row) + mask_figure(self, model, row=row)
+
     def str_tokens(self, model: Any, row: int = 0) -> list[str]:
         tok = _tokenizer(model)
         return [tok.decode([int(t)]) for t in self.tokens[row]]
