@@ -125,6 +125,8 @@ def test_cache_interface(gpt2_model):
     assert cache.str_tokens[1] == ["<bos>", "a", "dog", "ran", "to", "paris"]
     assert cache.last.tolist() == [6, 5] and cache.mask.sum().item() == 13
     assert cache.to("cpu").metric == cache.metric
+    logits = gpt2_model(cache.tokens)
+    torch.testing.assert_close(cache.last_logits, logits[[0, 1], [6, 5]].detach())
     with pytest.raises(KeyError, match="hook_resid_pre"):
         capture(gpt2_model, "the cat", target_nll(" big"), names=["hook_embed"]).resid_grads("pre")
 

@@ -35,7 +35,8 @@ class GradientCache:
 
     Mirrors TransformerLens's ``ActivationCache``: ``cache[name]`` is the activation,
     ``cache[name + "_grad"]`` (or ``cache.gradients[name]``) is ∂metric/∂activation. Tensors are
-    detached and fp32 (upcast from bf16/fp16 models).
+    detached and fp32 (upcast from bf16/fp16 models). ``last_logits`` holds the model's logits at
+    each row's last prompt position (its prediction there), ``last`` those positions.
     """
 
     activations: dict[str, Tensor]
@@ -45,6 +46,7 @@ class GradientCache:
     mask: Bool[Tensor, "batch pos"]
     last: Int[Tensor, " batch"]
     str_tokens: list[list[str]]
+    last_logits: Float[Tensor, "batch d_vocab"] | None = None
     canonical: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> Tensor:
@@ -68,7 +70,7 @@ class GradientCache:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return GradientCache(move(self.activations), move(self.gradients), self.metric.to(device),
                              self.tokens.to(device), self.mask.to(device), self.last.to(device),
-                             self.str_tokens, self.canonical)
+                             self.str_tokens, self.last_logits.to(device), self.canonical)
 
     def _find(self, legacy: str, canonical: str) -> str | None:
         if legacy in self.gradients:
@@ -158,6 +160,8 @@ def capture(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         logits = model(batch.tokens.to(device), return_type="logits")
         value = check_scalar(score(logits))
+        rows = torch.arange(len(batch.last), device=logits.device)
+        last_logits = logits[rows, batch.last.to(logits.device)].detach().float()
         inputs = list(leaves.values())
         if not inputs:
             raise RuntimeError("no embedding hook fired during the forward pass; cannot start the backward pass")
@@ -182,6 +186,7 @@ def capture(
         mask=batch.mask,
         last=batch.last,
         str_tokens=adapter.to_str_tokens(batch.tokens, batch.mask),
+        last_logits=last_logits,
         canonical={r.name: r.fwd for r in requests},
     )
 
