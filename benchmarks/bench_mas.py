@@ -49,8 +49,10 @@ def layout(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="torch threads (use 1 on a busy machine: oversubscription makes timings noisy)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
 
     model = tiny_model("gpt2", n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024, vocab_size=50257)

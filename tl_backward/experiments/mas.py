@@ -1,0 +1,197 @@
+"""Measured comparison: causal fine-tuning vs MAS fine-tuning on a segment-QA task.
+
+Both arms start from copies of the same base model and see the same training examples in the same
+order (same seeds), the same number of steps and the same answer-only loss; only the attention mask
+differs (MAS prefill blocks vs plain causal). Each arm is scored on held-out examples under its own
+mask: top-1 accuracy of the one-word answer after the causal response header.
+
+Tasks:
+
+* ``"world"`` -- the embedded model's segment-QA task (:meth:`tl_backward.zoo.world.World.segment_examples`):
+  a system block and a user block (a random context about 2-4 people, then a question), each closed
+  by ``###``, then ``answer :`` and the answer. Base model: the embedded ``facts-gpt2`` (pre-trained
+  causally on this kind of text).
+* ``"synthetic"`` -- a fallback built from the tiny test vocabulary (used when no embedded model is
+  shipped): a system block listing the possible answers, then a user block such as ``"the cat is
+  red . the dog is blue . what is the dog ? ###"``, then ``A :`` and the answer (random attributes); the base is a random tiny GPT-2 (so both arms train from scratch).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..masking.finetune import copy_model, finetune
+from ..masking.segments import Segments, from_delimiter
+
+
+@dataclass(frozen=True)
+class QA:
+    """One segment-QA example: ``prompt`` (blocks closed by the delimiter, then a causal header)
+    and a one-token ``answer``."""
+
+    prompt: str
+    answer: str
+
+
+_ENTITIES = ("cat", "dog", "mat")
+_ATTRIBUTES = ("red", "blue", "green", "big", "small", "hot", "cold", "good", "bad")
+_SYSTEM = "Q : A is one of " + " ".join(_ATTRIBUTES) + " ."
+
+
+def synthetic_task(n: int, *, split: str = "train", seed: int = 0) -> list[QA]:
+    """``n`` examples over the tiny vocabulary; "train"/"test" use disjoint random streams."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"mas-synthetic-{split}-{seed}")
+    out = []
+    for _ in range(n):
+        things = rng.sample(_ENTITIES, rng.randint(2, 3))
+        facts = {t: rng.choice(_ATTRIBUTES) for t in things}
+        asked = rng.choice(things)
+        context = " ".join(f"the {t} is {a} ." for t, a in facts.items())
+        out.append(QA(f"{_SYSTEM} ### {context} what is the {asked} ? ### A :", facts[asked]))
+    return out
+
+
+def world_task(n: int, *, split: str = "train", world_seed: int = 0) -> list[QA]:
+    """``n`` segment-QA examples of the embedded models' world."""
+    from ..zoo.world import World
+
+    return [QA(e.prompt, e.answer) for e in World(world_seed).segment_examples(n, split)]
+
+
+def qa_segments(model: Any, examples: Sequence[QA], *, delimiter: str = "###") -> Segments:
+    """Right-padded Segments: each delimiter closes a block, the header is causal, the answer is the
+    target (tokenised with a leading space, so BPE tokenizers see a word start)."""
+    return from_delimiter(model, [e.prompt for e in examples], delimiter,
+                          answer=[" " + e.answer for e in examples])
+
+
+@torch.no_grad()
+def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_size: int = 64) -> float:
+    """Fraction of rows whose argmax at the last prompt position is the first answer token."""
+    if mask not in ("mas", "causal"):
+        raise ValueError(f"mask must be 'mas' or 'causal', got {mask!r}")
+    device = next(model.parameters()).device
+    hits = 0
+    for i in range(0, len(segments), batch_size):
+        seg = segments.select(list(range(i, min(i + batch_size, len(segments))))).to(device)
+        first = seg.target.long().argmax(-1)  # first answer column per row
+        if not seg.target.any(-1).all() or (first == 0).any():
+            raise ValueError("every row needs an answer (target) after at least one prompt token")
+        keep = (seg if mask == "mas" else seg.causal()).mask()
+        logits = model(seg.tokens, attention_mask=keep, position_ids=seg.position_ids)
+        rows = torch.arange(len(seg), device=device)
+        hits += int((logits[rows, first - 1].argmax(-1) == seg.tokens[rows, first]).sum())
+    return hits / len(segments)
+
+
+def _default_setup(task: str) -> tuple[Any, str]:
+    from .. import zoo
+
+    if task in ("auto", "world") and "facts-gpt2" in zoo.list_models():
+        from ..core.loading import load_model
+
+        return load_model("facts-gpt2"), "world"
+    if task == "world":
+        raise ValueError("task='world' needs the embedded facts-gpt2 model, which is not shipped here")
+    from ..zoo.tiny import tiny_model
+
+    return tiny_model("gpt2", seed=0, n_layers=2, d_model=64, n_heads=4, n_ctx=64), "synthetic"
+
+
+def mas_comparison(
+    model: Any = None,
+    *,
+    task: str = "auto",
+    n_train: int = 2000,
+    n_test: int = 500,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    seeds: Sequence[int] = (0, 1, 2),
+    lora: Any = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Fine-tune copies of ``model`` causally and with MAS (same data, steps, seeds); report held-out
+    accuracy mean ± std over ``seeds``. Prints a table (``verbose``) and returns a dict.
+
+    ``model=None`` loads the embedded ``facts-gpt2`` and its world task (``task="auto"``), or falls
+    back to a random tiny GPT-2 on :func:`synthetic_task` when no embedded model is shipped.
+    ``task`` = "world" | "synthetic" | "auto". The base model itself is not modified.
+    """
+    if len(seeds) < 1:
+        raise ValueError("seeds must list at least one seed (>= 3 for mean ± std)")
+    if model is None:
+        model, task = _default_setup(task)
+    elif task == "auto":
+        tok = model.tokenizer
+        task = "world" if tok.convert_tokens_to_ids("alice") != tok.unk_token_id else "synthetic"
+    make = {"world": world_task, "synthetic": synthetic_task}.get(task)
+    if make is None:
+        raise ValueError(f"task must be 'auto', 'world' or 'synthetic', got {task!r}")
+    train = qa_segments(model, make(n_train, split="train"))
+    test = qa_segments(model, make(n_test, split="test"))
+
+    base = {arm: answer_accuracy(model, test, mask=arm) for arm in ("causal", "mas")}
+    arms: dict[str, dict] = {}
+    for arm in ("causal", "mas"):
+        accs, losses, secs = [], [], []
+        for seed in seeds:
+            tuned = copy_model(model)
+            start = time.perf_counter()
+            res = finetune(tuned, train, mask=arm, epochs=epochs, lr=lr, batch_size=batch_size,
+                           lora=lora, seed=seed, progress=progress)
+            secs.append(time.perf_counter() - start)
+            accs.append(answer_accuracy(tuned, test, mask=arm))
+            losses.append(float(res.losses[-max(1, len(res.losses) // 10):].mean()))
+            del tuned
+        arms[arm] = {
+            "accuracy": accs,
+            "mean": statistics.fmean(accs),
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "final_train_loss": losses,
+            "seconds": secs,
+            "steps": res.steps,
+        }
+    result = {
+        "task": task,
+        "model": getattr(model.cfg, "model_name", type(model.original_model).__name__),
+        "n_train": n_train, "n_test": n_test, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "seeds": list(seeds), "lora": lora is not None,
+        "base_accuracy": base,
+        "arms": arms,
+        "delta_mas_minus_causal": arms["mas"]["mean"] - arms["causal"]["mean"],
+    }
+    if verbose:
+        print(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of a :func:`mas_comparison` result."""
+    n = len(result["seeds"])
+    lines = [
+        f"MAS vs causal fine-tuning -- task {result['task']}, model {result['model']}, "
+        f"{result['n_train']} train / {result['n_test']} held-out examples, "
+        f"{result['arms']['mas']['steps']} steps, lr {result['lr']}, {n} seeds"
+        + (", LoRA" if result["lora"] else ", full fine-tuning"),
+        "",
+        "| arm | base model (no fine-tune) | fine-tuned accuracy (mean ± std) | per seed |",
+        "|---|---|---|---|",
+    ]
+    for arm in ("causal", "mas"):
+        a = result["arms"][arm]
+        per = ", ".join(f"{100 * x:.1f}" for x in a["accuracy"])
+        lines.append(f"| {arm} | {100 * result['base_accuracy'][arm]:.1f} % | "
+                     f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f} % | {per} |")
+    lines.append("")
+    lines.append(f"Δ (MAS − causal) = {100 * result['delta_mas_minus_causal']:+.1f} points")
+    return "\n".join(lines)
