@@ -68,8 +68,9 @@ var nodes={},kind={},out={},inn={},edges=[].slice.call(svg.querySelectorAll('.e'
 edges.forEach(function(e){var a=e.getAttribute('data-s'),b=e.getAttribute('data-t');(out[a]=out[a]||[]).push(e);(inn[b]=inn[b]||[]).push(e);});
 function walk(id,adj,end,N,E){var st=[id];while(st.length){(adj[st.pop()]||[]).forEach(function(e){E.push(e);var m=e.getAttribute(end);if(!N[m]){N[m]=1;st.push(m);}});}}
 function clear(){svg.classList.remove('tlb-focus');[].forEach.call(svg.querySelectorAll('.on'),function(x){x.classList.remove('on');});}
-svg.addEventListener('click',function(ev){var g=ev.target.closest?ev.target.closest('.n'):null;var was=g&&g.classList.contains('on')&&!svg.querySelector('.n.on:not([data-id="'+g.getAttribute('data-id')+'"])');clear();if(!g||was)return;
-var id=g.getAttribute('data-id'),N={},E=[];N[id]=1;walk(id,out,'data-t',N,E);walk(id,inn,'data-s',N,E);
+var focus=null;
+svg.addEventListener('click',function(ev){var g=ev.target.closest?ev.target.closest('.n'):null;var id=g&&g.getAttribute('data-id');clear();
+if(!g||id===focus){focus=null;return;}focus=id;var N={},E=[];N[id]=1;walk(id,out,'data-t',N,E);walk(id,inn,'data-s',N,E);
 svg.classList.add('tlb-focus');Object.keys(N).forEach(function(n){if(nodes[n])nodes[n].classList.add('on');});E.forEach(function(e){e.classList.add('on');});});
 var hidden={};
 [].forEach.call(root.querySelectorAll('input[data-kinds]'),function(cb){cb.addEventListener('change',function(){
@@ -175,7 +176,7 @@ def graph_svg(graph: "FlowGraph", uid: str) -> str:
     group_max: dict[str, float] = {}
     for e in graph.edges:
         group_max[e.group] = max(group_max.get(e.group, 0.0), e.weight)
-    parts = [f'<svg class="tlb-flow" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+    parts = [f'<svg class="tlb-flow" width="{width:.0f}" height="{height:.0f}" '
              f'viewBox="0 0 {width:.0f} {height:.0f}" role="img">']
     arrow = f"{uid}-arr"
     if graph.backward:
