@@ -1,0 +1,68 @@
+"""Flow-graph cost on a GPT-2-small-shaped random model (12 layers, d_model 768, 12 heads,
+d_mlp 3072, vocabulary 50257): building + saving one layer's graph vs one forward pass.
+
+Target (issue 7): forward graph build + save <= 3x one forward pass; saved HTML < 500 kB per layer.
+Timings are interleaved medians (2 shared CPU cores: noisy); ratios are measured in this run.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tl_backward.flow import flow_graph  # noqa: E402
+from tl_backward.zoo.tiny import tiny_model  # noqa: E402
+
+N_POS, LAYER, REPEATS = 24, 6, 7
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    model = tiny_model("gpt2", seed=0, n_layers=12, d_model=768, n_heads=12, d_mlp=3072, n_ctx=1024,
+                       vocab_size=50257)
+    print(f"model built in {time.perf_counter() - t0:.1f}s: GPT-2-small shape, vocab {model.W_U.shape[-1]}, "
+          f"prompt {N_POS} tokens, layer {LAYER}, threads {torch.get_num_threads()}")
+    tokens = torch.randint(4, 50257, (1, N_POS), generator=torch.Generator().manual_seed(0))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flow-"))
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(tokens)
+
+    def graph(backward: bool) -> int:
+        g = flow_graph(model, tokens, layer=LAYER, backward=backward)
+        return g.save(tmp / f"g{int(backward)}.html").stat().st_size
+
+    forward(), graph(False), graph(True)  # warm-up (lazy init, bundle-free page assets)
+    times: dict[str, list[float]] = {"forward": [], "graph": [], "bgraph": []}
+    sizes = {}
+    for _ in range(REPEATS):
+        for key, fn in (("forward", forward), ("graph", lambda: graph(False)), ("bgraph", lambda: graph(True))):
+            t = time.perf_counter()
+            out = fn()
+            times[key].append(time.perf_counter() - t)
+            if out is not None:
+                sizes[key] = out
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"one forward pass (no_grad)        median {med['forward'] * 1e3:7.1f} ms")
+    print(f"forward graph: build + save       median {med['graph'] * 1e3:7.1f} ms   "
+          f"ratio {med['graph'] / med['forward']:.2f}x  (target <= 3x)   HTML {sizes['graph'] / 1e3:.0f} kB (target < 500)")
+    print(f"backward graph: build + save      median {med['bgraph'] * 1e3:7.1f} ms   "
+          f"ratio {med['bgraph'] / med['forward']:.2f}x  (reported; includes one forward+backward)   "
+          f"HTML {sizes['bgraph'] / 1e3:.0f} kB")
+    ok = med["graph"] <= 3 * med["forward"] and max(sizes.values()) < 500_000
+    print("PASS" if ok else "FAIL: forward graph slower than 3x a forward pass or HTML too large")
+
+
+if __name__ == "__main__":
+    main()
