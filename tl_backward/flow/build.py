@@ -113,7 +113,8 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
             return -torch.log_softmax(row, -1)[chosen["t"]]
 
         cache = capture(model, tokens, loss, names=flat)
-        acts, grads, value = cache.activations, cache.gradients, float(cache.metric)
+        acts = {n: t.cpu() for n, t in cache.activations.items()}
+        grads, value = {n: t.cpu() for n, t in cache.gradients.items()}, float(cache.metric)
     else:
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens.to(_device(model)), names_filter=flat)
@@ -171,8 +172,9 @@ def _layer_specs(ad: ModelAdapter, d: _Data, layer: int, p: int, opts: dict, bac
     a, g = d.acts, d.grads
     bw = backward
     kv = torch.tensor([ad.kv_head(j) for j in range(ad.n_heads)])
-    W_Q, W_K, W_V, W_O = ad.W_Q(layer), ad.W_K(layer)[kv], ad.W_V(layer)[kv], ad.W_O(layer)
-    W_in, W_out, b_O, b_in, b_out = ad.W_in(layer), ad.W_out(layer), ad.b_O(layer), ad.b_in(layer), ad.b_out(layer)
+    W_Q, W_K, W_V, W_O = ad.W_Q(layer).cpu(), ad.W_K(layer)[kv].cpu(), ad.W_V(layer)[kv].cpu(), ad.W_O(layer).cpu()
+    W_in, W_out, b_O, b_in, b_out = (w.cpu() for w in (ad.W_in(layer), ad.W_out(layer), ad.b_O(layer),
+                                                       ad.b_in(layer), ad.b_out(layer)))
     cos, sin = rot
     n_key = p + 1
     q = a["q"][p]                                          # [h, e] unrotated query at p

@@ -45,6 +45,8 @@ _CSS = """
 .tlb-flow-wrap .tlb-flow-prompt span{border:1px solid #ddd;border-radius:3px;padding:0 3px;margin:0 1px;white-space:pre}
 .tlb-flow-wrap .tlb-flow-prompt span.at{background:#ffe58a;border-color:#d4b106}
 body.tlb-page:has(.tlb-flow-wrap){max-width:none}
+.tlb-flow-wrap .tlb-flow-legend .sw{display:inline-block;width:10px;height:10px;border:1px solid #777;
+  border-radius:2px;margin:0 3px 0 6px;vertical-align:-1px}
 .tlb-flow-wrap .tlb-flow-scroll{overflow:auto;max-height:900px;border-top:1px solid #eee}
 svg.tlb-flow{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:#fff}
 svg.tlb-flow .n{cursor:pointer}
@@ -227,6 +229,17 @@ def _prompt(graph: "FlowGraph") -> str:
     return "".join(toks)
 
 
+LEGEND = (("lime", "top 1.4 %"), ("greenyellow", "2.9 %"), ("yellow", "7.1 %"), ("dimgrey", "middle"),
+          ("orangered", "bottom 17 %"), ("red", "13 %"), ("darkred", "7.1 %"), ("pink", "bias"),
+          ("white", "not projected"))
+
+
+def _legend(backward: bool) -> str:
+    what = "target rank from the bottom" if backward else "target rank"
+    items = "".join(f'<span class="sw" style="background:{c}"></span>{escape(t)} ' for c, t in LEGEND)
+    return f'<div class="tlb-note tlb-flow-legend">node colour = {escape(what)}: {items}</div>'
+
+
 def graph_figure(graph: "FlowGraph", *, title: str | None = None) -> Figure:
     """The graph as a :class:`Figure` (sits beside circuitsvis figures on a Page)."""
     uid = "tlb-flow-" + uuid.uuid4().hex[:10]
@@ -245,6 +258,7 @@ def graph_figure(graph: "FlowGraph", *, title: str | None = None) -> Figure:
                   "(green/yellow: top ~7 %, grey: middle, red: bottom). Edges: contribution (grey = entropy, "
                   "blue/red = sign).")
     notes = "".join(f'<div class="tlb-note">{escape(n)}</div>' for n in graph.notes)
+    notes += _legend(graph.backward)
     boxes = "".join(f'<label><input type="checkbox" checked data-kinds="{escape(" ".join(kinds))}"> {escape(lbl)}</label>'
                     for lbl, kinds in TOGGLES)
     html = (f'<div class="tlb-flow-wrap" id="{uid}"><style>{_CSS}</style>'
