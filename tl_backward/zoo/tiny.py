@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tl_backward.zoo.tokenizer import SPECIALS  # re-exported: ids <pad>=0 <bos>=1 <eos>=2 <unk>=3
+
 FAMILIES = ("gpt2", "neox", "llama", "qwen2")
 
 # A small vocabulary: enough words for natural-looking prompts in tests.
@@ -21,7 +23,6 @@ TINY_WORDS = (
     "capital city country language speaks lives works as doctor teacher one two three four "
     "five six seven eight nine ten hot cold up down good bad yes no when where who what"
 ).split()
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
 def word_tokenizer(words: tuple[str, ...] | list[str] = TINY_WORDS, *, name: str = "tiny-words"):
@@ -29,27 +30,11 @@ def word_tokenizer(words: tuple[str, ...] | list[str] = TINY_WORDS, *, name: str
 
     Ids: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, ``<unk>``=3, then ``words`` in order.
     ``name_or_path`` and ``add_bos_token`` are set because TL's BOS handling reads them.
+    Built by :func:`tl_backward.zoo.tokenizer.build_tokenizer` (``"###"`` stays one token).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tl_backward.zoo.tokenizer import build_tokenizer
 
-    vocab = {w: i for i, w in enumerate(list(SPECIALS) + [w for w in words if w not in SPECIALS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    from tokenizers import decoders
-
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        name_or_path=name,
-        add_bos_token=True,
-    )
+    return build_tokenizer(words, name=name)
 
 
 def hf_config(family: str, *, vocab_size: int, **overrides: Any):
