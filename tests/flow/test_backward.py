@@ -122,7 +122,6 @@ def test_neuron_nodes_are_weight_gradients_at_the_position(full, family):
 def test_position_sums_give_the_autograd_weight_gradients(model, family):
     """Σ_p of the W_O-row / MLP key / MLP value nodes (one loss, graphs at every position) equals
     ∂L/∂W_O, ∂L/∂W_in, ∂L/∂W_out of a fresh HF model."""
-    ad = get_adapter(model)
     W = hf_weight_grads(family, TOKENS, nll_at(P, TARGET))
     sums = {k: torch.zeros_like(v) for k, v in W.items()}
     for p in range(TOKENS.shape[1]):
@@ -186,7 +185,7 @@ def test_backward_pruning_labels_and_colours(model):
 
 
 def _palette(i):
-    from tl_backward.flow.build import PALETTE
+    from tl_backward.flow.specs import PALETTE
 
     return PALETTE[i]
 

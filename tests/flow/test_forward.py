@@ -12,7 +12,8 @@ from tests.reference import assert_no_hooks, hf_activation_grads
 from tl_backward.core.adapter import get_adapter
 from tl_backward.flow import flow_graph
 from tl_backward.flow import vectors as V
-from tl_backward.flow.build import PALETTE, _rotary, attention_color, entropy_grey
+from tl_backward.flow.build import _rotary
+from tl_backward.flow.specs import PALETTE, attention_color, entropy_grey
 
 ATOL = dict(atol=2e-6, rtol=1e-4)
 

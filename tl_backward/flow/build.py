@@ -8,8 +8,6 @@ for a backward graph), prunes, projects every node vector in one batched logit-l
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -17,50 +15,15 @@ from torch import Tensor
 
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 
-from . import vectors as V
 from .graph import Edge, FlowGraph, Node, merge
 from .project import project
+from .specs import BIAS_COLOR, EdgeSpec, LayerData, NodeSpec, _norm, entropy_grey, layer_specs, rank_color
 
-# VISIT's node palette: 70 stops indexed by floor(rank / |V| · 70).
-PALETTE = (["lime"] + ["greenyellow"] + ["yellow"] * 3 + ["dimgrey"] * 53 + ["orangered"] * 3
-           + ["red"] * 4 + ["darkred"] * 5)
-BIAS_COLOR = "pink"
-LN_COLOR = "darkviolet"
-SKIP_PRE, SKIP_MID = "rgba(102,0,204,.3)", "rgba(51,102,153,.3)"
-POS_COLOR, NEG_COLOR = "blue", "red"
 GATED_NOTE = ("gated MLP: the key node is W_in (the up projection) only; the gate is ignored "
               "(an approximation, as in VISIT's Llama support)")
 
 
-def rank_color(rank0: int, d_vocab: int) -> str:
-    """VISIT colour of a 0-based rank: green/yellow = target in the top ~7 %, red = suppressed."""
-    return PALETTE[min(len(PALETTE) - 1, max(0, int(math.floor(rank0 / d_vocab * 70))))]
-
-
-def entropy_grey(bits: float) -> str:
-    """greys(H/30) from darkslategrey (specific) to lightgrey (diffuse)."""
-    t = min(1.0, max(0.0, bits / 30.0))
-    lo, hi = (47, 79, 79), (211, 211, 211)
-    return "rgb({},{},{})".format(*(round(a + (b - a) * t) for a, b in zip(lo, hi)))
-
-
-def attention_color(a: float) -> str:
-    """khaki (a=0) → yellow (a=.5) → green (a=1)."""
-    a = min(1.0, max(0.0, a))
-    stops = ((240, 230, 140), (255, 255, 0), (0, 128, 0))
-    lo, hi, t = (stops[0], stops[1], a * 2) if a <= 0.5 else (stops[1], stops[2], a * 2 - 1)
-    return "rgb({},{},{})".format(*(round(x + (y - x) * t) for x, y in zip(lo, hi)))
-
-
 # ------------------------------------------------------------------------------------- gathering
-@dataclass
-class _Data:
-    """Tensors of one layer at position p (row 0). ``g_*`` are gradients (backward only)."""
-
-    acts: dict[str, Tensor]
-    grads: dict[str, Tensor] = field(default_factory=dict)
-
-
 def _names(ad: ModelAdapter, layer: int, backward: bool) -> dict[str, str]:
     kinds = ["resid_pre", "attn_in", "q", "k", "v", "pattern", "z", "attn_out", "mlp_in", "mlp_post",
              "mlp_out", "resid_post"]
@@ -96,7 +59,7 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
 
 
 def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backward: bool,
-            metric: Any, target: int | None) -> tuple[list[_Data], int, float | None]:
+            metric: Any, target: int | None) -> tuple[list[LayerData], int, float | None]:
     """Run the model once; return per-layer data, the target id and the metric value."""
     names = {l: _names(ad, l, backward) for l in layers}
     flat = list(dict.fromkeys(n for d in names.values() for n in d.values()))
@@ -125,7 +88,7 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
     out = []
     for l in layers:
         nm = names[l]
-        out.append(_Data(acts={k: acts[n][0] for k, n in nm.items()},
+        out.append(LayerData(acts={k: acts[n][0] for k, n in nm.items()},
                          grads={k: grads[n][0] for k, n in nm.items()} if backward else {}))
     return out, chosen["t"], value
 
@@ -134,240 +97,12 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-# ------------------------------------------------------------------------------------- specs
-@dataclass
-class _NodeSpec:
-    id: str
-    kind: str
-    layer: int
-    name: str
-    vector: Tensor | None
-    value: float
-    head: int | None = None
-    neuron: int | None = None
-    position: int | None = None
-    negative: bool = False  # label and colour from the bottom (negative-score neuron)
-    bias: bool = False
-    extra: list[tuple[str, Tensor]] = field(default_factory=list)  # more hover projections
-    note: str = ""
-
-
-@dataclass
-class _EdgeSpec:
-    source: str
-    target: str
-    kind: str
-    weight: float
-    color: str | None = None
-    entropy_of: str | None = None  # colour = entropy grey of this node's projection
-
-
-def _norm(x: Tensor) -> float:
-    return float(x.norm())
-
-
-def _layer_specs(ad: ModelAdapter, d: _Data, layer: int, p: int, opts: dict, backward: bool,
-                 tokens: list[str], rot: tuple) -> tuple[list[_NodeSpec], list[_EdgeSpec]]:
-    """Nodes and edges of one block (see :func:`flow_graph` for the definitions)."""
-    a, g = d.acts, d.grads
-    bw = backward
-    kv = torch.tensor([ad.kv_head(j) for j in range(ad.n_heads)])
-    W_Q, W_K, W_V, W_O = ad.W_Q(layer).cpu(), ad.W_K(layer)[kv].cpu(), ad.W_V(layer)[kv].cpu(), ad.W_O(layer).cpu()
-    W_in, W_out, b_O, b_in, b_out = (w.cpu() for w in (ad.W_in(layer), ad.W_out(layer), ad.b_O(layer),
-                                                       ad.b_in(layer), ad.b_out(layer)))
-    cos, sin = rot
-    n_key = p + 1
-    q = a["q"][p]                                          # [h, e] unrotated query at p
-    keys = V.keys_in_query_frame(a["k"][:n_key][:, kv], p, None if cos is None else cos[:n_key],
-                                 None if sin is None else sin[:n_key])  # [P, h, e]
-    vals = a["v"][:n_key][:, kv]                            # [P, h, e]
-    att = a["pattern"][:, p, :n_key]                        # [h, P]
-    z = a["z"][p]                                           # [h, e]
-    h_mlp = a["mlp_post"][p]                                # [m]
-    pre, mid, post = a["resid_pre"][p], (None if ad.parallel_blocks else a["resid_mid"][p]), a["resid_post"][p]
-    L = f"L{layer}"
-    ids = dict(pre=f"resid{layer}", post=f"resid{layer + 1}", mid=f"{L}.resid_mid", attn_in=f"{L}.attn_in",
-               attn_out=f"{L}.attn_out", mlp_in=f"{L}.mlp_in", mlp_out=f"{L}.mlp_out", concat=f"{L}.concat")
-    nodes: list[_NodeSpec] = []
-    edges: list[_EdgeSpec] = []
-
-    if bw:
-        g_q, g_z = g["q"][p], g["z"][p]
-        ra = g["attn_scores"] / ad.attn_scale(layer)           # [h, Q, K] Reversed Attention
-        g_k = V.key_grad_share(ra, a["q"], p, cos, sin)  # RA · (forward) q
-        g_v = V.value_grad_share(a["pattern"], g["z"], p)
-        qkv_vec = V.qkv_backward(W_Q, W_K, W_V, g_q, g_k, g_v)
-        head_vec = V.through_out(W_O, g_z, torch.arange(ad.n_heads))
-        head_score = head_vec.norm(dim=-1)
-        ra_p = ra[:, p, :n_key]
-        mem_score = ra_p.abs()
-        z_flat, gz_flat = z.reshape(-1), g_z.reshape(-1)
-        wo_score = -z_flat * gz_flat
-        g_h = g["mlp_post"][p]
-        mlp_score = -h_mlp * g_h
-    else:
-        qkv_vec = V.through_key(W_K, q)
-        head_vec = V.through_out(W_O, z, torch.arange(ad.n_heads))
-        head_score = head_vec.norm(dim=-1)
-        mem_score = att
-        W_O_rows = W_O.reshape(-1, ad.d_model)
-        z_flat = z.reshape(-1)
-        wo_score = z_flat * W_O_rows.norm(dim=-1)
-        mlp_score = h_mlp * W_out.norm(dim=-1)
-
-    # ---- skeleton
-    def skel(key: str, name: str, kind: str, fwd: Tensor, grad: Tensor | None) -> None:
-        vec = grad if bw else fwd
-        nodes.append(_NodeSpec(ids[key], kind, layer, name, vec, _norm(vec)))
-
-    skel("pre", "block_in", "resid", pre, g["resid_pre"][p] if bw else None)
-    skel("attn_in", "attn_in", "attn_in", a["attn_in"][p], g["attn_in"][p] if bw else None)
-    skel("attn_out", "attn_out", "attn_out", a["attn_out"][p], g["attn_out"][p] if bw else None)
-    if mid is not None:
-        skel("mid", "resid_mid", "resid", mid, g["attn_out"][p] if bw else None)  # full resid_mid grad
-    skel("mlp_in", "mlp_in", "mlp_in", a["mlp_in"][p], g["mlp_in"][p] if bw else None)
-    skel("mlp_out", "mlp_out", "mlp_out", a["mlp_out"][p], g["mlp_out"][p] if bw else None)
-    skel("post", "block_out", "resid", post, g["resid_post"][p] if bw else None)
-
-    def flow(fwd: float, back: float) -> float:
-        return back if bw else fwd
-
-    gp = (lambda k: g[k][p]) if bw else (lambda k: None)
-    if mid is not None:
-        edges += [
-            _EdgeSpec(ids["pre"], ids["attn_in"], "ln", flow(_norm(pre), _norm(gp("ln1_in")) if bw else 0), LN_COLOR),
-            _EdgeSpec(ids["attn_out"], ids["mid"], "residual",
-                      flow(_norm(a["attn_out"][p]), _norm(gp("attn_out")) if bw else 0), entropy_of=ids["attn_out"]),
-            _EdgeSpec(ids["pre"], ids["mid"], "skip", flow(_norm(pre), _norm(gp("attn_out")) if bw else 0), SKIP_PRE),
-            _EdgeSpec(ids["mid"], ids["mlp_in"], "ln", flow(_norm(mid), _norm(gp("ln2_in")) if bw else 0), LN_COLOR),
-            _EdgeSpec(ids["mlp_out"], ids["post"], "residual",
-                      flow(_norm(a["mlp_out"][p]), _norm(gp("resid_post")) if bw else 0), entropy_of=ids["mlp_out"]),
-            _EdgeSpec(ids["mid"], ids["post"], "skip", flow(_norm(mid), _norm(gp("resid_post")) if bw else 0), SKIP_MID),
-        ]
-    else:  # parallel block: attention and MLP both read block_in
-        edges += [
-            _EdgeSpec(ids["pre"], ids["attn_in"], "ln", flow(_norm(pre), _norm(gp("ln1_in")) if bw else 0), LN_COLOR),
-            _EdgeSpec(ids["pre"], ids["mlp_in"], "ln", flow(_norm(pre), _norm(gp("ln2_in")) if bw else 0), LN_COLOR),
-            _EdgeSpec(ids["attn_out"], ids["post"], "residual",
-                      flow(_norm(a["attn_out"][p]), _norm(gp("resid_post")) if bw else 0), entropy_of=ids["attn_out"]),
-            _EdgeSpec(ids["mlp_out"], ids["post"], "residual",
-                      flow(_norm(a["mlp_out"][p]), _norm(gp("resid_post")) if bw else 0), entropy_of=ids["mlp_out"]),
-            _EdgeSpec(ids["pre"], ids["post"], "skip", flow(_norm(pre), _norm(gp("resid_post")) if bw else 0), SKIP_PRE),
-        ]
-
-    # ---- attention heads and memories
-    heads = V.top_selection(head_score, opts["n_heads"])
-    attn_in_norm = _norm(a["attn_in"][p])
-    if bw:
-        ra_max = float(ra_p.abs().max()) or 1.0
-    for j in heads.tolist():
-        hj = f"{L}.H{j}"
-        if bw:
-            q_vec = V.through_key(W_K[j:j + 1], g_q[j:j + 1])[0]
-            qkv_weight, query_weight = _norm(qkv_vec[j]), _norm(W_Q[j] @ g_q[j])
-            extra = []
-        else:
-            q_vec = qkv_vec[j]
-            qkv_weight, query_weight = attn_in_norm, 0.2 * _norm(q_vec)
-            extra = [("key of this token", W_Q[j] @ keys[p, j]), ("value of this token", vals[p, j] @ W_O[j])]
-        nodes.append(_NodeSpec(f"{hj}.qkv", "qkv", layer, "qkv", qkv_vec[j], float(head_score[j]), head=j,
-                               position=p, extra=extra))
-        nodes.append(_NodeSpec(f"{hj}.q", "query", layer, "q", q_vec, float(head_score[j]), head=j, position=p))
-        edges.append(_EdgeSpec(ids["attn_in"], f"{hj}.qkv", "qkv", qkv_weight))
-        edges.append(_EdgeSpec(f"{hj}.qkv", f"{hj}.q", "query", query_weight))
-        mem = V.top_selection(mem_score[j], opts["n_memory"])
-        for i in mem.tolist():
-            prob = float(att[j, i])
-            src = f"created from {tokens[i]!r} (position {i})"
-            if bw:
-                r = float(ra_p[j, i])
-                k_vec = r * (W_Q[j] @ q[j])
-                v_vec = (prob * g_z[j]) @ W_O[j]
-                key_w, key_c = max(10 * abs(r) / ra_max, 0.51), (POS_COLOR if -r > 0 else NEG_COLOR)
-                head_w = _norm(v_vec)
-                note = f"{src}; attention {prob:.3f}, RA {r:+.3g}"
-            else:
-                k_vec, v_vec = W_Q[j] @ keys[i, j], vals[i, j] @ W_O[j]
-                key_w, key_c = max(10 * prob, 0.51), attention_color(prob)
-                head_w = max(1.3 * prob * _norm(v_vec), 0.51)
-                note = f"{src}; attention {prob:.3f}"
-            nodes.append(_NodeSpec(f"{hj}.k{i}", "key", layer, "memory key", k_vec, float(mem_score[j, i]),
-                                   head=j, position=i, note=note))
-            nodes.append(_NodeSpec(f"{hj}.v{i}", "value", layer, "memory value", v_vec, float(mem_score[j, i]),
-                                   head=j, position=i, note=note))
-            edges.append(_EdgeSpec(f"{hj}.q", f"{hj}.k{i}", "attention_key", key_w, key_c))
-            edges.append(_EdgeSpec(f"{hj}.k{i}", f"{hj}.v{i}", "attention_value", max(10 * prob, 0.51),
-                                   attention_color(prob)))
-            edges.append(_EdgeSpec(f"{hj}.v{i}", f"{hj}.A", "head", head_w))
-        nodes.append(_NodeSpec(f"{hj}.A", "head", layer, "head output", head_vec[j], float(head_score[j]), head=j))
-        edges.append(_EdgeSpec(f"{hj}.A", ids["concat"], "concat",
-                               _norm(head_vec[j]) if bw else 1.8 * _norm(head_vec[j])))
-    nodes.append(_NodeSpec(ids["concat"], "concat", layer, "concat", None,
-                           _norm(g_z if bw else z)))
-
-    # ---- W_O neurons (rows of W_O as [h·e, d]) and b_O
-    rows = V.signed_selection(wo_score, opts["n_top"], opts["n_bottom"])
-    for r in rows.tolist():
-        s = float(wo_score[r])
-        j, e = divmod(r, ad.d_head)
-        if bw:
-            vec, out_w = z_flat[r] * g["attn_out"][p], abs(float(z_flat[r] * gz_flat[r]))
-        else:
-            vec, out_w = W_O[j, e], abs(s)
-        nid = f"{L}.O{r}"
-        nodes.append(_NodeSpec(nid, "wo_neuron", layer, f"W_O row {r} (head {j}, dim {e})", vec, s, head=j,
-                               neuron=r, negative=(s < 0) and not bw, note=f"z = {float(z_flat[r]):+.3g}"))
-        edges.append(_EdgeSpec(ids["concat"], nid, "neuron_in", 7.0, POS_COLOR if s > 0 else NEG_COLOR))
-        edges.append(_EdgeSpec(nid, ids["attn_out"], "neuron_out", out_w))
-    if opts["bias"] and bool(b_O.abs().sum() > 0):
-        vec = g["attn_out"][p] if bw else b_O
-        nodes.append(_NodeSpec(f"{L}.b_O", "bias", layer, "b_O", vec, _norm(vec), bias=True))
-        edges.append(_EdgeSpec(ids["concat"], f"{L}.b_O", "bias_in", 7.0))
-        edges.append(_EdgeSpec(f"{L}.b_O", ids["attn_out"], "bias_out", _norm(vec)))
-
-    # ---- MLP key-value memories
-    neurons = V.signed_selection(mlp_score, opts["n_top"], opts["n_bottom"])
-    x_in = a["mlp_in"][p]
-    for i in neurons.tolist():
-        s, hi = float(mlp_score[i]), float(h_mlp[i])
-        if bw:
-            gi = float(g_h[i])
-            k_vec, v_vec = g["mlp_pre"][p, i] * x_in, hi * g["mlp_out"][p]
-            act_w, out_w = abs(hi * gi), abs(hi * gi)
-            color = POS_COLOR if s > 0 else NEG_COLOR
-            note = f"h = {hi:+.3g}, dL/dh = {gi:+.3g}"
-        else:
-            k_vec, v_vec = W_in[:, i], W_out[i]
-            act_w, out_w = 1.5 * abs(hi), abs(s)
-            color = POS_COLOR if hi > 0 else NEG_COLOR
-            note = f"h = {hi:+.3g}"
-        neg = (s < 0) and not bw
-        nodes.append(_NodeSpec(f"{L}.K{i}", "mlp_key", layer, f"MLP key {i}", k_vec, s, neuron=i, negative=neg, note=note))
-        nodes.append(_NodeSpec(f"{L}.V{i}", "mlp_value", layer, f"MLP value {i}", v_vec, s, neuron=i, negative=neg,
-                               note=note))
-        edges.append(_EdgeSpec(ids["mlp_in"], f"{L}.K{i}", "mlp_key_in", 7.0, entropy_of=f"{L}.K{i}"))
-        edges.append(_EdgeSpec(f"{L}.K{i}", f"{L}.V{i}", "mlp_act", act_w, color))
-        edges.append(_EdgeSpec(f"{L}.V{i}", ids["mlp_out"], "mlp_value_out", out_w, entropy_of=f"{L}.V{i}"))
-    if opts["bias"]:
-        biases = []
-        if bool(b_in.abs().sum() > 0) and not ad.gated_mlp:
-            biases.append(("b_in", (g["mlp_pre"][p] @ W_out) if bw else b_in @ W_out, "b_in @ W_out"))
-        if bool(b_out.abs().sum() > 0):
-            biases.append(("b_out", g["mlp_out"][p] if bw else b_out, "b_out"))
-        for key, vec, name in biases:
-            nid = f"{L}.mlp_{key}"
-            nodes.append(_NodeSpec(nid, "bias", layer, name, vec, _norm(vec), bias=True))
-            edges.append(_EdgeSpec(ids["mlp_in"], nid, "bias_in", 7.0))
-            edges.append(_EdgeSpec(nid, ids["mlp_out"], "bias_out", _norm(vec)))
-    return nodes, edges
-
-
 # ------------------------------------------------------------------------------------- assembly
 def _fmt_list(pairs: Sequence[tuple[str, float]]) -> str:
     return "[" + ", ".join(repr(t) for t, _ in pairs) + "]"
 
 
-def _assemble(ad: ModelAdapter, specs: list[_NodeSpec], espec: list[_EdgeSpec], target: int, target_str: str,
+def _assemble(ad: ModelAdapter, specs: list[NodeSpec], espec: list[EdgeSpec], target: int, target_str: str,
               backward: bool, normalize: bool, k: int) -> tuple[list[Node], list[Edge]]:
     """Project every node vector in one batch and turn specs into Nodes/Edges."""
     proj_specs = [s for s in specs if s.vector is not None]
@@ -549,7 +284,7 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
     target_str = _decode(ad, [t])[0]
     graphs = []
     for l, d in zip(layers, data):
-        specs, espec = _layer_specs(ad, d, l, p, opts, backward, str_tokens, rot)
+        specs, espec = layer_specs(ad, d, l, p, opts, backward, str_tokens, rot)
         nodes, edges = _assemble(ad, specs, espec, t, target_str, backward,
                                  backward if normalize is None else bool(normalize), k)
         notes = (GATED_NOTE,) if ad.gated_mlp else ()
