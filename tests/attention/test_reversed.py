@@ -1,0 +1,226 @@
+"""Reversed Attention against independent computations (plain-HF autograd, pattern-gradient route,
+∂L/∂Q = RA·K) and the definition's properties (spec reversed_attention.md §1, §8)."""
+
+import pytest
+import torch
+
+from tests.conftest import SPECS, build
+from tests.reference import assert_no_hooks, assert_untouched
+from tl_backward.attention import reversed_attention, reversed_attention_from
+from tl_backward.core.adapter import get_adapter
+from tl_backward.core.capture import capture
+from tl_backward.core.metrics import target_nll
+from tl_backward.zoo.tiny import tiny_hf_model, tiny_model
+
+PROMPTS = ["the cat sat on the mat and the dog", "paris is the capital of", "one two three"]
+TARGETS = [" ran", " france", " four"]
+
+
+def hf_reference(family, spec, tokens, last, targets):
+    """RA from a fresh plain-HF model: ∂L/∂P by autograd on the eager attention probabilities that
+    ``output_attentions=True`` returns (the very tensors multiplied with V in eval mode), then the
+    softmax-backward formula and ÷ s, with s computed here from the config, not by tl_backward."""
+    hf = tiny_hf_model(family, **spec)
+    with torch.enable_grad():
+        out = hf(tokens, output_attentions=True)
+        rows = torch.arange(len(tokens))
+        loss = -torch.log_softmax(out.logits[rows, last].float(), -1)[rows, targets].sum()
+        # autograd.grad raises if a probability tensor were not on the path to the loss.
+        dps = torch.autograd.grad(loss, out.attentions)
+    cfg = hf.config
+    n_heads = getattr(cfg, "n_head", None) or cfg.num_attention_heads
+    d_head = (getattr(cfg, "n_embd", None) or cfg.hidden_size) // n_heads
+    maps = []
+    for l, (p, dp) in enumerate(zip(out.attentions, dps)):
+        s = d_head ** 0.5 * ((l + 1) if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) else 1)
+        p, dp = p.detach(), dp.detach()
+        maps.append(p * (dp - (p * dp).sum(-1, keepdim=True)) / s)
+    for p in hf.parameters():
+        assert p.grad is None
+    return torch.stack(maps), torch.stack([a.detach() for a in out.attentions]), loss.detach()
+
+
+def _single_row_ids(model, prompt):
+    return get_adapter(model).tokenize(prompt, prepend_bos=True).tokens
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
+def test_matches_hf_autograd(family, request):
+    model = request.getfixturevalue(f"{family}_model")
+    ad = get_adapter(model)
+    tok = [int(ad.target_tokens(t)[0]) for t in TARGETS]
+    for prompt, t in zip(PROMPTS, tok):
+        ids = _single_row_ids(model, prompt)
+        ra = reversed_attention(model, ids, t)
+        ref, pat, loss = hf_reference(family, SPECS[family], ids, torch.tensor([ids.shape[1] - 1]), torch.tensor([t]))
+        assert ra.maps.shape == (ad.n_layers, 1, ad.n_heads, ids.shape[1], ids.shape[1])
+        scale = float(ref.abs().max())
+        assert scale > 1e-5  # a real, non-trivial map
+        torch.testing.assert_close(ra.maps, ref, atol=1e-6 * scale + 1e-10, rtol=1e-4)
+        torch.testing.assert_close(ra.patterns, pat, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ra.metric, loss, atol=1e-5, rtol=1e-5)
+    assert_no_hooks(model)
+    assert_untouched(model)
+
+
+def test_inverse_layer_scaling_matches_hf():
+    spec = dict(seed=3, n_heads=4, scale_attn_by_inverse_layer_idx=True)
+    model = tiny_model("gpt2", **spec)
+    ad = get_adapter(model)
+    assert ad.attn_scale(1) == pytest.approx(2 * ad.attn_scale(0))
+    ids = _single_row_ids(model, PROMPTS[0])
+    t = int(ad.target_tokens(TARGETS[0])[0])
+    ra = reversed_attention(model, ids, t)
+    ref, _, _ = hf_reference("gpt2", spec, ids, torch.tensor([ids.shape[1] - 1]), torch.tensor([t]))
+    torch.testing.assert_close(ra.maps, ref, atol=1e-6 * float(ref.abs().max()), rtol=1e-4)
+
+
+def test_scores_route_equals_pattern_route(model):
+    """RA (÷ s of the scores gradient) == softmax-backward formula on grad(hook_pattern) ÷ s."""
+    ad = get_adapter(model)
+    ra = reversed_attention(model, PROMPTS, TARGETS, prepend_bos=True)
+    names = [ad.hook_name("pattern", l) for l in range(ad.n_layers)]
+    cache = capture(model, PROMPTS, target_nll(TARGETS), names=names, prepend_bos=True)
+    keep = cache.mask[:, None, :, None] & cache.mask[:, None, None, :]
+    for l, name in enumerate(names):
+        p, dp = cache[name], cache.grad(name)
+        via_pattern = reversed_attention_from(p, dp, ad.attn_scale(l), grad_of="pattern", keep=keep)
+        torch.testing.assert_close(ra.maps[l], via_pattern, atol=1e-6 * float(via_pattern.abs().max()), rtol=0)
+        # the recomputed patterns are the model's hook_pattern (padding rows/cols zeroed)
+        torch.testing.assert_close(ra.patterns[l], p * keep, atol=1e-7, rtol=0)
+        # the pattern gradient leaks onto masked entries; RA must not
+        future = torch.ones_like(p, dtype=torch.bool).triu(1)
+        assert float(dp[future].abs().max()) > 0
+        assert float(ra.maps[l][future].abs().max()) == 0.0
+
+
+def test_definition_properties(model):
+    ra = reversed_attention(model, PROMPTS, TARGETS, prepend_bos=True)
+    maps, pats = ra.maps, ra.patterns
+    # 1. rows sum to zero
+    assert float(maps.sum(-1).abs().max()) < 1e-6 * float(maps.abs().max())
+    # 2. exactly zero where P is zero: the future (upper triangle) and padding
+    assert float(maps.triu(1).abs().max()) == 0.0
+    assert bool((maps[pats == 0] == 0).all())
+    pad = ~ra.mask
+    for b in range(len(PROMPTS)):
+        assert pad[b].any() or b == 0  # the longest prompt has no padding, the others do
+        assert bool((maps[:, b][..., pad[b], :] == 0).all()) and bool((maps[:, b][..., :, pad[b]] == 0).all())
+        assert bool((pats[:, b][..., pad[b], :] == 0).all()) and bool((pats[:, b][..., :, pad[b]] == 0).all())
+    # 4. in the last layer only the loss rows are non-zero
+    last_layer = maps[-1]
+    for b, pos in enumerate(ra.last.tolist()):
+        row_norms = last_layer[b].abs().sum((0, 2))  # per query position
+        assert float(row_norms[pos]) > 0
+        assert float(row_norms[torch.arange(len(row_norms)) != pos].max()) == 0.0
+    # every layer's loss row is non-zero somewhere
+    assert all(float(maps[l].abs().max()) > 0 for l in range(maps.shape[0]))
+
+
+def test_batch_equals_singles(model):
+    batched = reversed_attention(model, PROMPTS, TARGETS, prepend_bos=True)
+    total = 0.0
+    for b, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        single = reversed_attention(model, prompt, target, prepend_bos=True)
+        n = single.maps.shape[-1]
+        assert int(batched.mask[b].sum()) == n
+        torch.testing.assert_close(batched.maps[:, b, :, :n, :n], single.maps[:, 0], atol=1e-8, rtol=1e-4)
+        torch.testing.assert_close(batched.patterns[:, b, :, :n, :n], single.patterns[:, 0], atol=1e-6, rtol=1e-5)
+        assert batched.str_tokens[b] == single.str_tokens[0]
+        total += float(single.metric)
+    assert float(batched.metric) == pytest.approx(total, rel=1e-5)  # batch losses are summed
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_query_gradient_is_ra_times_keys(family, request):
+    """∂L/∂Q = RA·K (and ∂L/∂K = RAᵀ·Q) per head; Llama: rotated q/k, GQA keys shared."""
+    model = request.getfixturevalue(f"{family}_model")
+    ad = get_adapter(model)
+    ra = reversed_attention(model, PROMPTS[0], TARGETS[0], prepend_bos=True)
+    kind_q, kind_k = ("rot_q", "rot_k") if ad.rot_hooks else ("q", "k")
+    names = [ad.hook_name(k, l) for l in range(ad.n_layers) for k in (kind_q, kind_k)]
+    cache = capture(model, PROMPTS[0], target_nll(TARGETS[0]), names=names, prepend_bos=True)
+    for l in range(ad.n_layers):
+        q, k = cache[ad.hook_name(kind_q, l)], cache[ad.hook_name(kind_k, l)]  # [b, p, head|kv, d]
+        dq, dk = cache.grad(ad.hook_name(kind_q, l)), cache.grad(ad.hook_name(kind_k, l))
+        rep = ad.n_heads // ad.n_kv_heads
+        k_full = k.repeat_interleave(rep, dim=2)
+        pred_dq = torch.einsum("bhqk,bkhd->bqhd", ra.maps[l], k_full)
+        torch.testing.assert_close(dq, pred_dq, atol=1e-6 * float(dq.abs().max()), rtol=1e-4)
+        pred_dk = torch.einsum("bhqk,bqhd->bkhd", ra.maps[l], q)
+        pred_dk = pred_dk.reshape(*pred_dk.shape[:2], ad.n_kv_heads, rep, -1).sum(3)  # GQA: sum shared heads
+        torch.testing.assert_close(dk, pred_dk, atol=1e-6 * float(dk.abs().max()), rtol=1e-4)
+
+
+def test_appended_target_gives_zero_row_and_column(gpt2_model):
+    """Running prompt+target with the loss only at the last prompt position (the reference's setup)
+    gives the prompt-only maps plus a zero row and column for the appended token."""
+    ad = get_adapter(gpt2_model)
+    ids = _single_row_ids(gpt2_model, PROMPTS[1])
+    t = int(ad.target_tokens(TARGETS[1])[0])
+    plain = reversed_attention(gpt2_model, ids, t)
+    longer = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    T = ids.shape[1]
+
+    def nll_at_prompt_end(logits, tokens):
+        return -torch.log_softmax(logits[:, T - 1].float(), -1)[:, t].sum()
+
+    ext = reversed_attention(gpt2_model, longer, metric=nll_at_prompt_end)
+    torch.testing.assert_close(ext.maps[..., :T, :T], plain.maps, atol=1e-9, rtol=1e-5)
+    assert float(ext.maps[..., T, :].abs().max()) == 0.0
+    assert float(ext.maps[..., :, T].abs().max()) == 0.0
+
+
+def test_layers_subset_and_order(llama_model):
+    full = reversed_attention(llama_model, PROMPTS[0], TARGETS[0], prepend_bos=True)
+    part = reversed_attention(llama_model, PROMPTS[0], TARGETS[0], layers=[1, 0], prepend_bos=True)
+    assert part.layers == (1, 0)
+    torch.testing.assert_close(part.maps[0], full.maps[1], atol=1e-9, rtol=1e-5)
+    torch.testing.assert_close(part.maps[1], full.maps[0], atol=1e-9, rtol=1e-5)
+    assert part.layer_index(0) == 1
+    assert part.map(0, 2).shape == (full.maps.shape[-1],) * 2
+
+
+def test_ranking_helpers(gpt2_model):
+    ra = reversed_attention(gpt2_model, PROMPTS, TARGETS, prepend_bos=True)
+    norms = ra.head_norms()
+    per = ra.head_norms(per_example=True)
+    assert norms.shape == (2, 4) and per.shape == (2, 3, 4)
+    manual = ra.maps[1, 2, 3].pow(2).sum().sqrt()
+    assert float(per[1, 2, 3]) == pytest.approx(float(manual), rel=1e-5)
+    torch.testing.assert_close(norms, per.mean(1))
+    top = ra.top_heads(3)
+    assert [round(v, 7) for _, _, v in top] == sorted([round(v, 7) for _, _, v in top], reverse=True)
+    l, h, v = top[0]
+    assert v == pytest.approx(float(norms.max()), rel=1e-6) and float(norms[ra.layer_index(l), h]) == pytest.approx(v)
+    assert ra.head_norms("forward").shape == (2, 4)
+
+
+@pytest.mark.slow
+def test_compatibility_mode_gives_same_ra():
+    raw = build("gpt2")
+    compat = build("gpt2")
+    compat.enable_compatibility_mode()
+    a = reversed_attention(raw, PROMPTS, TARGETS, prepend_bos=True)
+    b = reversed_attention(compat, PROMPTS, TARGETS, prepend_bos=True)
+    torch.testing.assert_close(a.maps, b.maps, atol=1e-5 * float(a.maps.abs().max()), rtol=0)
+
+
+def test_bad_input(gpt2_model):
+    with pytest.raises(ValueError, match="exactly one"):
+        reversed_attention(gpt2_model, "the cat", " dog", metric=lambda lg, t: lg.sum())
+    with pytest.raises(ValueError, match="exactly one"):
+        reversed_attention(gpt2_model, "the cat")
+    with pytest.raises(ValueError, match="out of range"):
+        reversed_attention(gpt2_model, "the cat", " dog", layers=[5])
+    with pytest.raises(ValueError, match="same shape"):
+        reversed_attention_from(torch.rand(3, 3), torch.rand(3, 4), 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        reversed_attention_from(torch.rand(3, 3), torch.rand(3, 3), 0.0)
+    ra = reversed_attention(gpt2_model, "the cat", " dog", layers=[1])
+    with pytest.raises(ValueError, match="not computed"):
+        ra.layer_index(0)
+    with pytest.raises(ValueError, match="which"):
+        ra.head_norms("backward")
+    assert_no_hooks(gpt2_model)
+    assert_untouched(gpt2_model)

@@ -1,0 +1,139 @@
+"""Head ranking by Reversed Attention norm, streamed over a dataset (paper §4 of the spec).
+
+score(l, h) = mean over examples of ‖RA_{l,h}‖_F (the whole T×T map, sign ignored); the baseline
+is ‖P_{l,h}‖_F of the forward pattern. Standard deviations are kept too. Cost: one forward and one
+backward per batch of prompts, versus one forward per head for causal mediation. Only the norms are
+accumulated; the maps of a batch are dropped as soon as their norms are taken.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .reversed import frobenius, reversed_attention
+from .targets import batch_target, check_prompts
+
+__all__ = ["HeadRanking", "rank_heads"]
+
+WHICH = ("reversed", "forward", "random")
+
+
+@dataclass(frozen=True, repr=False)
+class HeadRanking:
+    """Per-head norm statistics over ``n_examples`` prompts: ``[layer, head]`` tensors (layer axis =
+    :attr:`layers`). ``reversed_*`` are ‖RA‖_F, ``forward_*`` are ‖P‖_F; std is the sample std
+    (0 for one example)."""
+
+    reversed_mean: Float[Tensor, "layer head"]
+    reversed_std: Float[Tensor, "layer head"]
+    forward_mean: Float[Tensor, "layer head"]
+    forward_std: Float[Tensor, "layer head"]
+    layers: tuple[int, ...]
+    n_examples: int
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"L{l}H{h}" for l, h, _ in self.top(3))
+        return (f"HeadRanking({self.n_examples} examples, {len(self.layers)} layers x "
+                f"{self.reversed_mean.shape[1]} heads; top RA heads {top})")
+
+    def scores(self, which: str = "reversed") -> Float[Tensor, "layer head"]:
+        if which == "reversed":
+            return self.reversed_mean
+        if which == "forward":
+            return self.forward_mean
+        raise ValueError(f"which must be 'reversed' or 'forward', got {which!r}")
+
+    def order(self, which: str = "reversed", *, seed: int = 0, descending: bool = True) -> list[tuple[int, int]]:
+        """All ``(layer, head)`` pairs ranked by ``which``: "reversed" (‖RA‖_F), "forward" (‖P‖_F),
+        or "random" (a seeded shuffle, the paper's control). ``descending=False`` reverses it."""
+        H = self.reversed_mean.shape[1]
+        heads = [(l, h) for l in self.layers for h in range(H)]
+        if which == "random":
+            random.Random(seed).shuffle(heads)
+            ranked = heads
+        else:
+            flat = self.scores(which).flatten()
+            # Stable sort on -score: ties keep (layer, head) order.
+            idx = sorted(range(len(flat)), key=lambda i: -float(flat[i]))
+            ranked = [heads[i] for i in idx]
+        return ranked if descending else ranked[::-1]
+
+    def top(self, k: int = 10, which: str = "reversed") -> list[tuple[int, int, float]]:
+        """The ``k`` best heads as ``(layer, head, mean norm)``."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        scores = self.scores(which)
+        out = []
+        for l, h in self.order(which)[:k]:
+            out.append((l, h, float(scores[self.layers.index(l), h])))
+        return out
+
+    def table(self, which: str = "reversed") -> str:
+        """A plain-text layer × head table of the mean norms (layers as columns, like the paper)."""
+        s = self.scores(which)
+        head = "head " + " ".join(f"{'L' + str(l):>9}" for l in self.layers)
+        rows = [f"{h:>4} " + " ".join(f"{float(s[i, h]):9.3g}" for i in range(len(self.layers)))
+                for h in range(s.shape[1])]
+        return "\n".join([head, *rows])
+
+    def render(self, *, title: str | None = None):
+        """Page of layer × head heatmaps: mean and std of ‖RA‖_F (purples) and ‖P‖_F (greens)."""
+        from tl_backward.render.attention import head_ranking_page
+
+        return head_ranking_page(self, title=title)
+
+
+def rank_heads(
+    model: Any,
+    prompts: Sequence[str] | Tensor,
+    targets: Any = None,
+    *,
+    metric: Any = None,
+    layers: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    prepend_bos: bool | None = None,
+    progress: bool = True,
+) -> HeadRanking:
+    """Rank heads by mean ‖RA‖_F over a dataset, one forward + backward per batch.
+
+    ``targets``: one per prompt (strings or token ids) or one for all; or pass ``metric``.
+    Only per-example norms are accumulated (float64 sums and sums of squares), never maps.
+    A tqdm bar shows progress (``progress=False`` hides it).
+    """
+    n = check_prompts(prompts, batch_size)
+    from tqdm.auto import tqdm
+
+    sums = None
+    done = 0
+    layer_ids: tuple[int, ...] = ()
+    with tqdm(total=n, desc="rank_heads", unit="prompt", disable=not progress) as bar:
+        for i in range(0, n, batch_size):
+            chunk = prompts[i:i + batch_size]
+            tgt, met = batch_target(targets, metric, n, i, i + batch_size)
+            ra = reversed_attention(model, chunk, tgt, metric=met, layers=layers, prepend_bos=prepend_bos)
+            r = frobenius(ra.maps).double()  # [layer, batch, head]
+            f = frobenius(ra.patterns).double()
+            layer_ids = ra.layers
+            del ra  # the maps of this batch are no longer needed
+            part = torch.stack([r.sum(1), (r * r).sum(1), f.sum(1), (f * f).sum(1)])
+            sums = part if sums is None else sums + part
+            done += r.shape[1]
+            bar.update(r.shape[1])
+    mean_r, mean_f = sums[0] / done, sums[2] / done
+
+    def std(sq: Tensor, mean: Tensor) -> Tensor:
+        if done < 2:
+            return torch.zeros_like(mean)
+        return ((sq - done * mean * mean) / (done - 1)).clamp_min(0).sqrt()
+
+    return HeadRanking(
+        reversed_mean=mean_r.float(), reversed_std=std(sums[1], mean_r).float(),
+        forward_mean=mean_f.float(), forward_std=std(sums[3], mean_f).float(),
+        layers=layer_ids, n_examples=done,
+    )

@@ -1,0 +1,231 @@
+"""Reversed Attention (Katz & Wolf, NAACL 2025): the attention map the backward pass computes.
+
+For layer l and head h, with raw logits ``A = Q Kᵀ`` (after RoPE), scores ``S = A / s + M``
+(mask M), pattern ``P = softmax_row(S)`` and pattern gradient ``dP = ∂L/∂P``::
+
+    RA = ∂L/∂A = (∂L/∂S) / s = P ⊙ (dP − r 1ᵀ) / s,     r_i = Σ_j P_ij dP_ij
+
+Every row sums to 0; RA is 0 wherever P is 0 (causal future, padding, custom masks); ``RA_ij > 0``
+means raising logit i→j raises the loss (for an NLL: hurts the target), negative entries are
+helpful edges. ∂L/∂Q = RA·K and ∂L/∂K = RAᵀ·Q, so RA plays P's role in the backward pass.
+
+:func:`reversed_attention_from` is the pure tensor formula; :func:`reversed_attention` reads the
+gradient at every requested layer's ``hook_attn_scores`` from **one** forward + backward
+(:func:`tl_backward.core.capture.capture`) and divides by the layer's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_backward.core.adapter import get_adapter
+from tl_backward.core.capture import GradientCache, capture
+from tl_backward.core.metrics import resolve_metric
+
+__all__ = ["ReversedAttention", "reversed_attention", "reversed_attention_from", "frobenius"]
+
+
+def reversed_attention_from(
+    pattern: Float[Tensor, "... query_pos key_pos"],
+    grad: Float[Tensor, "... query_pos key_pos"],
+    scale: float | Tensor,
+    *,
+    grad_of: str = "pattern",
+    keep: Bool[Tensor, "... query_pos key_pos"] | None = None,
+) -> Float[Tensor, "... query_pos key_pos"]:
+    """RA from a pattern and a gradient (pure math, no model).
+
+    ``grad_of="pattern"``: ``grad`` is ``dP = ∂L/∂P`` and RA = ``P ⊙ (dP − rowsum(P ⊙ dP)) / scale``
+    (the rowsum is ``(P*dP).sum(-1)``, O(T²), never ``diag(P @ dPᵀ)``).
+    ``grad_of="scores"``: ``grad`` is ``∂L/∂S`` at the (masked) scores and RA = ``grad / scale``.
+
+    ``scale``: s with ``S = Q Kᵀ / s`` -- a float, or a tensor broadcastable to the leading dims
+    (e.g. ``[layer, 1, 1, 1, 1]``). The result is set to exactly 0 wherever ``P == 0`` -- the
+    pattern gradient is *not* zero at masked entries, so this mask is explicit -- and wherever
+    ``keep`` (optional, broadcastable bool) is False.
+    """
+    if grad_of not in ("pattern", "scores"):
+        raise ValueError(f"grad_of must be 'pattern' or 'scores', got {grad_of!r}")
+    if pattern.shape != grad.shape:
+        raise ValueError(f"pattern {tuple(pattern.shape)} and grad {tuple(grad.shape)} must have the same shape")
+    if isinstance(scale, Tensor):
+        scale = scale.to(device=grad.device, dtype=grad.dtype)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number (the attention scale s), got {scale!r}")
+    if grad_of == "pattern":
+        r = (pattern * grad).sum(-1, keepdim=True)
+        ra = pattern * (grad - r) / scale
+    else:
+        ra = grad / scale
+    ra = ra.masked_fill(pattern == 0, 0.0)
+    if keep is not None:
+        ra = ra.masked_fill(~keep, 0.0)
+    return ra
+
+
+def frobenius(maps: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "..."]:
+    """‖map‖_F over the last two dims (the paper's head score)."""
+    return maps.pow(2).sum((-2, -1)).sqrt()
+
+
+@dataclass(frozen=True, repr=False)
+class ReversedAttention:
+    """RA maps and forward patterns of the requested layers for a batch of prompts.
+
+    ``maps``/``patterns``: ``Float[layer, batch, head, query_pos, key_pos]`` (query heads for GQA;
+    ``layer`` runs over :attr:`layers` in order), fp32, zero at padding. ``scales[i]`` is the
+    attention scale of ``layers[i]``. ``tokens``/``mask``/``last``/``str_tokens`` describe the
+    input actually run (a multi-token target is appended, teacher-forced); ``metric`` is the
+    (batch-summed) loss. Means over a dataset (:meth:`mean`, :func:`mean_over`) have batch 1,
+    ``n_examples`` prompts averaged, ``align`` set, ``metric`` the mean loss, and the first
+    prompt's tokens for display.
+    """
+
+    maps: Float[Tensor, "layer batch head query_pos key_pos"]
+    patterns: Float[Tensor, "layer batch head query_pos key_pos"]
+    layers: tuple[int, ...]
+    scales: tuple[float, ...]
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+    last: Int[Tensor, " batch"]
+    str_tokens: list[list[str]]
+    metric: Float[Tensor, ""]
+    n_examples: int | None = None
+    align: str | None = None
+
+    def __repr__(self) -> str:
+        L, B, H, Q, K = self.maps.shape
+        kind = f"mean of {self.n_examples}, align={self.align!r}" if self.align else f"batch {B}"
+        return (f"ReversedAttention(layers={list(self.layers)}, {kind}, {H} heads, {Q}x{K} positions, "
+                f"metric={float(self.metric):.4g})")
+
+    # --------------------------------------------------------------------------- indexing
+    def layer_index(self, layer: int) -> int:
+        """Position of model layer ``layer`` along the ``layer`` axis."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not computed; this result has layers {list(self.layers)}")
+        return self.layers.index(layer)
+
+    def _row(self, row: int) -> int:
+        if not isinstance(row, int) or not 0 <= row < self.maps.shape[1]:
+            raise ValueError(f"row must be an int in 0..{self.maps.shape[1] - 1}, got {row!r}")
+        return row
+
+    def map(self, layer: int, head: int, row: int = 0, *, which: str = "reversed") -> Float[Tensor, "q k"]:
+        """One head's RA map (or forward pattern, ``which="forward"``) over ``row``'s real tokens."""
+        src = self._source(which)
+        if not 0 <= head < src.shape[2]:
+            raise ValueError(f"head must be in 0..{src.shape[2] - 1}, got {head}")
+        row = self._row(row)
+        n = int(self.mask[row].sum())
+        return src[self.layer_index(layer), row, head, :n, :n]
+
+    def _source(self, which: str) -> Tensor:
+        if which == "reversed":
+            return self.maps
+        if which == "forward":
+            return self.patterns
+        raise ValueError(f"which must be 'reversed' (RA maps) or 'forward' (attention patterns), got {which!r}")
+
+    # --------------------------------------------------------------------------- ranking
+    def head_norms(self, which: str = "reversed", *, per_example: bool = False) -> Tensor:
+        """Frobenius norm per head: ``[layer, head]`` (mean over the batch -- the paper's score is the
+        mean over examples), or ``[layer, batch, head]`` with ``per_example=True``.
+        ``which="forward"`` gives the forward-pattern baseline ‖P‖_F."""
+        norms = frobenius(self._source(which))
+        return norms if per_example else norms.mean(1)
+
+    def top_heads(self, k: int = 10, which: str = "reversed") -> list[tuple[int, int, float]]:
+        """The ``k`` heads with the largest mean norm, as ``(layer, head, norm)``, descending."""
+        norms = self.head_norms(which)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = min(k, norms.numel())
+        vals, idx = norms.flatten().topk(k)
+        H = norms.shape[1]
+        return [(self.layers[int(i) // H], int(i) % H, float(v)) for v, i in zip(vals, idx)]
+
+    # --------------------------------------------------------------------------- aggregation
+    def mean(self, align: str = "exact") -> "ReversedAttention":
+        """Element-wise mean over the batch (see :func:`tl_backward.attention.mean_over`).
+
+        ``align="exact"``: every prompt must have the same token length (the reference's rule).
+        ``align="end"``: positions are counted from each prompt's last token and the maps are cropped
+        to the shortest prompt (mixed lengths)."""
+        from .aggregate import MeanAccumulator
+
+        acc = MeanAccumulator(align)
+        acc.add(self)
+        return acc.result()
+
+    # --------------------------------------------------------------------------- rendering
+    def render(self, k: int = 10, row: int = 0, *, title: str | None = None):
+        """Page: layer × head norm heatmaps (‖RA‖_F purple, ‖P‖_F green), then the top-``k`` heads'
+        RA maps on a signed scale centred at 0 (negative red = helpful, positive blue) and their
+        forward patterns (0..1), for prompt ``row``."""
+        from tl_backward.render.attention import reversed_attention_page
+
+        return reversed_attention_page(self, k=k, row=row, title=title)
+
+
+def reversed_attention(
+    model: Any,
+    input: Any,
+    target: Any = None,
+    *,
+    metric: Any = None,
+    layers: int | Sequence[int] | None = None,
+    prepend_bos: bool | None = None,
+) -> ReversedAttention:
+    """Reversed Attention of every head of ``layers`` (None = all) from one forward + backward.
+
+    ``input``: a string, a list of strings (right-padded; each row's loss at its own last token)
+    or token ids ``[batch, pos]``. Pass exactly one of ``target`` (a word such as ``" Paris"`` or a
+    token id; NLL at the last prompt position, summed over the batch; a multi-token target is
+    appended and teacher-forced) or ``metric`` (``tl_backward.metrics.logit_diff(...)`` or any
+    callable ``(logits, tokens) -> scalar``). Returns :class:`ReversedAttention`.
+
+    The RA maps are ``∂metric/∂hook_attn_scores / s_l``; the patterns are ``softmax`` of the
+    captured scores (identical to ``hook_pattern`` in eval mode; recomputing them instead of
+    caching ``hook_pattern`` halves the captured memory).
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers(layers)
+    metric = resolve_metric(target, metric)
+    names = [adapter.hook_name("attn_scores", l) for l in layers]
+    cache = capture(model, input, metric, names=names, prepend_bos=prepend_bos)
+    return from_cache(cache, names, layers, [adapter.attn_scale(l) for l in layers])
+
+
+def from_cache(cache: GradientCache, names: Sequence[str], layers: Sequence[int],
+               scales: Sequence[float]) -> ReversedAttention:
+    """Build the result from a capture of ``hook_attn_scores`` (activations and gradients).
+
+    Consumes the cache's entries layer by layer (popping them) so that peak memory stays at one
+    copy of the maps plus one of the patterns.
+    """
+    first = cache.activations[names[0]]
+    B, H, T, K = first.shape
+    keep = cache.mask[:, None, :, None] & cache.mask[:, None, None, :]  # [batch, 1, q, k] real x real
+    maps = first.new_empty((len(names), B, H, T, K))
+    patterns = first.new_empty((len(names), B, H, T, K))
+    for i, (name, s) in enumerate(zip(names, scales)):
+        scores = cache.activations.pop(name)
+        grad = cache.gradients.pop(name)
+        p = torch.softmax(scores, dim=-1)
+        del scores
+        # Fully masked rows (compatibility-mode -inf) give NaN; the model zeroes them too.
+        p = torch.nan_to_num_(p, nan=0.0).masked_fill_(~keep, 0.0)
+        patterns[i] = p
+        maps[i] = reversed_attention_from(p, grad, s, grad_of="scores", keep=keep)
+        del p, grad
+    return ReversedAttention(
+        maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
+        tokens=cache.tokens, mask=cache.mask, last=cache.last, str_tokens=cache.str_tokens,
+        metric=cache.metric,
+    )
