@@ -15,11 +15,15 @@ def dense_reference(h, W_U, b_U, k, ids):
     return top, bottom, ranks
 
 
-@pytest.mark.parametrize("vocab_chunk, row_chunk", [(7, 3), (1000, 1000), (1, 5), (50, 1)])
-def test_matches_dense(vocab_chunk, row_chunk):
+@pytest.mark.parametrize("vocab, vocab_chunk, row_chunk", [
+    (97, 7, 3), (97, 1000, 1000), (97, 1, 5), (97, 50, 1),
+    # blocked top-k paths: whole tiles (512 = 16 blocks), ragged tiles (300 = 9 blocks + 12), default
+    (1037, 512, 11), (1037, 300, 4), (1037, None, 11), (50257, None, 6),
+])
+def test_matches_dense(vocab, vocab_chunk, row_chunk):
     g = torch.Generator().manual_seed(0)
-    h, W_U, b_U = torch.randn(11, 16, generator=g), torch.randn(16, 97, generator=g), torch.randn(97, generator=g)
-    ids = torch.randint(0, 97, (11, 3), generator=g)
+    h, W_U, b_U = torch.randn(11, 16, generator=g), torch.randn(16, vocab, generator=g), torch.randn(vocab, generator=g)
+    ids = torch.randint(0, vocab, (11, 3), generator=g)
     r = vocab_readout(h, W_U, b_U, k=4, rank_ids=ids, vocab_chunk=vocab_chunk, row_chunk=row_chunk)
     top, bottom, ranks = dense_reference(h, W_U, b_U, 4, ids)
     assert torch.equal(r.top_ids, top.indices) and torch.allclose(r.top_logits, top.values, atol=1e-5)
@@ -27,6 +31,17 @@ def test_matches_dense(vocab_chunk, row_chunk):
     assert torch.equal(r.ranks, ranks)
     assert bool((r.top_logits[:, :-1] >= r.top_logits[:, 1:]).all())  # descending
     assert bool((r.bottom_logits[:, :-1] <= r.bottom_logits[:, 1:]).all())  # least probable first
+
+
+def test_blocked_topk_with_ties():
+    """Many equal logits: any k of the tied maxima is a right answer; values must be exact."""
+    h = torch.ones(2, 1)
+    W_U = torch.zeros(1, 4096)
+    W_U[0, ::7] = 1.0
+    r = vocab_readout(h, W_U, torch.zeros(4096), k=5, vocab_chunk=2048)
+    assert r.top_logits.eq(1.0).all() and bool((r.top_ids % 7 == 0).all())
+    assert r.bottom_logits.eq(0.0).all() and bool((r.bottom_ids % 7 != 0).all())
+    assert len(set(r.top_ids[0].tolist())) == 5
 
 
 def test_rank_extremes_and_ties():
@@ -71,6 +86,8 @@ def test_bad_input():
         vocab_readout(h, W_U, b, k=1, rank_ids=torch.tensor([[5], [0]]))
     with pytest.raises(ValueError, match="rank_ids must be"):
         vocab_readout(h, W_U, b, k=1, rank_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
+        vocab_readout(h, W_U, b, k=1, vocab_chunk=0)
     with pytest.raises(ValueError, match="h must be"):
         vocab_readout(torch.randn(2, 4), W_U, b, k=1)
 

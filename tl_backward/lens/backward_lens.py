@@ -213,6 +213,18 @@ def backward_lens(
     target_ids = _row_targets(ad, target, n_rows)
     pred_ids = recorder.pred[-1]
 
+    readouts = project_factors(ad, gf, target_ids, pred_ids, top_k=top_k, normalize=normalize)
+    return BackwardLens(factors=gf, readouts=readouts, target_ids=target_ids, pred_ids=pred_ids,
+                        top_k=top_k, normalize=normalize, d_vocab=ad.d_vocab,
+                        tokenizer=getattr(model, "tokenizer", None))
+
+
+def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: Tensor, *, top_k: int,
+                    normalize: bool, **chunks: int) -> dict[str, LensReadout]:
+    """The projection step of :func:`backward_lens`: every distinct d_model-sized factor of ``gf``
+    through ``ln_final`` and the unembedding in one chunked pass; ranks of each row's target and
+    prediction (``target_ids``/``pred_ids [batch]``). ``chunks``: ``vocab_chunk``/``row_chunk``
+    of :func:`~tl_backward.lens.projection.vocab_readout`."""
     # One [layers, tokens, d_model] block per distinct projected tensor.
     blocks: list[Tensor] = []
     where: dict[str, int] = {}
@@ -236,7 +248,7 @@ def backward_lens(
     rows_b = gf.positions[:, 0]
     ids = torch.stack([target_ids[rows_b], pred_ids[rows_b]], -1)  # [tokens, 2]
     ids = ids.expand(len(blocks) * len(gf.layers), *ids.shape).reshape(-1, 2)
-    r = vocab_readout(h, ad.W_U, ad.b_U, k=top_k, rank_ids=ids)
+    r = vocab_readout(h, ad.W_U, ad.b_U, k=top_k, rank_ids=ids, **chunks)
     shape = (len(blocks), len(gf.layers), gf.n_tokens)
     parts = {name: getattr(r, name).reshape(*shape, -1) for name in
              ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "ranks")}
@@ -249,9 +261,7 @@ def backward_lens(
             bottom_ids=parts["bottom_ids"][i], bottom_logits=parts["bottom_logits"][i],
             target_rank=parts["ranks"][i][..., 0], pred_rank=parts["ranks"][i][..., 1], norm=norms[i],
         )
-    return BackwardLens(factors=gf, readouts=readouts, target_ids=target_ids, pred_ids=pred_ids,
-                        top_k=top_k, normalize=normalize, d_vocab=ad.d_vocab,
-                        tokenizer=getattr(model, "tokenizer", None))
+    return readouts
 
 
 @dataclass
