@@ -105,9 +105,10 @@ def test_icl_examples_format_and_equal_lengths():
                 assert prompt.endswith(f"Q: {x}\nA:") and target == " " + w.facts[ICL_TASKS[task]][x]
 
 
-def test_segment_examples_need_context_and_question():
+@pytest.mark.parametrize("mixed", [False, True])
+def test_segment_examples_need_context_and_question(mixed):
     w = World(0)
-    train, test = w.segment_examples(50), w.segment_examples(50, "test")
+    train, test = w.segment_examples(50, mixed=mixed), w.segment_examples(50, "test", mixed=mixed)
     assert train != test
     for ex in train:
         system, user = ex.blocks
@@ -118,6 +119,10 @@ def test_segment_examples_need_context_and_question():
         # the answer is stated about the asked person in the context
         stmt = f"{subject} lives in {ex.answer} ." if "live" in question else f"{subject} works as a {ex.answer} ."
         assert stmt in context
+        if not mixed:  # one kind per context: the question's person, not its relation, decides
+            assert ("lives" in context) != ("works" in context)
+        else:
+            assert "lives" in context and "works" in context
     with pytest.raises(ValueError, match="split"):
         w.segment_examples(3, "dev")
 

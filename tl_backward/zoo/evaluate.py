@@ -75,9 +75,10 @@ def icl_accuracy(model, tokenizer, world: World, *, shots=ICL_SHOTS, tasks=None,
     return table
 
 
-def segment_qa_accuracy(model, tokenizer, world: World, *, n: int = 400, split: str = "test") -> float:
+def segment_qa_accuracy(model, tokenizer, world: World, *, n: int = 400, split: str = "test",
+                        mixed: bool = False) -> float:
     """Top-1 accuracy (%) of the one-word answer after the causal ``answer :`` header."""
-    exs = world.segment_examples(n, split)
+    exs = world.segment_examples(n, split, mixed=mixed)
     return _mean(top1_correct(model, tokenizer, [e.prompt for e in exs], [" " + e.answer for e in exs]))
 
 
@@ -92,6 +93,7 @@ def evaluate(model, tokenizer, world: World, *, quick: bool = False) -> dict:
         icl = icl_accuracy(model, tokenizer, world, repeats=1 if quick else 3,
                            tasks=list(ICL_TASKS)[:2] if quick else None)
         seg = segment_qa_accuracy(model, tokenizer, world, n=50 if quick else 400)
+        seg_mixed = segment_qa_accuracy(model, tokenizer, world, n=50 if quick else 400, mixed=True)
     finally:
         model.train(was_training)
     gains = {t: round(v[5] - v[0], 2) for t, v in icl.items() if 5 in v and 0 in v}
@@ -102,4 +104,5 @@ def evaluate(model, tokenizer, world: World, *, quick: bool = False) -> dict:
         "icl_gain_5_vs_0": gains,
         "tasks_with_gain_ge_20": sum(g >= 20 for g in gains.values()),
         "segment_qa": seg,
+        "segment_qa_mixed": seg_mixed,
     }

@@ -304,26 +304,41 @@ class World:
         return icl_prompt(pairs[:-1], pairs[-1][0]) + " " + pairs[-1][1]
 
     # --- segment QA (MAS) ----------------------------------------------------------------------
-    def segment_example(self, rng: random.Random) -> SegmentExample:
-        """A context of 2-4 random (not world) facts of one kind about different people, and a
-        question about one of them: the answer needs the question (whom) and the context (what)."""
-        people = rng.sample(PEOPLE, rng.randint(2, 4))
-        rel = rng.choice(("home", "job"))
-        values = [c[1] for c in COUNTRIES] if rel == "home" else PROFESSIONS
-        facts = [(p, rng.choice(values)) for p in people]
-        context = " ".join(fill(RELATION_BY_NAME[rel].natural, p, v) for p, v in facts)
-        subj, answer = rng.choice(facts)
+    def segment_example(self, rng: random.Random, mixed: bool = False) -> SegmentExample:
+        """A context of 2-4 random (not world) facts about different people, and a question about
+        one of them: the answer needs the question (whom) and the context (what).
+
+        By default every context sentence is of the asked kind (all homes or all jobs). With
+        ``mixed=True`` each person gets both a home and a job sentence, shuffled, so the question's
+        relation matters too (harder; the corpus of the first facts-gpt2 weights used it).
+        """
+        if mixed:
+            capitals = [c[1] for c in COUNTRIES]
+            people = rng.sample(PEOPLE, rng.randint(2, 4))
+            facts = []
+            for p in people:
+                facts.append(("home", p, rng.choice(capitals)))
+                facts.append(("job", p, rng.choice(PROFESSIONS)))
+            rng.shuffle(facts)
+            rel, subj, answer = rng.choice(facts)
+        else:
+            people = rng.sample(PEOPLE, rng.randint(2, 4))
+            rel = rng.choice(("home", "job"))
+            values = [c[1] for c in COUNTRIES] if rel == "home" else PROFESSIONS
+            facts = [(rel, p, rng.choice(values)) for p in people]
+            _, subj, answer = rng.choice(facts)
+        context = " ".join(fill(RELATION_BY_NAME[r].natural, s, o) for r, s, o in facts)
         question = f"where does {subj} live ?" if rel == "home" else f"what is the job of {subj} ?"
         system = rng.choice(SYSTEM_PROMPTS)
         user = f"user : context : {context} question : {question} {DELIMITER}"
         return SegmentExample((system, user), answer)
 
-    def segment_examples(self, n: int, split: str = "train", seed: int = 0) -> list[SegmentExample]:
+    def segment_examples(self, n: int, split: str = "train", seed: int = 0, mixed: bool = False) -> list[SegmentExample]:
         """``n`` segment-QA examples; "train" and "test" come from disjoint random streams."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        rng = random.Random(f"{self.seed}-segments-{split}-{seed}")
-        return [self.segment_example(rng) for _ in range(n)]
+        rng = random.Random(f"{self.seed}-segments-{split}-{seed}-{'mixed' if mixed else 'single'}")
+        return [self.segment_example(rng, mixed=mixed) for _ in range(n)]
 
     # --- editing (CounterFact style) -----------------------------------------------------------
     def edit_requests(self, n: int = 50, seed: int = 0) -> list[dict]:
