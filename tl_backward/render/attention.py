@@ -49,13 +49,15 @@ def top_heads_figures(ra: Any, *, k: int = 10, row: int = 0) -> list[Figure]:
     toks = list(ra.str_tokens[row])[:n]
     ra_maps = ra.maps[:, row][[li for li, _ in picks], [h for _, h in picks]][:, :n, :n]
     fwd_maps = ra.patterns[:, row][[li for li, _ in picks], [h for _, h in picks]][:, :n, :n]
-    names = [f"L{ra.layers[li]}H{h} ‖RA‖={float(v):.3g}" for (li, h), v in zip(picks, vals)]
+    names = [f"L{ra.layers[li]}H{h}" for li, h in picks]
+    listing = ", ".join(f"{nm} {float(v):.3g}" for nm, v in zip(names, vals))
     m = float(ra_maps.abs().max()) or 1.0
     ra_fig = attention_heads(ra_maps, toks, head_names=names, signed=True, max_abs=m,
                              title=f"Reversed Attention of the top {k} heads by ‖RA‖_F")
-    fwd_fig = attention_heads(fwd_maps, toks, head_names=[nm.split(" ")[0] for nm in names],
+    fwd_fig = attention_heads(fwd_maps, toks, head_names=names,
                               title="Forward attention patterns of the same heads (0..1)")
-    return [_with_note(ra_fig, _SIGN_NOTE.format(m=m)), fwd_fig]
+    note = _SIGN_NOTE.format(m=m) + f"<br>‖RA‖_F: {escape(listing)}"
+    return [_with_note(ra_fig, note), fwd_fig]
 
 
 def reversed_attention_page(ra: Any, *, k: int = 10, row: int = 0, title: str | None = None) -> Page:

@@ -1,0 +1,110 @@
+"""Dataset aggregation (mean maps, alignment) and the streaming head ranking."""
+
+import pytest
+import torch
+
+from tests.reference import assert_no_hooks, assert_untouched
+from tl_backward.attention import mean_over, rank_heads, reversed_attention
+from tl_backward.attention.aggregate import MeanAccumulator
+from tl_backward.core.adapter import get_adapter
+
+SAME = ["the cat sat on the mat", "the dog ran to the city", "a big red dog is hot"]  # 6 words each
+SAME_T = [" big", " cat", " cold"]
+MIXED = ["the cat sat on the mat and", "the dog ran", "a big red dog is"]
+MIXED_T = [" big", " cat", " cold"]
+
+
+def test_exact_mean_is_the_elementwise_mean(gpt2_model):
+    singles = [reversed_attention(gpt2_model, p, t, prepend_bos=True) for p, t in zip(SAME, SAME_T)]
+    mean = mean_over(gpt2_model, SAME, SAME_T, batch_size=2, prepend_bos=True)
+    assert mean.maps.shape[1] == 1 and mean.n_examples == 3 and mean.align == "exact"
+    manual = torch.stack([s.maps[:, 0] for s in singles]).mean(0)
+    torch.testing.assert_close(mean.maps[:, 0], manual, atol=1e-9, rtol=1e-5)
+    manual_p = torch.stack([s.patterns[:, 0] for s in singles]).mean(0)
+    torch.testing.assert_close(mean.patterns[:, 0], manual_p, atol=1e-7, rtol=1e-5)
+    assert mean.str_tokens == singles[0].str_tokens
+    assert float(mean.metric) == pytest.approx(sum(float(s.metric) for s in singles) / 3, rel=1e-5)
+    # the in-memory mean of one batch agrees with the streamed one
+    batch = reversed_attention(gpt2_model, SAME, SAME_T, prepend_bos=True)
+    torch.testing.assert_close(batch.mean().maps, mean.maps, atol=1e-9, rtol=1e-5)
+    # mean rows still sum to zero; the mean pattern's rows to one
+    assert float(mean.maps.sum(-1).abs().max()) < 1e-6 * float(mean.maps.abs().max())
+    torch.testing.assert_close(mean.patterns.sum(-1), torch.ones_like(mean.patterns.sum(-1)))
+
+
+def test_exact_alignment_refuses_mixed_lengths(gpt2_model):
+    with pytest.raises(ValueError, match="align='end'"):
+        mean_over(gpt2_model, MIXED, MIXED_T, prepend_bos=True)
+    ra = reversed_attention(gpt2_model, MIXED, MIXED_T, prepend_bos=True)
+    with pytest.raises(ValueError, match="one token length"):
+        ra.mean()
+    with pytest.raises(ValueError, match="align must be"):
+        ra.mean(align="start")
+
+
+def test_end_alignment_counts_from_the_last_token(gpt2_model):
+    singles = [reversed_attention(gpt2_model, p, t, prepend_bos=True) for p, t in zip(MIXED, MIXED_T)]
+    n = min(s.maps.shape[-1] for s in singles)
+    manual = torch.stack([s.maps[:, 0, :, -n:, -n:] for s in singles]).mean(0)
+    # streamed in batches whose shortest prompt arrives last (the running sums get cropped)
+    mean = mean_over(gpt2_model, MIXED, MIXED_T, batch_size=1, align="end", prepend_bos=True)
+    assert mean.maps.shape[-1] == n
+    torch.testing.assert_close(mean.maps[:, 0], manual, atol=1e-9, rtol=1e-5)
+    assert mean.str_tokens[0] == singles[0].str_tokens[0][-n:]
+    batch = reversed_attention(gpt2_model, MIXED, MIXED_T, prepend_bos=True).mean(align="end")
+    torch.testing.assert_close(batch.maps, mean.maps, atol=1e-9, rtol=1e-5)
+    with pytest.raises(ValueError, match="already averaged"):
+        acc = MeanAccumulator("end")
+        acc.add(mean)
+
+
+def test_rank_heads_streams_the_per_example_norms(llama_model):
+    singles = [reversed_attention(llama_model, p, t, prepend_bos=True) for p, t in zip(MIXED, MIXED_T)]
+    r_norms = torch.stack([s.head_norms() for s in singles])  # [example, layer, head]
+    f_norms = torch.stack([s.head_norms("forward") for s in singles])
+    for bs in (1, 2, 3):
+        ranking = rank_heads(llama_model, MIXED, MIXED_T, batch_size=bs, prepend_bos=True, progress=False)
+        assert ranking.n_examples == 3 and ranking.layers == (0, 1)
+        torch.testing.assert_close(ranking.reversed_mean, r_norms.mean(0), atol=1e-9, rtol=1e-5)
+        torch.testing.assert_close(ranking.reversed_std, r_norms.std(0), atol=1e-9, rtol=1e-4)
+        torch.testing.assert_close(ranking.forward_mean, f_norms.mean(0), atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(ranking.forward_std, f_norms.std(0), atol=1e-7, rtol=1e-4)
+    # token-id targets, one per prompt, give the same ranking as strings
+    ad = get_adapter(llama_model)
+    ids = [int(ad.target_tokens(t)[0]) for t in MIXED_T]
+    by_id = rank_heads(llama_model, MIXED, ids, batch_size=2, prepend_bos=True, progress=False)
+    torch.testing.assert_close(by_id.reversed_mean, ranking.reversed_mean)
+    assert_no_hooks(llama_model)
+    assert_untouched(llama_model)
+
+
+def test_ranking_orders(gpt2_model):
+    ranking = rank_heads(gpt2_model, SAME, SAME_T, batch_size=2, prepend_bos=True, progress=False)
+    order = ranking.order()
+    scores = [float(ranking.reversed_mean[l, h]) for l, h in order]
+    assert scores == sorted(scores, reverse=True) and len(order) == 8
+    assert ranking.order(descending=False) == order[::-1]
+    fwd = ranking.order("forward")
+    assert [float(ranking.forward_mean[l, h]) for l, h in fwd] == sorted(
+        (float(v) for v in ranking.forward_mean.flatten()), reverse=True)
+    rnd = ranking.order("random", seed=1)
+    assert sorted(rnd) == sorted(order) and rnd == ranking.order("random", seed=1)
+    assert ranking.order("random", seed=2) != rnd
+    top = ranking.top(2)
+    assert [(l, h) for l, h, _ in top] == order[:2]
+    assert "L0" in ranking.table() and "L1" in ranking.table()
+    with pytest.raises(ValueError, match="which"):
+        ranking.order("loss")
+
+
+def test_dataset_bad_input(gpt2_model):
+    with pytest.raises(TypeError, match="not one string"):
+        rank_heads(gpt2_model, "the cat", " dog", progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        rank_heads(gpt2_model, SAME, SAME_T, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="exactly one"):
+        rank_heads(gpt2_model, SAME, progress=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        mean_over(gpt2_model, [], " dog")
+    with pytest.raises(TypeError, match="all strings or all token ids"):
+        rank_heads(gpt2_model, SAME, [" big", 5, " cold"], progress=False)
