@@ -27,9 +27,16 @@ def load_model(name: str | None = None, *, device: str | torch.device | None = N
     directory = embedded or (Path(name) if name is not None and Path(name).is_dir() else None)
     if directory is not None:
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+        from transformers.utils import logging as hf_logging
 
-        hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, torch_dtype=dtype,
-                                                  attn_implementation="eager")
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a 1 MB model
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype,
+                                                      attn_implementation="eager")
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
         label = directory.name if embedded else str(directory)
         model = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype)
