@@ -37,12 +37,12 @@ def test_answer_accuracy_matches_single_example_forwards(gpt2_model):
 
 def test_mas_comparison_runs_both_arms_and_leaves_the_base_alone(gpt2_model):
     before = [p.clone() for p in gpt2_model.parameters()]
-    res = mas_comparison(gpt2_model, task="synthetic", n_train=16, n_test=8, batch_size=8, seeds=(0, 1),
+    res = mas_comparison(gpt2_model, task="synthetic", n_train=8, n_test=8, batch_size=8, seeds=(0, 1),
                          progress=False, verbose=False)
     assert all(torch.equal(p, b) for p, b in zip(gpt2_model.parameters(), before))
     assert res["task"] == "synthetic" and set(res["arms"]) == {"causal", "mas"}
     for arm in res["arms"].values():
-        assert len(arm["accuracy"]) == 2 and 0 <= arm["mean"] <= 1 and arm["steps"] == 2
+        assert len(arm["accuracy"]) == 2 and 0 <= arm["mean"] <= 1 and arm["steps"] == 1
     table = format_table(res)
     assert "| causal |" in table and "| mas |" in table and "Δ (MAS − causal)" in table
     with pytest.raises(ValueError, match="task"):

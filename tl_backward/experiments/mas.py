@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..masking.finetune import copy_model, finetune
+from ..masking.finetune import finetune, preserving_weights, snapshot_weights
 from ..masking.segments import Segments, from_delimiter
 
 
@@ -119,6 +119,7 @@ def mas_comparison(
     lora: Any = None,
     progress: bool = True,
     verbose: bool = True,
+    keep_models: bool = False,
 ) -> dict:
     """Fine-tune copies of ``model`` causally and with MAS (same data, steps, seeds); report held-out
     accuracy mean ± std over ``seeds``. Prints a table (``verbose``) and returns a dict.
@@ -126,6 +127,8 @@ def mas_comparison(
     ``model=None`` loads the embedded ``facts-gpt2`` and its world task (``task="auto"``), or falls
     back to a random tiny GPT-2 on :func:`synthetic_task` when no embedded model is shipped.
     ``task`` = "world" | "synthetic" | "auto". The base model itself is not modified.
+    ``keep_models`` adds ``result["weights"][arm]``: the fine-tuned weights (state dict) of the first
+    seed, loadable with :func:`tl_backward.masking.restore_weights`; and ``result["base_model"]``.
     """
     if len(seeds) < 1:
         raise ValueError("seeds must list at least one seed (>= 3 for mean ± std)")
@@ -142,17 +145,20 @@ def mas_comparison(
 
     base = {arm: answer_accuracy(model, test, mask=arm) for arm in ("causal", "mas")}
     arms: dict[str, dict] = {}
+    kept: dict[str, Any] = {}
     for arm in ("causal", "mas"):
         accs, losses, secs = [], [], []
         for seed in seeds:
-            tuned = copy_model(model)
-            start = time.perf_counter()
-            res = finetune(tuned, train, mask=arm, epochs=epochs, lr=lr, batch_size=batch_size,
-                           lora=lora, seed=seed, progress=progress)
-            secs.append(time.perf_counter() - start)
-            accs.append(answer_accuracy(tuned, test, mask=arm))
-            losses.append(float(res.losses[-max(1, len(res.losses) // 10):].mean()))
-            del tuned
+            # Every run starts from the base weights, restored exactly afterwards.
+            with preserving_weights(model):
+                start = time.perf_counter()
+                res = finetune(model, train, mask=arm, epochs=epochs, lr=lr, batch_size=batch_size,
+                               lora=lora, seed=seed, progress=progress)
+                secs.append(time.perf_counter() - start)
+                accs.append(answer_accuracy(model, test, mask=arm))
+                losses.append(float(res.losses[-max(1, len(res.losses) // 10):].mean()))
+                if keep_models and arm not in kept:
+                    kept[arm] = snapshot_weights(model)
         arms[arm] = {
             "accuracy": accs,
             "mean": statistics.fmean(accs),
@@ -172,6 +178,9 @@ def mas_comparison(
     }
     if verbose:
         print(format_table(result))
+    if keep_models:
+        result["weights"] = kept
+        result["base_model"] = model
     return result
 
 
@@ -195,3 +204,61 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append(f"Δ (MAS − causal) = {100 * result['delta_mas_minus_causal']:+.1f} points")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``python -m tl_backward.experiments.mas [--out DIR] [--n-train N] [--seeds 0 1 2] ...``
+
+    Runs :func:`mas_comparison` on the embedded model (or the synthetic fallback), prints the table
+    and writes ``mas_comparison.json``, ``mas_comparison.md`` and ``mas.html`` (segments, mask and
+    attention of the MAS-fine-tuned model under MAS vs the causal one) to ``--out``.
+    """
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ..render.masks import mask_figure, patterns_figure, segment_tokens
+    from ..render.page import Page, html_figure
+    from ..masking.context import attention_patterns
+    from ..masking.finetune import restore_weights
+
+    ap = argparse.ArgumentParser(description="causal vs MAS fine-tuning on segment QA")
+    ap.add_argument("--out", default="demos/out/mas")
+    ap.add_argument("--task", default="auto", choices=("auto", "world", "synthetic"))
+    ap.add_argument("--n-train", type=int, default=8000)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy CPU)")
+    ap.add_argument("--layer", type=int, default=0, help="layer whose attention the page shows")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    res = mas_comparison(task=args.task, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs,
+                         lr=args.lr, batch_size=args.batch_size, seeds=args.seeds, keep_models=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, model = res.pop("weights"), res.pop("base_model")
+    (out / "mas_comparison.json").write_text(json.dumps(res, indent=2))
+    table = format_table(res)
+    (out / "mas_comparison.md").write_text(table + "\n")
+
+    make = world_task if res["task"] == "world" else synthetic_task
+    example = qa_segments(model, make(1, split="test"))
+    toks = [t for t, v in zip(example.str_tokens(model), example.valid[0].tolist()) if v]
+    figs = [html_figure("<pre>" + __import__("html").escape(table) + "</pre>", title="Measured comparison"),
+            segment_tokens(example, toks), mask_figure(example, toks)]
+    for arm in ("mas", "causal"):
+        with preserving_weights(model):
+            restore_weights(model, weights[arm])
+            pat = attention_patterns(model, example, layers=args.layer, mask=arm)[0, 0]
+        figs.append(patterns_figure(pat, toks, title=f"{arm}-fine-tuned model, layer {args.layer}, {arm} mask"))
+    path = Page(figs, title="MAS: segment-based attention masking").save(out / "mas.html")
+    print(f"wrote {out / 'mas_comparison.json'}, {out / 'mas_comparison.md'} and {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

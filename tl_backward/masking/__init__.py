@@ -2,7 +2,8 @@
 
 from . import segments
 from .context import attention_patterns, segment_mask
-from .finetune import FinetuneResult, answer_loss, causal_finetune, copy_model, finetune, mas_finetune
+from .finetune import (FinetuneResult, answer_loss, causal_finetune, finetune, mas_finetune, preserving_weights,
+                       restore_weights, snapshot_weights)
 from .generate import Generation, mas_generate
 from .segments import Segments
 
@@ -17,6 +18,8 @@ __all__ = [
     "causal_finetune",
     "finetune",
     "answer_loss",
-    "copy_model",
+    "preserving_weights",
+    "snapshot_weights",
+    "restore_weights",
     "FinetuneResult",
 ]

@@ -5,8 +5,8 @@ Models are pre-trained causally, so MAS needs fine-tuning. The loss is the mean 
 prompt-token loss would leak. The causal arm runs the identical code with every segment id set to
 -1 (same tokens, padding, positions, batches, seeds), so only the mask differs.
 
-These functions change the weights **in place** (that is their point): pass ``copy.deepcopy(model)``
-to keep the base. The model is left in eval mode with no parameter ``.grad``; requires_grad flags
+These functions change the weights **in place** (that is their point); undo with
+``with preserving_weights(model): ...`` or :func:`snapshot_weights` / :func:`restore_weights`. The model is left in eval mode with no parameter ``.grad``; requires_grad flags
 are restored. LoRA (``lora=``) needs the optional ``peft`` dependency (``pip install
 tl_backward[lora]``); adapters go on the attention q/v projections by default (the paper's recipe)
 and are merged into the weights at the end, so the returned model is a plain Bridge again.
@@ -15,8 +15,9 @@ and are merged into the weights at the end, so the returned model is a plain Bri
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -42,21 +43,30 @@ class FinetuneResult:
     lora: bool
 
 
-def copy_model(model: Any) -> Any:
-    """A deep copy of a Bridge, e.g. to fine-tune several arms from one base.
+def snapshot_weights(model: Any) -> dict[str, Tensor]:
+    """A detached copy of every weight (``model.state_dict()``), to undo a fine-tune later."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    Plain ``copy.deepcopy`` fails after a grad-enabled forward: some attention bridges keep the
-    last pattern (a non-leaf tensor) as an attribute. Those are copied detached; the original model
-    is not modified.
+
+def restore_weights(model: Any, snapshot: dict[str, Tensor]) -> None:
+    """Copy ``snapshot`` (from :func:`snapshot_weights`) back into the model's weights in place."""
+    with torch.no_grad():
+        model.load_state_dict(snapshot)
+
+
+@contextmanager
+def preserving_weights(model: Any) -> Iterator[dict[str, Tensor]]:
+    """Fine-tune inside the block; on exit (also after an error) the weights are restored exactly.
+
+    Why not ``copy.deepcopy(model)``: TransformerLens 4.3 bridges keep weak proxies to their own
+    submodules inside forward hooks; a deep copy keeps pointing at the original's modules (and
+    raises ``ReferenceError`` once the original is gone). Restoring weights in place avoids that.
     """
-    import copy
-
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
+    snapshot = snapshot_weights(model)
+    try:
+        yield snapshot
+    finally:
+        restore_weights(model, snapshot)
 
 
 def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[Tensor, ""]:
@@ -122,8 +132,9 @@ def _inject_lora(model: Any, lora: Any) -> list[Any]:
     return [m for m in hf.modules() if isinstance(m, LoraLayer)]
 
 
-def _merge_lora(model: Any, layers: list[Any]) -> None:
-    """Fold every adapter into its base weight and put the base module back in place."""
+def _merge_lora(model: Any, layers: list[Any], had_config: bool = False) -> None:
+    """Fold every adapter into its base weight, put the base module back in place, and drop the
+    ``peft_config`` attribute peft's injection left on the HF model (unless it was there before)."""
     hf = hf_module(model)
     ids = {id(layer) for layer in layers}
     for parent in list(hf.modules()):
@@ -131,6 +142,8 @@ def _merge_lora(model: Any, layers: list[Any]) -> None:
             if child is not None and id(child) in ids:
                 child.merge()
                 parent._modules[child_name] = child.get_base_layer()
+    if not had_config and "peft_config" in vars(hf):
+        del hf.peft_config
 
 
 def finetune(
@@ -168,6 +181,7 @@ def finetune(
     steps = epochs * math.ceil(n / batch_size)
     flags = {p: p.requires_grad for p in model.parameters()}
     layers: list[Any] = []
+    had_config = "peft_config" in vars(hf)
     losses: list[float] = []
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
@@ -202,7 +216,7 @@ def finetune(
         finally:
             if layers:
                 with torch.no_grad():
-                    _merge_lora(model, layers)
+                    _merge_lora(model, layers, had_config)
             for p, flag in flags.items():
                 p.requires_grad_(flag)
                 p.grad = None
