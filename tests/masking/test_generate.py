@@ -84,3 +84,29 @@ def test_generation_leaves_no_hooks_and_checks_arguments(model):
         mas_generate(model, seg, max_new_tokens=2, temperature=-1)
     with pytest.raises(TypeError, match="Segments"):
         mas_generate(model, seg.tokens, max_new_tokens=2)
+
+
+def test_system_block_kv_can_be_cached_and_reused(model):
+    """Prefill block 0 alone, then the rest with the mask rows at absolute positions: same logits
+    as one MAS prefill (block 0 never sees later tokens, so its K/V do not depend on them)."""
+    from tl_backward.masking.generate import _kv_cache_shim
+
+    seg = S.from_blocks(model, ["the cat sat on the mat", "where is the cat ?"], "A : mat")
+    off = seg.spans()[0][1]
+    rest = seg.tokens.shape[1] - off
+    with torch.no_grad(), _kv_cache_shim(model):
+        full = model(seg.tokens, attention_mask=seg.mask(), position_ids=seg.position_ids)
+        head, cache = model(seg.tokens[:, :off], attention_mask=seg.mask()[:, :, :off, :off],
+                            return_type="logits_and_cache")
+        tail, _ = model(seg.tokens[:, off:], attention_mask=seg.mask(q_len=rest),
+                        position_ids=seg.position_ids[:, off:], past_key_values=cache, return_type="logits_and_cache")
+    assert torch.allclose(head, full[:, :off], atol=1e-5) and torch.allclose(tail, full[:, off:], atol=1e-5)
+
+
+def test_bridge_generate_inside_segment_mask_is_refused(model):
+    from tl_backward.masking import segment_mask
+
+    seg = S.from_blocks(model, PROMPTS[0], ANSWERS[0])
+    for cached in (True, False):
+        with segment_mask(model, seg), pytest.raises(ValueError, match="mas_generate|differ from the segments"):
+            model.generate(seg.tokens, max_new_tokens=3, do_sample=False, use_past_kv_cache=cached, verbose=False)

@@ -59,11 +59,12 @@ def synthetic_task(n: int, *, split: str = "train", seed: int = 0) -> list[QA]:
     return out
 
 
-def world_task(n: int, *, split: str = "train", world_seed: int = 0) -> list[QA]:
-    """``n`` segment-QA examples of the embedded models' world."""
+def world_task(n: int, *, split: str = "train", world_seed: int = 0, mixed: bool = False) -> list[QA]:
+    """``n`` segment-QA examples of the embedded models' world (``mixed``: the harder variant whose
+    contexts mix home and job sentences)."""
     from ..zoo.world import World
 
-    return [QA(e.prompt, e.answer) for e in World(world_seed).segment_examples(n, split)]
+    return [QA(e.prompt, e.answer) for e in World(world_seed).segment_examples(n, split, mixed=mixed)]
 
 
 def qa_segments(model: Any, examples: Sequence[QA], *, delimiter: str = "###") -> Segments:

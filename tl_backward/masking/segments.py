@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import torch
@@ -72,12 +73,12 @@ class Segments:
         return self.tokens.device
 
     # -- the mask ----------------------------------------------------------------------------
-    @property
+    @cached_property
     def row_end(self) -> Int[Tensor, "batch pos"]:
-        """Last key position each query may see (staircase form of the rule)."""
+        """Last key position each query may see (staircase form of the rule; cached, O(batch·pos))."""
         return _row_end(self.segment_ids)
 
-    @property
+    @cached_property
     def position_ids(self) -> Int[Tensor, "batch pos"]:
         """``(cumsum(valid) - 1).clamp(min=0)``: correct positions under left or right padding."""
         return _position_ids(self.valid)
