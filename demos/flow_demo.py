@@ -9,6 +9,7 @@ neurons). Falls back to a tiny random GPT-2 (plumbing only) when no embedded mod
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import sys
 import tempfile
@@ -34,11 +35,12 @@ def load():
 
         model = tlb.load_model()
         items = World(0).recall_prompts()
-        return model, "the capital of france is", " paris", [(p, " " + t) for _, p, t in items]
+        random.Random(0).shuffle(items)  # a sample across relations
+        return model, "the capital of france is", " paris", " rome", [(p, " " + t) for _, p, t in items]
     from tl_backward.zoo.tiny import tiny_model
 
     words = ["the cat sat on the", "paris is the capital of", "the dog ran up the", "who lives in rome ?"]
-    return tiny_model("gpt2"), "the cat sat on the", " mat", [(w, " mat") for w in words]
+    return tiny_model("gpt2"), "the cat sat on the", " mat", " dog", [(w, " mat") for w in words]
 
 
 def correct_prompts(model, items, limit=100):
@@ -78,19 +80,28 @@ def main() -> None:
     ap.add_argument("--no-screenshots", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model, prompt, target, items = load()
+    model, prompt, target, edit, items = load()
     ad = get_adapter(model)
-    layer = ad.n_layers // 2 if args.layer is None else args.layer
     print(f"model {model.cfg.model_name}: {ad.n_layers} layers, d_model {ad.d_model}, vocab {ad.d_vocab}")
+    layer = args.layer
+    if layer is None:  # the layer whose output first ranks the target first (where the answer forms)
+        for layer in range(ad.n_layers):
+            fwd = flow_graph(model, prompt, layer=layer, target=target, prepend_bos=True)
+            if fwd.node(f"resid{layer + 1}").target_rank == 1:
+                break
+    print(f"layer {layer}: where block_out first ranks {target!r} first")
     fwd = flow_graph(model, prompt, layer=layer, target=target, prepend_bos=True)
-    bwd = flow_graph(model, prompt, layer=layer, target=target, prepend_bos=True, backward=True)
+    # Backward graph of an edit-style loss (Backward Lens): −log p(edit) — which nodes a gradient
+    # step would use, and what it would write, to make the model answer ``edit`` instead.
+    bwd = flow_graph(model, prompt, layer=layer, target=edit, prepend_bos=True, backward=True)
     print(fwd, bwd, sep="\n")
     for g in (fwd, bwd):
         heads = sorted(g.nodes_of("head"), key=lambda n: -n.value)[:3]
         print(("backward" if g.backward else "forward"), "top heads:",
               ", ".join(f"H{n.head} {n.label!r} (target rank {n.target_bottom_rank if g.backward else n.target_rank})"
                         for n in heads))
-    page = Page([fwd.render(), bwd.render()], title=f"VISIT flow graphs: {prompt!r} -> {target!r}")
+    page = Page([fwd.render(), bwd.render()], title=f"VISIT flow graphs: {prompt!r} -> {target!r} (backward: "
+                f"loss -log p({edit!r}))")
     out = page.save(OUT / "flow_example.html")
     print(f"wrote {out.relative_to(ROOT)} ({out.stat().st_size / 1e3:.0f} kB)")
     if not args.no_screenshots:
@@ -102,7 +113,12 @@ def main() -> None:
     if not prompts:  # the random fallback model answers nothing correctly
         prompts = [p for p, _ in items]
         print(f"(none: using all {len(prompts)} prompts)")
-    func_ids = [int(ad.target_tokens(" " + w)[0]) for w in FUNCTION_WORDS]
+    func_ids = []
+    for w in FUNCTION_WORDS:
+        try:
+            func_ids.append(int(ad.target_tokens(" " + w)[0]))
+        except ValueError:  # not in this vocabulary
+            pass
     for l in range(ad.n_layers):
         for which in ("ln1", "ln2"):
             res = ln_filter(model, prompts, layer=l, which=which, prepend_bos=True)
