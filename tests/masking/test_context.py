@@ -191,3 +191,25 @@ def test_capture_under_segment_mask_matches_explicit_autograd(model):
     assert torch.allclose(cache[name + "_grad"], grad, atol=1e-6)
     assert not torch.allclose(causal[name + "_grad"], grad, atol=1e-4)  # MAS really changed it
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_reversed_attention_and_backward_lens_see_the_mas_mask(model):
+    from tl_backward.attention import reversed_attention
+    from tl_backward.lens.backward_lens import backward_lens
+
+    seg = S.from_blocks(model, ["the cat sat on the mat", "where is the cat ?", "A :"])
+    target = model.tokenizer.convert_tokens_to_ids("mat")
+    with segment_mask(model, seg):
+        ra = reversed_attention(model, seg.tokens, target=target)
+        lens = backward_lens(model, seg.tokens, target, layers=0, top_k=3)
+    causal = reversed_attention(model, seg.tokens, target=target)
+    with torch.no_grad():
+        logits = model(seg.tokens, attention_mask=seg.mask())[0, -1]
+    keep = pairwise_mask(seg.segment_ids, seg.valid)[0, 0]
+    future = keep & ~torch.ones_like(keep).tril()  # entries only MAS allows
+    assert future.any()
+    assert (ra.maps[:, 0][..., ~keep] == 0).all()  # no gradient through banned entries
+    assert (ra.patterns[:, 0][..., future] > 0).all() and ra.maps[:, 0][..., future].abs().sum() > 0
+    assert (causal.maps[:, 0][..., future] == 0).all()
+    assert torch.allclose(ra.metric, -logits.log_softmax(-1)[target], atol=1e-5)
+    assert int(lens.pred_ids[0]) == int(logits.argmax())
