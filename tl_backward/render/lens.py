@@ -112,6 +112,8 @@ def norm_tokens(lens: Any, module: str = "mlp_out", row: int = 0, *, title: str 
     idx = _row(lens, row)
     toks = [lens.token_strs[i] for i in idx.tolist()]
     side = "x" if r.side == "x" else "δ"
+    if len(toks) > 1 and not any(t[:1].isspace() for t in toks[1:]):
+        toks = toks[:1] + [" " + t for t in toks[1:]]  # word-level vocabularies: keep words apart
     values = r.norm[:, idx].T  # [pos, layer]
     return colored_tokens_multi(toks, values, [f"L{l} ‖{side}‖" for l in lens.layers],
                                 title=title or f"‖{side}‖ of {module} per token (pick a layer)")

@@ -1,0 +1,46 @@
+"""The FPS editing experiment (tl_backward.experiments.editing) on a tiny model and toy requests."""
+
+import pytest
+import torch
+
+from tl_backward.experiments.editing import format_report, harmonic_score, run
+from tl_backward.lens.editing import evaluate_edits
+
+REQUESTS = [
+    dict(prompt="the capital of france is", target_new="rome", target_true="paris",
+         paraphrases=["france has the capital"], neighborhood=["the capital of italy is"]),
+    dict(prompt="the cat sat on the", target_new="dog", target_true="mat",
+         paraphrases=["a cat sat on the"], neighborhood=["the dog sat on the"]),
+    dict(prompt="the dog ran to the", target_new="city", target_true="mat",
+         paraphrases=["a dog ran to the"], neighborhood=["the cat ran to the"]),
+]
+
+
+def test_harmonic_score():
+    assert harmonic_score(dict(efficacy=1.0, paraphrase=0.5, neighborhood=0.5)) == pytest.approx(0.6)
+    assert harmonic_score(dict(efficacy=1.0, paraphrase=0.0, neighborhood=1.0)) == 0.0
+
+
+def test_run_tunes_then_scores_held_out(gpt2_model, capsys):
+    snap = [p.detach().clone() for p in gpt2_model.parameters()]
+    out = run(gpt2_model, REQUESTS, n_tune=1, layers=[0, 1], etas=(1.0, 100.0), progress=False)
+    assert len(out["grid"]) == 4 and out["n_tune"] == 1 and out["n_eval"] == 2
+    best = max(out["grid"], key=lambda g: (g["score"], g["efficacy"], -g["eta"]))
+    assert out["chosen"] == dict(layer=best["layer"], eta=best["eta"])
+    # the held-out numbers are exactly evaluate_edits on the held-out requests
+    again = evaluate_edits(gpt2_model, REQUESTS[1:], layer=best["layer"], eta=best["eta"], progress=False).summary()
+    assert out["edited"]["efficacy"] == again["efficacy"]
+    assert out["baseline"]["applied"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(gpt2_model.parameters(), snap))
+    printed = capsys.readouterr().out
+    assert "FPS tuning grid" in printed and "unedited" in printed
+    assert format_report(out) in printed
+
+
+def test_run_bad_input(gpt2_model):
+    with pytest.raises(ValueError, match="n_tune must be"):
+        run(gpt2_model, REQUESTS, n_tune=3, progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        run(gpt2_model, REQUESTS, n_tune=1, layers=[4], progress=False)
+    with pytest.raises(ValueError, match="etas is empty"):
+        run(gpt2_model, REQUESTS, n_tune=1, etas=(), progress=False)

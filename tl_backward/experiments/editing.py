@@ -1,0 +1,122 @@
+"""Forward Pass Shift editing on the embedded model's CounterFact-style requests (spec §5).
+
+Protocol (the paper's, scaled down): requests come from the synthetic world
+(:meth:`tl_backward.zoo.world.World.edit_requests`: a prompt, a true and a new one-word target,
+paraphrases -- the held-out template first -- and neighbour prompts whose true answer is the same
+``target_true``). The first ``n_tune`` requests tune the layer and η on a grid; the others are
+held out and scored once with the chosen setting and once unedited. One edit at a time, weights
+restored after each. Metrics (teacher-forced argmax accuracy): efficacy, paraphrase,
+neighbourhood; the tuning criterion is MEMIT's *score*, the harmonic mean of the three.
+
+``run()`` prints the tables and returns a dict (also the grid), so notebooks and the CLI can reuse it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from ..lens.editing import EditEvaluation, evaluate_edits
+
+DEFAULT_ETAS = (0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4)
+
+
+def harmonic_score(summary: dict) -> float:
+    """Harmonic mean of efficacy, paraphrase and neighbourhood (0 if any is 0)."""
+    vals = [summary["efficacy"], summary["paraphrase"], summary["neighborhood"]]
+    return 0.0 if min(vals) <= 0 else len(vals) / sum(1 / v for v in vals)
+
+
+def run(
+    model: Any = None,
+    requests: Sequence[dict] | None = None,
+    *,
+    n_requests: int = 100,
+    n_tune: int = 12,
+    layers: Sequence[int] | None = None,
+    etas: Sequence[float] = DEFAULT_ETAS,
+    seed: int = 0,
+    prepend_bos: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tune (layer, η) on ``n_tune`` requests, then score the held-out rest, edited and unedited.
+
+    Args:
+        model: a bridge; default the embedded ``facts-gpt2`` (raw weights, BOS prepended).
+        requests: CounterFact-style dicts; default ``World(world_seed).edit_requests(n_requests, seed)``.
+        layers / etas: the tuning grid (default every layer x :data:`DEFAULT_ETAS`).
+
+    Returns:
+        ``{"grid": [{layer, eta, efficacy, paraphrase, neighborhood, score}], "chosen": {layer, eta},
+        "edited": summary, "baseline": summary, "n_tune": int, "n_eval": int, "seconds": float}``
+        with fractions in [0, 1].
+    """
+    from ..core.adapter import get_adapter
+
+    start = time.perf_counter()
+    if model is None:
+        from ..core.loading import load_model
+
+        model = load_model("facts-gpt2")
+    ad = get_adapter(model)
+    if requests is None:
+        from ..zoo import model_card
+        from ..zoo.world import World
+
+        try:
+            world_seed = int(model_card("facts-gpt2")["train_config"]["world_seed"])
+        except (KeyError, ValueError, FileNotFoundError):
+            world_seed = 0
+        requests = World(world_seed).edit_requests(n_requests, seed=seed)
+    requests = list(requests)
+    if not 0 < n_tune < len(requests):
+        raise ValueError(f"n_tune must be in [1, {len(requests) - 1}] for {len(requests)} requests, got {n_tune}")
+    layers = ad.layers(layers)
+    if not etas:
+        raise ValueError("etas is empty: pass at least one step size")
+    tune, held = requests[:n_tune], requests[n_tune:]
+
+    grid = []
+    for layer in layers:
+        for eta in etas:
+            s = evaluate_edits(model, tune, layer=layer, eta=eta, prepend_bos=prepend_bos, progress=False).summary()
+            grid.append(dict(layer=layer, eta=float(eta), **{k: s[k] for k in ("efficacy", "paraphrase", "neighborhood")},
+                             score=harmonic_score(s)))
+        if progress:
+            print(f"  tuned layer {layer}: best score "
+                  f"{max(g['score'] for g in grid if g['layer'] == layer):.3f}", flush=True)
+    best = max(grid, key=lambda g: (g["score"], g["efficacy"], -g["eta"]))
+    edited = evaluate_edits(model, held, layer=best["layer"], eta=best["eta"], prepend_bos=prepend_bos,
+                            progress=progress)
+    baseline = evaluate_edits(model, held, prepend_bos=prepend_bos, progress=progress)
+    out = dict(grid=grid, chosen=dict(layer=best["layer"], eta=best["eta"]), edited=_summary(edited),
+               baseline=_summary(baseline), n_tune=len(tune), n_eval=len(held),
+               seconds=time.perf_counter() - start)
+    print(format_report(out))
+    return out
+
+
+def _summary(ev: EditEvaluation) -> dict:
+    s = ev.summary()
+    return dict(s, score=harmonic_score(s))
+
+
+def format_report(result: dict) -> str:
+    """The tuning grid and the held-out comparison as plain-text tables (percent)."""
+    lines = [f"FPS tuning grid on {result['n_tune']} requests (score = harmonic mean):",
+             f"{'layer':>5} {'eta':>6} {'efficacy':>9} {'paraphr.':>9} {'neighb.':>9} {'score':>7}"]
+    for g in result["grid"]:
+        lines.append(f"{g['layer']:>5} {g['eta']:>6.3g} {100 * g['efficacy']:>8.1f}% {100 * g['paraphrase']:>8.1f}% "
+                     f"{100 * g['neighborhood']:>8.1f}% {g['score']:>7.3f}")
+    c = result["chosen"]
+    lines += ["", f"Held-out requests: {result['n_eval']}; chosen layer {c['layer']}, eta {c['eta']:g}",
+              f"{'':>10} {'efficacy':>9} {'paraphr.':>9} {'neighb.':>9} {'score':>7} {'applied':>8}"]
+    for name in ("baseline", "edited"):
+        s = result[name]
+        label = "unedited" if name == "baseline" else "FPS"
+        lines.append(f"{label:>10} {100 * s['efficacy']:>8.1f}% {100 * s['paraphrase']:>8.1f}% "
+                     f"{100 * s['neighborhood']:>8.1f}% {s['score']:>7.3f} {s['applied']:>8}")
+    return "\n".join(lines)
+
+
+__all__ = ["run", "format_report", "harmonic_score", "DEFAULT_ETAS"]
