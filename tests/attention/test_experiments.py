@@ -1,0 +1,126 @@
+"""ICL attention patching and head perturbation as code, on tiny random models (accuracies are
+meaningless there; these tests check the procedure against direct recomputation)."""
+
+import pytest
+import torch
+
+from tests.reference import assert_no_hooks, assert_untouched
+from tl_backward.attention import mean_over, patch_attention, rank_heads, zero_heads
+from tl_backward.core.adapter import get_adapter
+from tl_backward.experiments.icl import (answer_ids, constant_length_pairs, icl_patching, icl_prompt,
+                                         icl_prompts, topk_hits)
+from tl_backward.experiments.perturbation import PAPER_FRACTIONS, head_perturbation, icl_perturbation
+
+WORDS = [("hot", "cold"), ("big", "small"), ("good", "bad"), ("up", "down"), ("yes", "no"),
+         ("one", "two"), ("three", "four"), ("five", "six"), ("seven", "eight"), ("nine", "ten")]
+PAIRS = WORDS + [(b, a) for a, b in WORDS]
+TRAIN, TEST = PAIRS[:14], PAIRS[14:]
+
+
+def test_prompt_template_and_seeded_demonstrations():
+    assert icl_prompt([("hot", "cold")], "big") == "Q: hot\nA: cold\n\nQ: big\nA:"
+    a = icl_prompts(TRAIN, TEST, 3, seed=0)
+    assert a == icl_prompts(TRAIN, TEST, 3, seed=0) and a != icl_prompts(TRAIN, TEST, 3, seed=1)
+    for (prompt, target), (x, y) in zip(a, TEST):
+        assert target == " " + y and prompt.endswith(f"Q: {x}\nA:")
+        assert prompt.count("Q: ") == 4 and f"Q: {x}\nA: " not in prompt  # the query is never a demo
+    with pytest.raises(ValueError, match="demonstrations"):
+        icl_prompts(TRAIN[:2], TEST, 5)
+
+
+def test_topk_hits_reads_each_rows_last_token(gpt2_model):
+    prompts = ["the cat sat on the mat", "the dog", "a big red dog is"]
+    answers = [5, 9, 11]
+    hits = topk_hits(gpt2_model, prompts, answers, ks=(1, 3), batch_size=2)
+    ad = get_adapter(gpt2_model)
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            logits = gpt2_model(ad.tokenize(p, prepend_bos=True).tokens, return_type="logits")[0, -1]
+        top = logits.topk(3).indices.tolist()
+        assert bool(hits[i, 0]) == (top[0] == answers[i]) and bool(hits[i, 1]) == (answers[i] in top)
+    # the model's own argmax is always a top-1 hit
+    preds = []
+    for p in prompts:
+        with torch.no_grad():
+            preds.append(int(gpt2_model(ad.tokenize(p, prepend_bos=True).tokens, return_type="logits")[0, -1].argmax()))
+    assert bool(topk_hits(gpt2_model, prompts, preds, ks=(1,), batch_size=3).all())
+
+
+def test_icl_patching_rows_match_direct_recomputation(gpt2_model):
+    res = icl_patching(gpt2_model, TRAIN, TEST, n_shots=(0, 2), etas=(0, -30.0, 2.0), n_train=6,
+                       batch_size=4, verbose=False)
+    rows = res["rows"]
+    assert len(rows) == 2 * (1 + 2 * 2)
+    assert {(r["n_shots"], r["method"]) for r in rows} == {(k, m) for k in (0, 2) for m in ("none", "reversed", "forward")}
+    for r in rows:
+        assert 0 <= r["top1"] <= r["top2"] <= r["top3"] <= 100 and r["n_test"] == len(TEST)
+    assert {r["prompt_len"] for r in rows if r["n_shots"] == 2} == {1 + 6 * 2 + 5}  # BOS + 2 demos (Q : x A : y) + query (Q : x A :)
+    # recompute the 2-shot RA row at η = -30 by hand
+    fit = icl_prompts(TRAIN, TRAIN[:6], 2, seed=0)
+    evals = icl_prompts(TRAIN, TEST, 2, seed=1)
+    mean = mean_over(gpt2_model, [p for p, _ in fit], answer_ids(gpt2_model, [t for _, t in fit]), prepend_bos=True)
+    ans = answer_ids(gpt2_model, [t for _, t in evals])
+    with patch_attention(gpt2_model, mean, eta=-30.0):
+        hits = topk_hits(gpt2_model, [p for p, _ in evals], ans)
+    row = next(r for r in rows if r["n_shots"] == 2 and r["method"] == "reversed" and r["eta"] == -30.0)
+    assert row["top1"] == pytest.approx(100 * float(hits[:, 0].float().mean()))
+    assert row["top3"] == pytest.approx(100 * float(hits[:, 2].float().mean()))
+    none = next(r for r in rows if r["n_shots"] == 2 and r["method"] == "none")
+    plain = topk_hits(gpt2_model, [p for p, _ in evals], ans)
+    assert none["top1"] == pytest.approx(100 * float(plain[:, 0].float().mean()))
+    ad = get_adapter(gpt2_model)
+    with torch.no_grad():
+        logits = gpt2_model(ad.tokenize([p for p, _ in evals], prepend_bos=True).tokens, return_type="logits")[:, -1]
+    nll = -torch.log_softmax(logits, -1)[torch.arange(len(ans)), torch.tensor(ans)].mean()
+    assert none["nll"] == pytest.approx(float(nll), rel=1e-5)
+    assert res["fit_loss"][2] == pytest.approx(float(mean.metric), rel=1e-5)
+    assert_no_hooks(gpt2_model)
+    assert_untouched(gpt2_model)
+
+
+def test_icl_patching_enforces_constant_length(gpt2_model):
+    mixed = TRAIN + [("the cat", "dog")]
+    with pytest.raises(ValueError, match="constant_length_pairs"):
+        icl_patching(gpt2_model, mixed[-3:] + TRAIN[:3], TEST, n_shots=(1,), etas=(-1,), verbose=False)
+    kept = constant_length_pairs(gpt2_model, mixed + [("big", "red dog")])
+    assert kept == TRAIN  # the two-word input and the two-token answer are dropped
+
+
+def test_head_perturbation_against_direct_ablation(llama_model):
+    fit = icl_prompts(TRAIN, TRAIN[:6], 1, seed=0)
+    evals = icl_prompts(TRAIN, TEST, 1, seed=1)
+    ranking = rank_heads(llama_model, [p for p, _ in fit], answer_ids(llama_model, [t for _, t in fit]),
+                         prepend_bos=True, progress=False)
+    res = head_perturbation(llama_model, [p for p, _ in fit], [t for _, t in fit], [p for p, _ in evals],
+                            [t for _, t in evals], fractions=(0.0, 0.5, 1.0), ranking=ranking, verbose=False)
+    names = {r["ranking"] for r in res["rows"]}
+    assert names == {"reversed", "reversed_asc", "forward", "forward_asc", "random"}
+    assert res["n_heads"] == 8
+    ans = answer_ids(llama_model, [t for _, t in evals])
+    prompts = [p for p, _ in evals]
+    full = topk_hits(llama_model, prompts, ans)
+    with zero_heads(llama_model, [(l, h) for l in range(2) for h in range(4)]):
+        none = topk_hits(llama_model, prompts, ans)
+    with zero_heads(llama_model, ranking.order("reversed")[4:]):
+        half = topk_hits(llama_model, prompts, ans)
+    pct = lambda h, j: 100 * float(h[:, j].float().mean())  # noqa: E731
+    for r in res["rows"]:
+        expect = {0.0: none, 1.0: full}.get(r["fraction"])
+        if expect is not None:
+            assert [r["top1"], r["top2"], r["top3"]] == pytest.approx([pct(expect, j) for j in range(3)])
+        assert r["n_kept"] == round(r["fraction"] * 8)
+    row = next(r for r in res["rows"] if r["ranking"] == "reversed" and r["fraction"] == 0.5)
+    assert row["top1"] == pytest.approx(pct(half, 0))
+    assert_no_hooks(llama_model)
+
+
+def test_icl_perturbation_runs_per_shot(gpt2_model):
+    out = icl_perturbation(gpt2_model, TRAIN, TEST, n_shots=(0, 1), n_train=4, fractions=(0.0, 1.0),
+                           rankings=("reversed",), include_reversed=False, verbose=False)
+    assert sorted(out) == [0, 1]
+    assert all(len(r["rows"]) == 2 for r in out.values())
+    assert PAPER_FRACTIONS[0] == 0.0 and PAPER_FRACTIONS[-1] == 1.0 and len(PAPER_FRACTIONS) == 11
+    with pytest.raises(ValueError, match="fractions"):
+        head_perturbation(gpt2_model, ["the cat"], [" dog"], ["the cat"], [" dog"], fractions=(1.5,), verbose=False)
+    with pytest.raises(ValueError, match="rankings"):
+        head_perturbation(gpt2_model, ["the cat"], [" dog"], ["the cat"], [" dog"], rankings=("loss",), verbose=False)

@@ -1,0 +1,221 @@
+"""In-context-learning attention patching (Reversed Attention paper; spec reversed_attention.md §3).
+
+For each n_shots: average RA (and the forward patterns) over ``n_train`` k-shot training prompts,
+then, on every test query, add ``η·RĀ`` (or the control ``η·P̄``) to every head's post-softmax
+pattern and score top-1/2/3 accuracy of the answer's first token at the last prompt position.
+Weights never change. Prompts use the paper's template: ``"Q: {x}\\nA: {y}\\n\\n"`` per
+demonstration, then ``"Q: {x}\\nA:"``, target ``" {y}"``; demonstrations are drawn (seeded) from
+the train pairs, never the query itself. BOS is prepended explicitly.
+
+Maps are averaged and added cell by cell, so every prompt of one n_shots must have the same token
+length (checked; :func:`constant_length_pairs` builds the paper's constant-length subsets for BPE
+tokenizers). The reference runs prompt+target with the loss at the last prompt position; the
+appended token's RA row and column are zero and it cannot affect earlier positions, so running the
+prompt alone (as here) gives the same maps and predictions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from ..attention import mean_over, patch_attention
+from ..core.adapter import get_adapter
+
+__all__ = ["PAPER_ETAS", "PAPER_SHOTS", "icl_prompt", "icl_prompts", "answer_ids", "topk_hits", "evaluate",
+           "constant_length_pairs", "world_pairs", "icl_patching", "format_icl_table", "to_frame"]
+
+# The paper's η grid, in its order (spec §3.5); negative η is the descent direction.
+PAPER_ETAS = (3, 2, 1, 0.5, 0, -0.1, 0.25, -0.5, -1, -2, -4, -6, -8, -10, -15, -20, -25, -30, -35,
+              -40, -60, -80, -100, -120)
+PAPER_SHOTS = (0, 1, 5, 10)
+KS = (1, 2, 3)
+
+Pair = tuple[str, str]
+
+
+def icl_prompt(demos: Sequence[Pair], query: str) -> str:
+    """``"Q: x\\nA: y\\n\\n"`` per demonstration, then ``"Q: query\\nA:"``."""
+    return "".join(f"Q: {x}\nA: {y}\n\n" for x, y in demos) + f"Q: {query}\nA:"
+
+
+def icl_prompts(train: Sequence[Pair], queries: Sequence[Pair], n_shots: int, *,
+                seed: int = 0) -> list[tuple[str, str]]:
+    """``(prompt, target)`` per query pair, with ``n_shots`` demonstrations drawn from ``train``
+    (seeded; excluding pairs whose input is the query's). ``target`` is ``" " + y``."""
+    if not isinstance(n_shots, int) or n_shots < 0:
+        raise ValueError(f"n_shots must be a non-negative int, got {n_shots!r}")
+    rng = random.Random(f"icl-{n_shots}-{seed}")
+    out = []
+    for x, y in queries:
+        pool = [p for p in train if p[0] != x]
+        if len(pool) < n_shots:
+            raise ValueError(f"only {len(pool)} training pairs to draw {n_shots} demonstrations from")
+        out.append((icl_prompt(rng.sample(pool, n_shots), x), " " + y))
+    return out
+
+
+def answer_ids(model: Any, targets: Sequence[str]) -> list[int]:
+    """First token id of each target (the token the accuracy is scored on)."""
+    ad = get_adapter(model)
+    return [int(ad.target_tokens(t)[0]) for t in targets]
+
+
+def topk_hits(model: Any, prompts: Sequence[str], answers: Sequence[int], *, ks: Sequence[int] = KS,
+              batch_size: int = 32, prepend_bos: bool | None = True) -> torch.Tensor:
+    """``Bool[n, len(ks)]``: whether each answer id is among the model's top-k at the prompt's last
+    token (prompts right-padded per batch; call inside a patch/ablation context to score it)."""
+    return evaluate(model, prompts, answers, ks=ks, batch_size=batch_size, prepend_bos=prepend_bos)[0]
+
+
+@torch.no_grad()
+def evaluate(model: Any, prompts: Sequence[str], answers: Sequence[int], *, ks: Sequence[int] = KS,
+             batch_size: int = 32, prepend_bos: bool | None = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hits Bool[n, len(ks)], nll Float[n])``: top-k hits as :func:`topk_hits` and the answer's
+    negative log-probability at the last prompt token."""
+    ad = get_adapter(model)
+    device = next(model.parameters()).device
+    hits, nlls = [], []
+    for i in range(0, len(prompts), batch_size):
+        batch = ad.tokenize(list(prompts[i:i + batch_size]), prepend_bos)
+        logits = model(batch.tokens.to(device), return_type="logits")
+        rows = torch.arange(len(batch.last), device=logits.device)
+        last = logits[rows, batch.last.to(logits.device)].float().cpu()
+        top = last.topk(max(ks), dim=-1).indices
+        ans = torch.tensor(list(answers[i:i + batch_size]))
+        hits.append(torch.stack([(top[:, :k] == ans[:, None]).any(-1) for k in ks], dim=-1))
+        nlls.append(-torch.log_softmax(last, -1).gather(-1, ans[:, None])[:, 0])
+    return torch.cat(hits), torch.cat(nlls)
+
+
+def _lengths(model: Any, prompts: Sequence[str], prepend_bos: bool | None) -> list[int]:
+    ad = get_adapter(model)
+    return [int(ad.tokenize(p, prepend_bos).tokens.shape[1]) for p in prompts]
+
+
+def constant_length_pairs(model: Any, pairs: Sequence[Pair], *, prepend_bos: bool = True) -> list[Pair]:
+    """The paper's constant-length subset: keep pairs whose answer ``" " + y`` is one token, group
+    them by the token length of ``"Q: {x}\\nA: {y}"`` (with BOS) and return the largest group."""
+    ad = get_adapter(model)
+    groups: Counter = Counter()
+    keyed = []
+    for x, y in pairs:
+        if len(ad.target_tokens(" " + y)) != 1:
+            continue
+        key = _lengths(model, [f"Q: {x}\nA: {y}"], prepend_bos)[0]
+        keyed.append((key, (x, y)))
+        groups[key] += 1
+    if not groups:
+        raise ValueError("no pair has a single-token answer under this tokenizer")
+    best = groups.most_common(1)[0][0]
+    return [p for k, p in keyed if k == best]
+
+
+def world_pairs(task: str = "antonym", *, world_seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """(train, test) pairs of an ICL task of the embedded models' synthetic world."""
+    from ..zoo.world import World
+
+    world = World(world_seed)
+    return world.icl_pairs(task, "train"), world.icl_pairs(task, "test")
+
+
+def _scores(hits: torch.Tensor, nll: torch.Tensor | None = None) -> dict[str, float]:
+    out = {f"top{k}": 100.0 * float(hits[:, j].float().mean()) for j, k in enumerate(KS)}
+    if nll is not None:
+        out["nll"] = float(nll.mean())
+    return out
+
+
+def icl_patching(
+    model: Any,
+    train: Sequence[Pair],
+    test: Sequence[Pair],
+    *,
+    n_shots: Sequence[int] = PAPER_SHOTS,
+    etas: Sequence[float] = PAPER_ETAS,
+    n_train: int = 25,
+    seed: int = 0,
+    batch_size: int = 32,
+    layers: Sequence[int] | None = None,
+    prepend_bos: bool = True,
+    progress: bool = False,
+    verbose: bool = True,
+) -> dict:
+    """Attention patching on ICL prompts: RA patching vs the forward-attention control vs no patch.
+
+    ``train``/``test``: (x, y) pairs (e.g. :func:`world_pairs`). For each ``n_shots``: RĀ and P̄ are
+    the means over training queries 0..``n_train``-1 (each loss the NLL of its answer's first
+    token), and every η of ``etas`` is evaluated on all of ``test`` for ``P + η·RĀ`` ("reversed")
+    and ``P + η·P̄`` ("forward"); η = 0 is the unpatched model ("none"). ``layers`` restricts the
+    patch (None = every layer and head, as in the paper).
+
+    Returns ``{"rows": [{n_shots, method, eta, top1, top2, top3, nll, n_test, prompt_len}], ...}``
+    (accuracies in %, ``nll`` the mean answer NLL in nats -- it moves before the accuracies do) and
+    prints a table when ``verbose``. Also records ``fit_loss`` per n_shots: the mean training-prompt
+    loss the maps come from (near 0 means near-zero RA, hence small effects at the paper's η).
+    """
+    if len(train) < 2 or not test:
+        raise ValueError("need at least 2 training pairs and 1 test pair")
+    n_train = min(n_train, len(train))
+    etas = [float(e) for e in etas]
+    rows, fit_loss = [], {}
+    for k in n_shots:
+        fit = icl_prompts(train, train[:n_train], k, seed=seed)
+        evals = icl_prompts(train, test, k, seed=seed + 1)
+        lengths = set(_lengths(model, [p for p, _ in fit + evals], prepend_bos))
+        if len(lengths) != 1:
+            raise ValueError(
+                f"{k}-shot prompts have token lengths {sorted(lengths)}: RA maps are averaged and added "
+                "cell by cell, so every prompt needs the same length; filter the pairs with "
+                "constant_length_pairs(model, pairs)")
+        fit_ids = answer_ids(model, [t for _, t in fit])
+        ans = answer_ids(model, [t for _, t in evals])
+        prompts = [p for p, _ in evals]
+        mean = mean_over(model, [p for p, _ in fit], fit_ids, layers=layers, batch_size=batch_size,
+                         prepend_bos=prepend_bos, progress=progress)
+        base = dict(n_shots=k, n_test=len(evals), prompt_len=lengths.pop())
+        fit_loss[k] = float(mean.metric)
+        rows.append({**base, "method": "none", "eta": 0.0,
+                     **_scores(*evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos))})
+        for eta in etas:
+            if eta == 0:
+                continue
+            for method, delta in (("reversed", mean), ("forward", mean.patterns)):
+                with patch_attention(model, delta, eta=eta, layers=list(mean.layers)):
+                    scored = evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos)
+                rows.append({**base, "method": method, "eta": eta, **_scores(*scored)})
+    result = {"rows": rows, "n_train": n_train, "n_test": len(test), "seed": seed, "fit_loss": fit_loss,
+              "model": getattr(model.cfg, "model_name", type(model.original_model).__name__)}
+    if verbose:
+        print(format_icl_table(result))
+    return result
+
+
+def format_icl_table(result: dict) -> str:
+    """Markdown table: one row per (n_shots, η); RA and control top-1/2/3 side by side."""
+    rows = result["rows"]
+    lines = [f"ICL attention patching -- model {result['model']}, RĀ/P̄ over {result['n_train']} train "
+             f"prompts, {result['n_test']} test queries; top-1/2/3 accuracy (%) of the answer's first token",
+             "(and mean answer NLL in nats)", "",
+             "| shots | η | RA patch top-1/2/3 (NLL) | forward-map control top-1/2/3 (NLL) |", "|---|---|---|---|"]
+    fmt = lambda r: f"{r['top1']:.1f} / {r['top2']:.1f} / {r['top3']:.1f} ({r['nll']:.3f})"  # noqa: E731
+    for k in dict.fromkeys(r["n_shots"] for r in rows):
+        none = next(r for r in rows if r["n_shots"] == k and r["method"] == "none")
+        fit = result.get("fit_loss", {}).get(k)
+        extra = f" (train-prompt loss {fit:.3g})" if fit is not None else ""
+        lines.append(f"| {k}{extra} | 0 (no patch) | {fmt(none)} | {fmt(none)} |")
+        for eta in dict.fromkeys(r["eta"] for r in rows if r["n_shots"] == k and r["method"] != "none"):
+            ra = next(r for r in rows if r["n_shots"] == k and r["eta"] == eta and r["method"] == "reversed")
+            fw = next(r for r in rows if r["n_shots"] == k and r["eta"] == eta and r["method"] == "forward")
+            lines.append(f"| {k} | {eta:g} | {fmt(ra)} | {fmt(fw)} |")
+    return "\n".join(lines)
+
+
+def to_frame(result: dict):
+    """The result's rows as a pandas DataFrame (pandas is optional: imported here only)."""
+    import pandas as pd
+
+    return pd.DataFrame(result["rows"])
