@@ -116,3 +116,23 @@ def test_flowgraph_is_frozen(graphs):
     with pytest.raises(Exception):
         graphs[0].nodes = ()
     assert isinstance(graphs[0], FlowGraph)
+
+
+def test_like_reuses_another_graphs_nodes(model):
+    fwd = flow_graph(model, TOKENS, layer=[0, 1], n_heads=2, n_memory=1, n_top_neurons=3, n_bottom_neurons=1)
+    bwd = flow_graph(model, TOKENS, layer=[0, 1], backward=True, like=fwd)
+    assert [n.id for n in bwd.nodes] == [n.id for n in fwd.nodes]
+    assert [(e.source, e.target) for e in bwd.edges] == [(e.source, e.target) for e in fwd.edges]
+    from tl_backward.render.graph_html import layout
+
+    assert layout(bwd) == layout(fwd)                     # identical drawing, side by side
+    own = flow_graph(model, TOKENS, layer=1, backward=True)
+    one = flow_graph(model, TOKENS, layer=1, backward=True, like=fwd)
+    assert {n.id for n in one.nodes} <= {n.id for n in fwd.nodes}
+    for n in one.nodes_of("mlp_value"):   # same vectors as the backward graph's own choice would give
+        if n.id in {m.id for m in own.nodes}:
+            torch.testing.assert_close(n.vector, own.node(n.id).vector)
+    with pytest.raises(ValueError, match="like"):
+        flow_graph(model, TOKENS, layer=1, like=flow_graph(model, TOKENS, layer=0))
+    with pytest.raises(TypeError, match="like"):
+        flow_graph(model, TOKENS, layer=1, like="forward")

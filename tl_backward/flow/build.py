@@ -175,6 +175,22 @@ def _decode(ad: ModelAdapter, ids: list[int]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- public API
+def _selection(graph: FlowGraph) -> dict[tuple, Tensor]:
+    """The pruning choices of ``graph``: kept heads, memory positions per head, W_O rows, MLP neurons."""
+    as_t = lambda xs: torch.tensor(list(xs), dtype=torch.long)  # noqa: E731
+    sel: dict[tuple, list[int]] = {}
+    for n in graph.nodes:
+        if n.kind == "head":
+            sel.setdefault(("heads", n.layer), []).append(n.head)
+        elif n.kind == "key":
+            sel.setdefault(("memory", n.layer, n.head), []).append(n.position)
+        elif n.kind == "wo_neuron":
+            sel.setdefault(("wo", n.layer), []).append(n.neuron)
+        elif n.kind == "mlp_key":
+            sel.setdefault(("mlp", n.layer), []).append(n.neuron)
+    return {key: as_t(v) for key, v in sel.items()}
+
+
 def _check_count(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int (-1 keeps all), got {type(value).__name__}")
@@ -186,7 +202,8 @@ def _check_count(value: Any, name: str) -> int:
 def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: Any = None, position: int = -1,
                n_heads: int = 10, n_memory: int = 2, n_top_neurons: int = 18, n_bottom_neurons: int = 7,
                backward: bool = False, metric: Any = None, bias_nodes: bool = True,
-               normalize: bool | None = None, k: int = 5, prepend_bos: bool | None = None) -> FlowGraph:
+               normalize: bool | None = None, k: int = 5, prepend_bos: bool | None = None,
+               like: FlowGraph | None = None) -> FlowGraph:
     """VISIT's information-flow graph of ``layer`` (an int, or several layers chained) at token
     ``position`` of one prompt, forward or (``backward=True``) backward.
 
@@ -243,6 +260,9 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         metric: backward only — a callable (logits, tokens) -> scalar to differentiate instead of
             the target NLL.
         bias_nodes: draw the (non-zero) bias nodes.
+        like: keep exactly the heads, memories and neurons of another graph of the same layers
+            (e.g. the forward graph, so a backward graph has identical nodes and layout); the
+            n_* pruning arguments are then ignored.
         k: number of tokens in the hover lists.
 
     Returns: a :class:`FlowGraph` (``nodes``, ``edges``, ``to_json()``, ``to_networkx()``,
@@ -267,6 +287,12 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         raise ValueError("n_bottom_neurons must be >= 0 (use n_top_neurons=-1 to keep all neurons)")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    if like is not None:
+        if not isinstance(like, FlowGraph):
+            raise TypeError(f"like must be a FlowGraph, got {type(like).__name__}")
+        if not set(layers) <= set(like.layers):
+            raise ValueError(f"like= covers layers {like.layers}, not all of {layers}")
+        opts["like"] = _selection(like)
     batch = ad.tokenize(input, prepend_bos)
     if batch.tokens.shape[0] != 1:
         raise ValueError(f"flow_graph draws one prompt; got a batch of {batch.tokens.shape[0]}: pass one string")

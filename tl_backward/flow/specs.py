@@ -106,6 +106,7 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
     L = f"L{layer}"
     ids = dict(pre=f"resid{layer}", post=f"resid{layer + 1}", mid=f"{L}.resid_mid", attn_in=f"{L}.attn_in",
                attn_out=f"{L}.attn_out", mlp_in=f"{L}.mlp_in", mlp_out=f"{L}.mlp_out", concat=f"{L}.concat")
+    heads_none = torch.zeros(0, dtype=torch.long)
     nodes: list[NodeSpec] = []
     edges: list[EdgeSpec] = []
 
@@ -164,7 +165,8 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
         edges.append(EdgeSpec(ids["mid"], ids["post"], "skip", w["skip_mid"], SKIP_MID))
 
     # ---- attention heads and memories
-    heads = V.top_selection(head_score, opts["n_heads"])
+    like = opts.get("like")  # reuse another graph's selection (same nodes, e.g. forward vs backward)
+    heads = V.top_selection(head_score, opts["n_heads"]) if like is None else like.get(("heads", layer), heads_none)
     attn_in_norm = _norm(a["attn_in"][p])
     if bw:
         ra_max = float(ra_p.abs().max()) or 1.0
@@ -183,7 +185,8 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
         nodes.append(NodeSpec(f"{hj}.q", "query", layer, "q", q_vec, float(head_score[j]), head=j, position=p))
         edges.append(EdgeSpec(ids["attn_in"], f"{hj}.qkv", "qkv", qkv_weight))
         edges.append(EdgeSpec(f"{hj}.qkv", f"{hj}.q", "query", query_weight))
-        mem = V.top_selection(mem_score[j], opts["n_memory"])
+        mem = (V.top_selection(mem_score[j], opts["n_memory"]) if like is None
+               else like.get(("memory", layer, j), heads_none))
         for i in mem.tolist():
             prob = float(att[j, i])
             src = f"created from {tokens[i]!r} (position {i})"
@@ -214,7 +217,8 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
                            _norm(g_z if bw else z)))
 
     # ---- W_O neurons (rows of W_O as [h·e, d]) and b_O
-    rows = V.signed_selection(wo_score, opts["n_top"], opts["n_bottom"])
+    rows = (V.signed_selection(wo_score, opts["n_top"], opts["n_bottom"]) if like is None
+            else like.get(("wo", layer), heads_none))
     for r in rows.tolist():
         s = float(wo_score[r])
         j, e = divmod(r, ad.d_head)
@@ -234,7 +238,8 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
         edges.append(EdgeSpec(f"{L}.b_O", ids["attn_out"], "bias_out", _norm(vec)))
 
     # ---- MLP key-value memories
-    neurons = V.signed_selection(mlp_score, opts["n_top"], opts["n_bottom"])
+    neurons = (V.signed_selection(mlp_score, opts["n_top"], opts["n_bottom"]) if like is None
+               else like.get(("mlp", layer), heads_none))
     x_in = a["mlp_in"][p]
     for i in neurons.tolist():
         s, hi = float(mlp_score[i]), float(h_mlp[i])

@@ -3,7 +3,7 @@
 Layout (deterministic, layered, left to right in VISIT order): per layer the columns block_in,
 attn_in, qkv, q, keys, values, heads, concat, W_O rows, attn_out, resid_mid, mlp_in, MLP keys,
 MLP values, mlp_out, block_out. Skeleton nodes sit on the top lane (skips arc above it); each
-head is a band of rows (its memories), neurons are rows sorted by score. Chained layers share the
+head is a band of rows (its memories), neurons are rows in the builder's order (by score). Chained layers share the
 block_out/block_in node.
 
 Drawing: stroke width ∝ √(weight / max weight of its unit group) with a minimum; node fill = the
@@ -93,7 +93,7 @@ def _column(n: "Node") -> str:
 
 def layout(graph: "FlowGraph") -> dict[str, tuple[float, float]]:
     """Top-left (x, y) of every node's box, deterministic: columns in VISIT order, the skeleton on
-    the top lane, heads as bands of memory rows, neurons sorted by score."""
+    the top lane, heads as bands of memory rows, neurons in the builder's order (by score)."""
     base: dict[int, int] = {}
     col = 0
     prev = None
@@ -114,11 +114,11 @@ def layout(graph: "FlowGraph") -> dict[str, tuple[float, float]]:
             if c in ("attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "concat"):
                 pos[n.id] = (x_of(l, c), TOP)
         # heads: bands ordered by score; memories within a band by score
-        heads = sorted({n.head for n in nodes if n.kind in ("qkv", "query", "head")},
-                       key=lambda h: -_head_score(nodes, h))
+        # rows follow the builder's order (by score; or another graph's order with like=)
+        heads = list(dict.fromkeys(n.head for n in nodes if n.kind == "head"))
         row = 0
         for h in heads:
-            mem = sorted((n for n in nodes if n.kind == "key" and n.head == h), key=lambda n: -n.value)
+            mem = [n for n in nodes if n.kind == "key" and n.head == h]
             for c in ("qkv", "query", "head"):
                 for n in nodes:
                     if n.kind == c and n.head == h:
@@ -128,7 +128,7 @@ def layout(graph: "FlowGraph") -> dict[str, tuple[float, float]]:
                 pos[f"L{l}.H{h}.v{k.position}"] = (x_of(l, "value"), row_y(row + r))
             row += max(1, len(mem))
         for kinds, c in ((("wo_neuron",), "wo"), (("mlp_key",), "mlp_key")):
-            neurons = sorted((n for n in nodes if n.kind in kinds), key=lambda n: -n.value)
+            neurons = [n for n in nodes if n.kind in kinds]
             for r, n in enumerate(neurons):
                 pos[n.id] = (x_of(l, c), row_y(r))
                 if c == "mlp_key":
@@ -155,10 +155,6 @@ def _resid_header(graph: "FlowGraph", n: "Node") -> str:
     if idx in graph.layers and idx - 1 in graph.layers:
         return f"L{idx - 1} out = L{idx} in"
     return f"block {idx} in" if idx in graph.layers else f"block {idx - 1} out"
-
-
-def _head_score(nodes, h) -> float:
-    return max((n.value for n in nodes if n.kind == "head" and n.head == h), default=0.0)
 
 
 def _width(weight: float, max_w: float) -> float:
