@@ -1,8 +1,13 @@
-"""Backward Lens: low-rank weight-gradient factors, their vocabulary projection, and FPS editing."""
+"""Backward Lens (Katz et al., EMNLP 2024): low-rank weight-gradient factors, their projection into
+the vocabulary, imprint/shift of one-token SGD steps, and Forward Pass Shift editing."""
 
-from .backward_lens import BackwardLens, ImprintShift, LensReadout, backward_lens
-from .factors import Factor, FactorNorms, FactorSVD, GradientFactors, gradient_factors
+from .backward_lens import BackwardLens, ImprintShift, LensReadout, backward_lens, project_factors
+from .editing import Edit, EditEvaluation, continuation_correct, evaluate_edits, forward_pass_shift
+from .factors import MODULES, Factor, FactorNorms, FactorSVD, GradientFactors, gradient_factors
 from .projection import VocabReadout, vocab_readout
 
-__all__ = ["BackwardLens", "Factor", "FactorNorms", "FactorSVD", "GradientFactors", "ImprintShift",
-           "LensReadout", "VocabReadout", "backward_lens", "gradient_factors", "vocab_readout"]
+__all__ = [
+    "BackwardLens", "Edit", "EditEvaluation", "Factor", "FactorNorms", "FactorSVD", "GradientFactors",
+    "ImprintShift", "LensReadout", "MODULES", "VocabReadout", "backward_lens", "continuation_correct",
+    "evaluate_edits", "forward_pass_shift", "gradient_factors", "project_factors", "vocab_readout",
+]
