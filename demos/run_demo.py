@@ -1,27 +1,35 @@
-"""`make demo`: a small offline analysis, printed to the terminal.
+"""`make demo`: the main job on the embedded model, i.e.
 
-Runs on the embedded model when one is shipped, otherwise on a tiny random GPT-2 built from a
-config (which shows the plumbing, not behaviour).
+    tl-backward report "the capital of france is" --target rome --out demos/out/report.html
+
+facts-gpt2 answers "paris" with p ≈ 0.996. The report explains a *counterfactual* target, "rome":
+the loss -log p(rome) is large, so its gradient is large too, and the Backward Lens shows in
+words that a descent step writes "rome" into every layer's W_out. Run the same command without
+``--target`` to explain the model's own answer. Prints the summary and the page's path.
+
+    python demos/run_demo.py [PROMPT] [extra tl-backward report options]
 """
 
-import tl_backward as tlb
-from tl_backward.core.adapter import get_adapter
+from __future__ import annotations
 
-if tlb.list_models():
-    model, prompt, target = tlb.load_model(), "the capital of france is", " paris"
-else:
-    from tl_backward.zoo.tiny import tiny_model
+import sys
+from pathlib import Path
 
-    model, prompt, target = tiny_model("gpt2"), "the cat sat on the", " mat"
+PROMPT = "the capital of france is"
+TARGET = "rome"
+OUT = Path(__file__).resolve().parent / "out" / "report.html"
 
-ad = get_adapter(model)
-cache = tlb.capture(model, prompt, tlb.metrics.target_nll(target),
-                    names=lambda n: n.endswith(("hook_resid_pre", "hook_attn_scores")))
-print(f"model: {model.cfg.model_name}  prompt: {prompt!r}  target: {target!r}")
-print(f"loss (target NLL) = {cache.metric.item():.4f}")
-print("residual-gradient norm at the last position, per layer:")
-for layer, g in enumerate(cache.resid_grads("pre")[:, 0, -1]):
-    print(f"  layer {layer:2d}  |dL/d resid_pre| = {g.norm():.4e}")
-ra = [cache.grad(ad.hook_name("attn_scores", l))[0] / ad.attn_scale(l) for l in range(ad.n_layers)]
-norms = [(float(m[h].norm()), l, h) for l, m in enumerate(ra) for h in range(ad.n_heads)]
-print("heads with the largest Reversed Attention norm:", ", ".join(f"L{l}H{h} {n:.2e}" for n, l, h in sorted(norms)[::-1][:5]))
+
+def main(argv: list[str]) -> int:
+    from tl_backward.cli import main as cli
+
+    prompt = argv[0] if argv and not argv[0].startswith("-") else PROMPT
+    extra = argv[1:] if argv and not argv[0].startswith("-") else argv
+    options = ["--target", TARGET] if prompt == PROMPT and "--target" not in extra else []
+    if "--out" not in extra and "-o" not in extra:
+        options += ["--out", str(OUT)]
+    return cli(["report", prompt, *options, *extra])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

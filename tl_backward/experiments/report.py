@@ -35,7 +35,8 @@ class Progress:
 
     ``with progress("loading facts-gpt2"):`` prints ``"loading facts-gpt2 ..."`` only once the step
     has run for ``after`` seconds, then ``" done (3.2 s)"`` when it ends; quick steps print nothing.
-    ``enabled=False`` is silent. ``sink`` (a callable taking one line) replaces the stream.
+    ``after <= 0`` announces every step. ``enabled=False`` is silent. ``sink`` (a callable taking
+    one line) replaces the stream: it receives ``"step ..."`` and ``"step: done (3.2 s)"``.
     """
 
     def __init__(self, enabled: bool = True, *, stream: Any = None, after: float = 1.0,
@@ -71,7 +72,10 @@ class Progress:
         start = time.perf_counter()
         timer = threading.Timer(self.after, announce)
         timer.daemon = True
-        timer.start()
+        if self.after <= 0:
+            announce()  # announce every step, synchronously
+        else:
+            timer.start()
         try:
             yield
         finally:
@@ -224,6 +228,7 @@ def build_report(
     batch = ad.tokenize(prompt)
     tokens = batch.tokens
     str_tokens = tuple(ad.to_str_tokens(tokens)[0])
+    target_ids = None if target is None else ad.target_tokens(target)  # bad targets fail before any pass
     with steps("forward pass"), torch.no_grad():
         logits = model(tokens.to(next(model.parameters()).device), return_type="logits")
     probs = logits[0, -1].float().softmax(-1).cpu()
@@ -232,13 +237,12 @@ def build_report(
     preds = tuple(Prediction(int(i), s, float(p)) for i, s, p in zip(top_i, decode(top_i.tolist()), top_p))
     notes += _unknown_word_note(ad, tokens, prompt)
 
-    if target is None:
+    if target_ids is None:
         tid = preds[0].id
     else:
-        ids = ad.target_tokens(target)
-        tid = int(ids[0])
-        if len(ids) > 1:
-            notes.append(f"the target {target!r} is {len(ids)} tokens; the report scores its first token "
+        tid = int(target_ids[0])
+        if len(target_ids) > 1:
+            notes.append(f"the target {target!r} is {len(target_ids)} tokens; the report scores its first token "
                          f"{decode([tid])[0]!r} at the last prompt position")
     tgt = Prediction(tid, decode([tid])[0], float(probs[tid]))
     rank = int((probs > probs[tid]).sum())
@@ -287,8 +291,9 @@ def _flow_graphs(model: Any, prompt: str, layer: int, tid: int, steps: Progress,
     out = []
     try:
         with steps(f"flow graphs of layer {layer} (forward and backward)"):
-            for backward in (False, True):
-                out.append(flow_graph(model, prompt, layer=layer, target=tid, backward=backward))
+            fwd = flow_graph(model, prompt, layer=layer, target=tid)
+            # like=fwd: the backward graph keeps the forward graph's nodes, so the two line up.
+            out = [fwd, flow_graph(model, prompt, layer=layer, target=tid, backward=True, like=fwd)]
     except ValueError as err:  # e.g. compatibility mode: VISIT refuses folded weights
         notes.append(f"no flow graph: {err}")
         return ()

@@ -1,0 +1,200 @@
+"""The tl-backward command line: help, models, the report (in-process on a tiny model and end to end
+through the installed console script on the embedded model), and one-line errors with exit code 2."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tl_backward.core.loading as loading
+from tl_backward import cli
+from tl_backward.zoo import list_models, model_card
+
+PROMPT = "the capital of france is"
+
+
+def run(argv, capsys):
+    """main(argv) -> (exit code, stdout, stderr); SystemExit codes are returned too."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tl-backward: error: ")
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture
+def tiny_loaded(gpt2_model, monkeypatch):
+    """Make the CLI load the tiny GPT-2 fixture instead of booting a model (fast, offline)."""
+    seen = []
+
+    def fake_load(name=None, **kw):
+        seen.append(name)
+        return gpt2_model
+
+    monkeypatch.setattr(loading, "load_model", fake_load)
+    monkeypatch.setattr(cli, "_hub_cached", lambda name: True)
+    return seen
+
+
+# ------------------------------------------------------------------------- help and models
+def test_help_explains_the_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for words in ("report", "models", "Reversed Attention", "Backward Lens", "examples:",
+                  'tl-backward report "the capital of france is"'):
+        assert words in out
+    code, out, _ = run(["report", "--help"], capsys)
+    assert code == 0
+    for words in ("PROMPT", "--target", "--model", "--out", "--layers", "default: the model's top",
+                  "facts-gpt2", "leading", "no network"):
+        assert words in out
+    code, out, _ = run([], capsys)  # no command: the overview, not an error
+    assert code == 0 and "usage: tl-backward" in out
+
+
+def test_models_lists_the_embedded_models_with_card_figures(capsys):
+    code, out, err = run(["models"], capsys)
+    assert code == 0 and err == ""
+    names = list_models()
+    assert names, "no embedded model shipped"
+    for name in names:
+        card = model_card(name)
+        block = out.split(name, 1)[1]
+        assert f"{card['train_config']['n_layers']} layers" in block
+        assert f"vocabulary {card['vocab_size']}" in block
+        assert f"fact recall {card['figures']['fact_recall']['accuracy']:.0f} %" in block
+    assert f"{names[0]}  (default)" in out
+    assert "gpt2" in out.splitlines()[-1]
+
+
+def test_models_when_none_is_shipped(capsys, monkeypatch):
+    import tl_backward.zoo as zoo
+
+    monkeypatch.setattr(zoo, "list_models", lambda: [])
+    code, out, _ = run(["models"], capsys)
+    assert code == 0 and "no embedded model" in out
+
+
+# ------------------------------------------------------------------------- report
+def test_report_prints_the_summary_and_writes_the_page(tiny_loaded, capsys, tmp_path):
+    out_path = tmp_path / "r.html"
+    code, out, err = run(["report", PROMPT, "--target", "rome", "--out", str(out_path), "--layers", "0", "1",
+                          "--heads", "3"], capsys)
+    assert code == 0, err
+    assert tiny_loaded == [None]  # the default model
+    assert out_path.is_file() and out_path.stat().st_size > 100_000
+    assert out.startswith("model    tiny-gpt2")
+    assert "target   rome (rank" in out and "Reversed Attention" in out and "Backward Lens" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"page: {out_path.resolve()}") and "MB" in last
+    assert "Traceback" not in err
+
+
+def test_report_quiet_and_model_name(tiny_loaded, capsys, tmp_path):
+    out_path = tmp_path / "q.html"
+    code, out, _ = run(["report", PROMPT, "-q", "--no-flow", "--model", "some/model", "-o", str(out_path)], capsys)
+    assert code == 0
+    assert out.strip() == str(out_path.resolve())
+    assert tiny_loaded == ["some/model"]
+    assert "flow graphs of layer" not in out_path.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------- errors: one line, exit 2
+@pytest.mark.parametrize("argv, fragments", [
+    (["report", ""], ["prompt is empty"]),
+    (["report", "   "], ["prompt is empty"]),
+    (["report", PROMPT, "--target", " "], ["--target is empty"]),
+    (["report", PROMPT, "--layers", "x"], ["--layers", "invalid int value", "--help"]),
+    (["report", PROMPT, "--heads", "0"], ["--heads"]),
+    (["report", PROMPT, "--out", "page.txt"], ["--out must end in .html"]),
+    (["report"], ["PROMPT"]),
+    (["explain", PROMPT], ["invalid choice", "report"]),
+    (["report", PROMPT, "--frobnicate"], ["unrecognized arguments"]),
+])
+def test_usage_errors_are_one_line(argv, fragments, capsys):
+    code, out, err = run(argv, capsys)
+    assert out == ""
+    assert_one_line_error(code, err, *fragments)
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["report", PROMPT, "--layers", "7"], ["--layers: layer 7 is out of range", "0..1"]),
+    (["report", PROMPT, "--layers", "-1"], ["--layers: layer -1 is out of range"]),
+    (["report", PROMPT, "--target", "zzz"], ["--target 'zzz' is not in the model's vocabulary"]),
+])
+def test_model_errors_are_one_line(tiny_loaded, argv, fragments, capsys, tmp_path):
+    code, out, err = run(argv + ["--out", str(tmp_path / "x.html")], capsys)
+    assert out == ""
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_unknown_model_fails_fast_offline(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz"], capsys)
+    assert_one_line_error(code, err, "unknown model 'no-such-model-xyz'", "not an embedded model",
+                          "unreachable")
+    # Without the offline flag, an unreachable hub is detected by name resolution.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
+    code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz"], capsys)
+    assert_one_line_error(code, err, "unknown model 'no-such-model-xyz'")
+
+
+def test_library_errors_from_loading_are_one_line(capsys, monkeypatch):
+    def broken(name=None, **kw):
+        raise ValueError("could not load model 'x': multi\nline\n  detail")
+
+    monkeypatch.setattr(loading, "load_model", broken)
+    monkeypatch.setattr(cli, "_hub_cached", lambda name: True)
+    code, _, err = run(["report", PROMPT, "--model", "x"], capsys)
+    assert_one_line_error(code, err, "could not load model 'x': multi line detail")
+
+
+def test_unwritable_output_is_one_line(tiny_loaded, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["report", PROMPT, "--no-flow", "--out", str(blocker / "r.html")], capsys)
+    assert_one_line_error(code, err, "cannot write")
+
+
+# ------------------------------------------------------------------------- the installed script
+def _script() -> str:
+    exe = Path(sys.executable).parent / "tl-backward"
+    found = str(exe) if exe.exists() else shutil.which("tl-backward")
+    if found is None:
+        pytest.fail("the tl-backward console script is not installed (pip install -e .)")
+    return found
+
+
+@pytest.mark.slow
+def test_console_script_end_to_end_on_the_embedded_model(tmp_path):
+    """The real thing: the installed entry point, the embedded model, a page on disk; stdout holds
+    the summary, stderr only progress lines."""
+    page = tmp_path / "report.html"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([_script(), "report", PROMPT, "--target", "rome", "--out", str(page)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "model    facts-gpt2" in out and "predicts paris" in out and "target   rome (rank" in out
+    writes_rome = [line for line in out.splitlines() if re.match(r"  L\d ", line)]
+    assert len(writes_rome) == model_card("facts-gpt2")["train_config"]["n_layers"]
+    assert all(" rome " in line for line in writes_rome)  # descent writes the new target in every layer
+    for line in proc.stderr.strip().splitlines():
+        assert re.fullmatch(r".+ \.\.\. done \(\d+\.\d s\)", line), line
+    assert page.is_file() and 1_000_000 < page.stat().st_size < 5_000_000
