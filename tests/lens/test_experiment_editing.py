@@ -37,6 +37,12 @@ def test_run_tunes_then_scores_held_out(gpt2_model, capsys):
     assert format_report(out) in printed
 
 
+def test_run_restores_threads(gpt2_model):
+    before = torch.get_num_threads()
+    run(gpt2_model, REQUESTS, n_tune=1, layers=[1], etas=(1.0,), progress=False, threads=1)
+    assert torch.get_num_threads() == before
+
+
 def test_run_bad_input(gpt2_model):
     with pytest.raises(ValueError, match="n_tune must be"):
         run(gpt2_model, REQUESTS, n_tune=3, progress=False)
