@@ -1,29 +1,24 @@
 """One forward and one backward pass, keeping activations and metric gradients at chosen hooks.
 
-This is the only place in tl_backward that registers backward hooks. The recipe
-(transformerlens4.md §5): freeze every parameter, turn the embedding outputs into fresh
-leaves, run forward and ``torch.autograd.grad`` inside ``model.hooks(...)``, and restore the
-model in ``finally``. No weight gradient is computed and no parameter ``.grad`` is written.
+Built on :func:`tl_backward.core.stream.stream` (the single forward + backward with frozen
+weights and leaves at the embeddings); this module decides *which* hooks to read for a requested
+name and copies what they carry into a :class:`GradientCache`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .adapter import ModelAdapter, get_adapter
-from .metrics import bind_metric, check_scalar
+from .stream import stream
 
 Names = Sequence[str] | Callable[[str], bool]
-# Where the embeddings enter; their outputs become the leaves of the backward pass.
-_LEAF_HOOKS = ("hook_embed", "hook_pos_embed")
 # Hook points TransformerLens only provides after a set_use_* flag; filters skip them.
 _GATED = re.compile(r"hook_(result|q_input|k_input|v_input|attn_in|mlp_in)$")
 _RESID_MID = re.compile(r"^blocks\.(\d+)\.hook_resid_mid$")
@@ -130,63 +125,45 @@ def capture(
     restored (also on error), and no parameter ``.grad`` is written.
     """
     adapter = get_adapter(model)
-    batch = adapter.tokenize(input, prepend_bos)
-    batch, score = bind_metric(metric, adapter, batch)
     requests = _plan(adapter, names)
-
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
-    leaves: dict[str, Tensor] = {}
+    last_logits: list[Tensor] = []
 
-    def keep_act(tensor: Tensor, hook: Any, key: str) -> None:
-        acts[key] = tensor.detach().float().clone()
+    def keep(store: dict[str, Tensor], key: str) -> Callable[[Tensor], None]:
+        def fn(tensor: Tensor) -> None:
+            # float() copies bf16/fp16; clone() also the fp32 case (hooks hand out live tensors)
+            store[key] = tensor.float().clone() if tensor.dtype == torch.float32 else tensor.float()
+        return fn
 
-    def keep_grad(grad: Tensor, hook: Any, key: str) -> None:
-        grads[key] = grad.detach().float().clone()
-
-    def make_leaf(tensor: Tensor, hook: Any, key: str) -> Tensor:
-        leaf = tensor.detach().requires_grad_(True)
-        leaves[key] = leaf
-        return leaf
-
-    fwd_hooks = [(name, _bind(make_leaf, name)) for name in _LEAF_HOOKS if name in model.hook_dict]
-    fwd_hooks += [(fwd, _bind(keep_act, fwd)) for fwd in dict.fromkeys(r.fwd for r in requests)]
-    bwd_hooks = [(bwd, _bind(keep_grad, bwd)) for bwd in dict.fromkeys(r.bwd for r in requests)]
-
-    device = _device(model)
-    with _frozen(model), torch.enable_grad(), warnings.catch_warnings(), \
-            model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
-        # Expected: the hook at a leaf fires on its output gradient (its input is frozen).
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        logits = model(batch.tokens.to(device), return_type="logits")
-        value = check_scalar(score(logits))
+    def keep_last(logits: Tensor, batch: Any) -> None:
         rows = torch.arange(len(batch.last), device=logits.device)
-        last_logits = logits[rows, batch.last.to(logits.device)].detach().float()
-        inputs = list(leaves.values())
-        if not inputs:
-            raise RuntimeError("no embedding hook fired during the forward pass; cannot start the backward pass")
-        leaf_grads = torch.autograd.grad(value, inputs, allow_unused=True)
-        del logits
-    for key, g in zip(leaves, leaf_grads):
-        # The hook at the leaf itself may not fire (caveat 3 of the spec); backfill it.
-        if g is not None and key not in grads:
-            grads[key] = g.detach().float()
+        last_logits.append(logits[rows, batch.last.to(logits.device)].float())
 
+    run = stream(
+        model, input, metric, prepend_bos=prepend_bos, on_logits=keep_last,
+        on_activation={fwd: keep(acts, fwd) for fwd in dict.fromkeys(r.fwd for r in requests)},
+        on_gradient={bwd: keep(grads, bwd) for bwd in dict.fromkeys(r.bwd for r in requests)},
+    )
+    for key, g in run.leaf_grads.items():
+        # The hook at a leaf itself may not fire (caveat 3 of the spec); backfill it.
+        grads.setdefault(key, g.detach().float())
     missing = [r.name for r in requests if r.bwd not in grads]
     if missing:
         raise ValueError(
             f"no gradient reached {missing}: these hook points are not on the autograd path from the "
             "embeddings to the metric"
         )
+    batch = run.batch
     return GradientCache(
         activations={r.name: acts[r.fwd] for r in requests},
         gradients={r.name: grads[r.bwd] for r in requests},
-        metric=value.detach().float(),
+        metric=run.metric,
         tokens=batch.tokens,
         mask=batch.mask,
         last=batch.last,
-        str_tokens=adapter.to_str_tokens(batch.tokens, batch.mask),
-        last_logits=last_logits,
+        str_tokens=run.str_tokens,
+        last_logits=last_logits[0],
         canonical={r.name: r.fwd for r in requests},
     )
 
@@ -220,34 +197,3 @@ def _plan(adapter: ModelAdapter, names: Names) -> list[_Request]:
             bwd = alias.get(attn_out, attn_out)
         requests.append(_Request(name=name, fwd=canonical, bwd=bwd))
     return requests
-
-
-def _bind(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
-    def hook(tensor: Tensor, hook: Any) -> Any:
-        return fn(tensor, hook, key)
-
-    return hook
-
-
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - every bridge has parameters
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _frozen(model: Any) -> Iterator[None]:
-    """Eval mode with every parameter frozen; restores flags and modes on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode

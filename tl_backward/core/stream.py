@@ -1,0 +1,134 @@
+"""The one forward + backward pass every analysis runs, with callbacks instead of caches.
+
+This is the only place in tl_backward that registers backward hooks. The recipe
+(transformerlens4.md §5): freeze every parameter, turn the embedding outputs into fresh
+leaves, run forward and ``torch.autograd.grad`` inside ``model.hooks(...)``, and restore the
+model in ``finally``. No weight gradient is computed and no parameter ``.grad`` is written.
+
+Callbacks receive the *live* tensors: a forward activation is the very tensor autograd may save
+for the backward, so keeping a reference costs nothing, and a gradient can be written straight
+into a caller's buffer. :func:`tl_backward.capture` builds its cache on top of this; Reversed
+Attention uses it directly to stay at the activation-gradient memory floor (benchmarks/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .adapter import Batch, get_adapter
+from .metrics import bind_metric, check_scalar
+
+__all__ = ["Streamed", "stream"]
+
+# Where the embeddings enter; their outputs become the leaves of the backward pass.
+LEAF_HOOKS = ("hook_embed", "hook_pos_embed")
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What a :func:`stream` pass leaves besides the callbacks' side effects."""
+
+    batch: Batch  # the input actually run (a multi-token target appended for teacher forcing)
+    metric: Float[Tensor, ""]
+    str_tokens: list[list[str]]
+    fired: frozenset[str]  # hook names whose gradient callback fired
+    leaf_grads: dict[str, Tensor]  # ∂metric/∂(embedding outputs), keyed by LEAF_HOOKS name
+
+
+def stream(
+    model: Any,
+    input: Any,
+    metric: Any,
+    *,
+    on_activation: Mapping[str, Callable[[Tensor], None]] = {},
+    on_gradient: Mapping[str, Callable[[Tensor], None]] = {},
+    on_batch: Callable[[Batch], None] | None = None,
+    on_logits: Callable[[Tensor, Batch], None] | None = None,
+    prepend_bos: bool | None = None,
+) -> Streamed:
+    """Run ``model`` on ``input`` and backpropagate ``metric`` (summed over the batch) once.
+
+    ``on_activation[name](tensor)`` gets each hook point's forward output (live and detached: do
+    not modify it); ``on_gradient[name](grad)`` gets ∂metric/∂output during the backward (live:
+    copy what you keep). ``on_batch(batch)`` runs first with the tokenised input (e.g. to allocate
+    output buffers), ``on_logits(logits, batch)`` right after the forward. Names must be canonical
+    or legacy hook names of ``model.hook_dict``. Parameters are frozen and restored, train/eval
+    modes restored, hooks removed (also on error), and no parameter ``.grad`` is written.
+    """
+    adapter = get_adapter(model)
+    for name in [*on_activation, *on_gradient]:
+        adapter.resolve_hook(name)
+    batch = adapter.tokenize(input, prepend_bos)
+    batch, score = bind_metric(metric, adapter, batch)
+    if on_batch is not None:
+        on_batch(batch)
+    leaves: dict[str, Tensor] = {}
+    fired: set[str] = set()
+
+    def make_leaf(name: str) -> Callable[..., Tensor]:
+        def hook(tensor: Tensor, hook: Any) -> Tensor:
+            leaves[name] = tensor.detach().requires_grad_(True)
+            return leaves[name]
+        return hook
+
+    def forward(fn: Callable[[Tensor], None]) -> Callable[..., None]:
+        def hook(tensor: Tensor, hook: Any) -> None:
+            fn(tensor.detach())
+        return hook
+
+    def backward(name: str, fn: Callable[[Tensor], None]) -> Callable[..., None]:
+        def hook(grad: Tensor, hook: Any) -> None:
+            fired.add(name)
+            fn(grad.detach())
+        return hook
+
+    fwd_hooks = [(n, make_leaf(n)) for n in LEAF_HOOKS if n in model.hook_dict]
+    fwd_hooks += [(n, forward(fn)) for n, fn in on_activation.items()]
+    bwd_hooks = [(n, backward(n, fn)) for n, fn in on_gradient.items()]
+    with frozen(model), torch.enable_grad(), warnings.catch_warnings(), \
+            model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+        # Expected: the hook at a leaf fires on its output gradient (its input is frozen).
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        logits = model(batch.tokens.to(device_of(model)), return_type="logits")
+        value = check_scalar(score(logits))
+        if on_logits is not None:
+            on_logits(logits.detach(), batch)
+        del logits  # the graph keeps what the backward needs
+        if not leaves:
+            raise RuntimeError("no embedding hook fired during the forward pass; cannot start the backward pass")
+        grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    return Streamed(
+        batch=batch, metric=value.detach().float(), str_tokens=adapter.to_str_tokens(batch.tokens, batch.mask),
+        fired=frozenset(fired), leaf_grads={k: g for k, g in zip(leaves, grads) if g is not None},
+    )
+
+
+def device_of(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - every bridge has parameters
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """Eval mode with every parameter frozen; restores flags and modes on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
