@@ -108,3 +108,23 @@ def test_dataset_bad_input(gpt2_model):
         mean_over(gpt2_model, [], " dog")
     with pytest.raises(TypeError, match="all strings or all token ids"):
         rank_heads(gpt2_model, SAME, [" big", 5, " cold"], progress=False)
+
+
+def test_row_target_ids_equal_core_target_nll(gpt2_model):
+    """Per-prompt token ids (RowTargetNLL) score exactly what core's target_nll does with the
+    equivalent one-token strings per row."""
+    from tl_backward.attention.targets import RowTargetNLL
+    from tl_backward.core.adapter import get_adapter
+    from tl_backward.core.metrics import target_nll
+
+    ad = get_adapter(gpt2_model)
+    prompts = ["paris is the capital of", "one two three", "the cat sat on the"]
+    words = [" france", " four", " mat"]
+    ids = [int(ad.target_tokens(w)[0]) for w in words]
+    assert all(ad.target_tokens(w).numel() == 1 for w in words)
+    by_ids = reversed_attention(gpt2_model, prompts, metric=RowTargetNLL(tuple(ids)), prepend_bos=True)
+    by_str = reversed_attention(gpt2_model, prompts, metric=target_nll(words), prepend_bos=True)
+    assert float(by_ids.metric) == pytest.approx(float(by_str.metric), rel=1e-6)
+    torch.testing.assert_close(by_ids.maps, by_str.maps, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="targets for"):
+        reversed_attention(gpt2_model, prompts, metric=RowTargetNLL(tuple(ids[:2])), prepend_bos=True)

@@ -224,3 +224,34 @@ def test_bad_input(gpt2_model):
         ra.head_norms("backward")
     assert_no_hooks(gpt2_model)
     assert_untouched(gpt2_model)
+
+
+def test_layer_off_the_loss_path_is_exactly_zero(gpt2_model):
+    """A layer whose scores do not reach the loss (its attention output detached by an outer hook)
+    gets no gradient callback: its map must be exactly 0, not leftover buffer memory, and the
+    other layer's map is unchanged (its path to the loss never went through layer 0's output)."""
+    ad = get_adapter(gpt2_model)
+    plain = reversed_attention(gpt2_model, PROMPTS, TARGETS, prepend_bos=True)
+    detach = [(ad.hook_name("z", 0), lambda z, hook: z.detach())]
+    for _ in range(3):  # fresh buffers each time: garbage would show up in at least one call
+        with gpt2_model.hooks(fwd_hooks=detach):
+            cut = reversed_attention(gpt2_model, PROMPTS, TARGETS, prepend_bos=True)
+        assert bool((cut.maps[0] == 0).all())
+        assert float(cut.patterns[0].abs().max()) > 0  # the forward pattern is still reported
+        torch.testing.assert_close(cut.maps[1], plain.maps[1], atol=1e-9, rtol=1e-5)
+    assert_no_hooks(gpt2_model)
+
+
+def test_patterns_are_the_patched_ones_under_patch_attention(gpt2_model):
+    """Inside patch_attention the run (and thus the returned patterns) is the patched model's; the
+    outer patch hooks survive the inner analysis and are removed at exit."""
+    from tl_backward.attention import patch_attention
+
+    base = reversed_attention(gpt2_model, PROMPTS[1], TARGETS[1], prepend_bos=True)
+    with patch_attention(gpt2_model, base, eta=-0.5):
+        inner = reversed_attention(gpt2_model, PROMPTS[1], TARGETS[1], prepend_bos=True)
+        again = reversed_attention(gpt2_model, PROMPTS[1], TARGETS[1], prepend_bos=True)
+    torch.testing.assert_close(inner.patterns, base.patterns - 0.5 * base.maps, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(again.maps, inner.maps)  # the patch was still active the second time
+    assert float(inner.metric) < float(base.metric)  # descent direction (spec §1.6)
+    assert_no_hooks(gpt2_model)

@@ -10,8 +10,8 @@ means raising logit i→j raises the loss (for an NLL: hurts the target), negati
 helpful edges. ∂L/∂Q = RA·K and ∂L/∂K = RAᵀ·Q, so RA plays P's role in the backward pass.
 
 :func:`reversed_attention_from` is the pure tensor formula; :func:`reversed_attention` reads the
-gradient at every requested layer's ``hook_attn_scores`` from **one** forward + backward
-(:func:`tl_backward.core.capture.capture`) and divides by the layer's scale.
+gradient at every requested layer's ``hook_attn_scores`` from **one** forward + backward and
+divides by the layer's scale.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_backward.core.adapter import get_adapter
-from tl_backward.core.capture import GradientCache, capture
 from tl_backward.core.metrics import resolve_metric
+from tl_backward.core.stream import device_of, stream
 
 __all__ = ["ReversedAttention", "reversed_attention", "reversed_attention_from", "frobenius"]
 
@@ -190,42 +190,56 @@ def reversed_attention(
     appended and teacher-forced) or ``metric`` (``tl_backward.metrics.logit_diff(...)`` or any
     callable ``(logits, tokens) -> scalar``). Returns :class:`ReversedAttention`.
 
-    The RA maps are ``∂metric/∂hook_attn_scores / s_l``; the patterns are ``softmax`` of the
-    captured scores (identical to ``hook_pattern`` in eval mode; recomputing them instead of
-    caching ``hook_pattern`` halves the captured memory).
+    Each layer's map is ``∂metric/∂hook_attn_scores / s_l``, written into the output buffer during
+    the backward pass and zeroed where the pattern is 0 and at padding. ``patterns`` are the
+    tensors ``hook_pattern`` carried in that forward (the model's own, including any active
+    :func:`patch_attention`), kept by reference -- autograd saves them anyway -- and copied once
+    at the end, so the peak memory stays at the activation-gradient floor (benchmarks/).
     """
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
     metric = resolve_metric(target, metric)
-    names = [adapter.hook_name("attn_scores", l) for l in layers]
-    cache = capture(model, input, metric, names=names, prepend_bos=prepend_bos)
-    return from_cache(cache, names, layers, [adapter.attn_scale(l) for l in layers])
+    scales = [adapter.attn_scale(l) for l in layers]
+    state: dict[str, Any] = {}
+    seen: dict[int, Tensor] = {}
 
+    def allocate(batch: Any) -> None:
+        B, T = batch.tokens.shape
+        # torch.empty touches no page: memory is committed as the backward writes each layer.
+        # fp32 whatever the model's dtype (bf16 gradients are too noisy to read); same device.
+        state["maps"] = torch.empty((len(layers), B, adapter.n_heads, T, T), dtype=torch.float32,
+                                    device=device_of(model))
 
-def from_cache(cache: GradientCache, names: Sequence[str], layers: Sequence[int],
-               scales: Sequence[float]) -> ReversedAttention:
-    """Build the result from a capture of ``hook_attn_scores`` (activations and gradients).
+    def keep_pattern(i: int):
+        def fn(pattern: Tensor) -> None:
+            seen[i] = pattern
+        return fn
 
-    Consumes the cache's entries layer by layer (popping them) so that peak memory stays at one
-    copy of the maps plus one of the patterns.
-    """
-    first = cache.activations[names[0]]
-    B, H, T, K = first.shape
-    keep = cache.mask[:, None, :, None] & cache.mask[:, None, None, :]  # [batch, 1, q, k] real x real
-    maps = first.new_empty((len(names), B, H, T, K))
-    patterns = first.new_empty((len(names), B, H, T, K))
-    for i, (name, s) in enumerate(zip(names, scales)):
-        scores = cache.activations.pop(name)
-        grad = cache.gradients.pop(name)
-        p = torch.softmax(scores, dim=-1)
-        del scores
-        # Fully masked rows (compatibility-mode -inf) give NaN; the model zeroes them too.
-        p = torch.nan_to_num_(p, nan=0.0).masked_fill_(~keep, 0.0)
-        patterns[i] = p
-        maps[i] = reversed_attention_from(p, grad, s, grad_of="scores", keep=keep)
-        del p, grad
+    def write_map(i: int):
+        def fn(grad: Tensor) -> None:
+            out = state["maps"][i]
+            torch.div(grad, scales[i], out=out)  # writes (and upcasts) in place: no copy kept
+            # ∂L/∂S is already 0 where the softmax gave 0; masking makes it exact (e.g. finfo.min masks).
+            out.masked_fill_(seen[i] == 0, 0.0)
+        return fn
+
+    run = stream(
+        model, input, metric, prepend_bos=prepend_bos, on_batch=allocate,
+        on_activation={adapter.hook_name("pattern", l): keep_pattern(i) for i, l in enumerate(layers)},
+        on_gradient={adapter.hook_name("attn_scores", l): write_map(i) for i, l in enumerate(layers)},
+    )
+    maps = state["maps"]
+    patterns = torch.empty_like(maps)
+    mask = run.batch.mask
+    keep = (mask[:, None, :, None] & mask[:, None, None, :]).to(maps.device)  # real query x real key
+    for i, l in enumerate(layers):
+        if adapter.hook_name("attn_scores", l) not in run.fired:
+            maps[i].zero_()  # the metric does not depend on this layer: ∂L/∂A = 0
+        patterns[i] = torch.nan_to_num(seen.pop(i).float(), nan=0.0)  # compat mode: all-masked rows
+        maps[i].masked_fill_(~keep, 0.0)
+        patterns[i].masked_fill_(~keep, 0.0)
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
-        tokens=cache.tokens, mask=cache.mask, last=cache.last, str_tokens=cache.str_tokens,
-        metric=cache.metric,
+        tokens=run.batch.tokens, mask=mask, last=run.batch.last, str_tokens=run.str_tokens,
+        metric=run.metric,
     )

@@ -1,7 +1,9 @@
 """Targets for dataset-level analyses: one target for all prompts, or one per prompt, batched.
 
-``target_nll`` (core) takes one target or a list of *strings* per row; datasets often hold token
-ids per prompt, so :class:`RowTargetNLL` scores one id per row.
+``target_nll`` (core) takes one target or a list of *strings* per row; a list of ints is read as
+*one* multi-token target for every row. Datasets often hold one token id per prompt, and decoding
+ids back to strings is not lossless for BPE, so :class:`RowTargetNLL` scores one id per row. It is
+the single-token case of core's ``TargetNLL`` with per-row ids (tests check the two agree).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ __all__ = ["RowTargetNLL", "batch_target", "check_prompts"]
 class RowTargetNLL:
     """``Σ_b −log p(ids[b])`` at each row's last prompt position (one single-token target per row).
 
-    TODO(core): ``tl_backward.core.metrics.target_nll`` could accept a list of ids per row.
+    Equal to ``target_nll([...strings...])`` when each string is one token; would fold into core
+    if ``tl_backward.core.metrics.target_nll`` accepted one id per row.
     """
 
     ids: tuple[int, ...]
