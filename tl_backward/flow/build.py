@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tl_backward.core.adapter import ModelAdapter, get_adapter
+from tl_backward.core.stream import device_of
 
 from .graph import Edge, FlowGraph, Node, merge
 from .project import project
@@ -51,7 +52,7 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
         name = type(mod).__name__
         if name.endswith("RotaryEmbedding") and "Bridge" not in name:
             dtype = next(ad.model.parameters()).dtype
-            x = torch.zeros(1, n_pos, ad.d_model, dtype=dtype, device=next(ad.model.parameters()).device)
+            x = torch.zeros(1, n_pos, ad.d_model, dtype=dtype, device=device_of(ad.model))
             with torch.no_grad():
                 cos, sin = mod(x, torch.arange(n_pos, device=x.device)[None])
             return cos[0].float().cpu(), sin[0].float().cpu()
@@ -80,7 +81,7 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
         grads, value = {n: t.cpu() for n, t in cache.gradients.items()}, float(cache.metric)
     else:
         with torch.no_grad():
-            logits, cache = model.run_with_cache(tokens.to(_device(model)), names_filter=flat)
+            logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=flat)
         chosen["t"] = int(logits[0, p].argmax()) if target is None else target
         acts = {n: cache[n].detach().float().cpu() for n in flat}
         grads, value = {}, None
@@ -93,10 +94,6 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
     return out, chosen["t"], value
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ------------------------------------------------------------------------------------- assembly
 def _fmt_list(pairs: Sequence[tuple[str, float]]) -> str:
     return "[" + ", ".join(repr(t) for t, _ in pairs) + "]"
@@ -106,9 +103,22 @@ def _assemble(ad: ModelAdapter, specs: list[NodeSpec], espec: list[EdgeSpec], ta
               backward: bool, normalize: bool, k: int) -> tuple[list[Node], list[Edge]]:
     """Project every node vector in one batch and turn specs into Nodes/Edges."""
     proj_specs = [s for s in specs if s.vector is not None]
-    extra = [(s, cap, v) for s in proj_specs for cap, v in s.extra]
-    rows = torch.stack([s.vector.float() for s in proj_specs] + [v.float() for _, _, v in extra])
-    pr = project(ad, rows, target, k=k, normalize=normalize)
+    extra = [(s, cap, v, share) for s in proj_specs for cap, v, share in s.extra]
+    # One row per distinct vector: members of a share group reuse its first member's projection
+    # ("same": identical vectors; "dir": positive multiples, identical under the normalised lens).
+    keys: dict[Any, int] = {}
+    vecs: list[Tensor] = []
+
+    def row(vec: Tensor, share: tuple | None, own: Any) -> int:
+        key = share[0] if share is not None and (share[1] == "same" or normalize) else own
+        if key not in keys:
+            keys[key] = len(vecs)
+            vecs.append(vec.float())
+        return keys[key]
+
+    spec_row = [row(s.vector, s.share, ("node", i)) for i, s in enumerate(proj_specs)]
+    extra_row = [row(v, share, ("extra", n)) for n, (_, _, v, share) in enumerate(extra)]
+    pr = project(ad, torch.stack(vecs), target, k=k, normalize=normalize)
     ids = torch.cat([pr.top_ids.reshape(-1), pr.bottom_ids.reshape(-1)]).unique().tolist()
     decoded = dict(zip(ids, _decode(ad, ids)))
     n_vocab = ad.d_vocab
@@ -116,10 +126,9 @@ def _assemble(ad: ModelAdapter, specs: list[NodeSpec], espec: list[EdgeSpec], ta
     def pairs(idx: Tensor, probs: Tensor) -> tuple[tuple[str, float], ...]:
         return tuple((decoded[int(i)], float(pv)) for i, pv in zip(idx, probs))
 
-    row_of = {id(s): i for i, s in enumerate(proj_specs)}
+    row_of = {id(s): r for s, r in zip(proj_specs, spec_row)}
     extra_lines: dict[int, list[str]] = {}
-    for n, (s, cap, _) in enumerate(extra):
-        r = len(proj_specs) + n
+    for (s, cap, _, _), r in zip(extra, extra_row):
         extra_lines.setdefault(id(s), []).append(f"{cap}: {_fmt_list(pairs(pr.top_ids[r], pr.top_probs[r]))}")
 
     nodes: list[Node] = []

@@ -66,8 +66,17 @@ class NodeSpec:
     position: int | None = None
     negative: bool = False  # label and colour from the bottom (negative-score neuron)
     bias: bool = False
-    extra: list[tuple[str, Tensor]] = field(default_factory=list)  # more hover projections
+    extra: list[tuple[str, Tensor, tuple | None]] = field(default_factory=list)  # more hover projections
     note: str = ""
+    # Projection sharing: (tag, "same") = bitwise the same vector as the tag's other members;
+    # (tag, "dir") = a positive multiple of it (shared only under the normalised lens, where
+    # LL(c·u) = LL(u) for c > 0). Backward graphs are full of these (e.g. every W_O row is ±g_attn_out).
+    share: tuple[str, str] | None = None
+
+
+def _dir(tag: str, coef: float) -> tuple[str, str] | None:
+    """Share key of coef·u (u named by ``tag``): sign-specific; none for a zero coefficient."""
+    return None if coef == 0 else (f"{tag}{'+' if coef > 0 else '-'}", "dir")
 
 
 @dataclass
@@ -144,7 +153,9 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
             continue
         # the full resid_mid gradient is grad(hook_attn_out) (capture also returns it for hook_resid_mid)
         vec = src["attn_out" if (bw and key == "mid") else hook][p]
-        nodes.append(NodeSpec(ids[key], kind, layer, name, vec, _norm(vec)))
+        share = {"attn_out": (f"{L}.g_attn_out+", "same"), "mid": (f"{L}.g_attn_out+", "same"),
+                 "mlp_out": (f"{L}.g_mlp_out+", "same")}.get(key) if bw else None
+        nodes.append(NodeSpec(ids[key], kind, layer, name, vec, _norm(vec), share=share))
     # edge weights: forward = norm of the edge's input; backward = norm of the gradient crossing it
     n = lambda k: _norm(src[k][p])  # noqa: E731
     if bw:
@@ -179,10 +190,14 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
         else:
             q_vec = qkv_vec[j]
             qkv_weight, query_weight = attn_in_norm, 0.2 * _norm(q_vec)
-            extra = [("key of this token", W_Q[j] @ keys[p, j]), ("value of this token", vals[p, j] @ W_O[j])]
+            # the current token's key/value: the same computation as memory (j, p), shared if kept
+            extra = [("key of this token", W_Q[j] @ keys[p, j], (f"{hj}.k{p}", "same")),
+                     ("value of this token", vals[p, j] @ W_O[j], (f"{hj}.v{p}", "same"))]
+        same_q = None if bw else (f"{hj}.q", "same")  # forward qkv_j and q_j are the same vector
         nodes.append(NodeSpec(f"{hj}.qkv", "qkv", layer, "qkv", qkv_vec[j], float(head_score[j]), head=j,
-                               position=p, extra=extra))
-        nodes.append(NodeSpec(f"{hj}.q", "query", layer, "q", q_vec, float(head_score[j]), head=j, position=p))
+                              position=p, extra=extra, share=same_q))
+        nodes.append(NodeSpec(f"{hj}.q", "query", layer, "q", q_vec, float(head_score[j]), head=j, position=p,
+                              share=same_q))
         edges.append(EdgeSpec(ids["attn_in"], f"{hj}.qkv", "qkv", qkv_weight))
         edges.append(EdgeSpec(f"{hj}.qkv", f"{hj}.q", "query", query_weight))
         mem = (V.top_selection(mem_score[j], opts["n_memory"]) if like is None
@@ -197,20 +212,23 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
                 key_w, key_c = max(10 * abs(r) / ra_max, 0.51), (POS_COLOR if -r > 0 else NEG_COLOR)
                 head_w = _norm(v_vec)
                 note = f"{src}; attention {prob:.3f}, RA {r:+.3g}"
+                k_share, v_share = _dir(f"{hj}.WQq", r), _dir(f"{hj}.A", prob)  # r·W_Q q, P·A_j
             else:
                 k_vec, v_vec = W_Q[j] @ keys[i, j], vals[i, j] @ W_O[j]
                 key_w, key_c = max(10 * prob, 0.51), attention_color(prob)
                 head_w = max(1.3 * prob * _norm(v_vec), 0.51)
                 note = f"{src}; attention {prob:.3f}"
+                k_share, v_share = (f"{hj}.k{i}", "same"), (f"{hj}.v{i}", "same")
             nodes.append(NodeSpec(f"{hj}.k{i}", "key", layer, "memory key", k_vec, float(mem_score[j, i]),
-                                   head=j, position=i, note=note))
+                                  head=j, position=i, note=note, share=k_share))
             nodes.append(NodeSpec(f"{hj}.v{i}", "value", layer, "memory value", v_vec, float(mem_score[j, i]),
-                                   head=j, position=i, note=note))
+                                  head=j, position=i, note=note, share=v_share))
             edges.append(EdgeSpec(f"{hj}.q", f"{hj}.k{i}", "attention_key", key_w, key_c))
             edges.append(EdgeSpec(f"{hj}.k{i}", f"{hj}.v{i}", "attention_value", max(10 * prob, 0.51),
                                    attention_color(prob)))
             edges.append(EdgeSpec(f"{hj}.v{i}", f"{hj}.A", "head", head_w))
-        nodes.append(NodeSpec(f"{hj}.A", "head", layer, "head output", head_vec[j], float(head_score[j]), head=j))
+        nodes.append(NodeSpec(f"{hj}.A", "head", layer, "head output", head_vec[j], float(head_score[j]), head=j,
+                              share=(f"{hj}.A+", "same") if bw else None))
         edges.append(EdgeSpec(f"{hj}.A", ids["concat"], "concat",
                                _norm(head_vec[j]) if bw else 1.8 * _norm(head_vec[j])))
     nodes.append(NodeSpec(ids["concat"], "concat", layer, "concat", None,
@@ -228,12 +246,14 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
             vec, out_w = W_O[j, e], abs(s)
         nid = f"{L}.O{r}"
         nodes.append(NodeSpec(nid, "wo_neuron", layer, f"W_O row {r} (head {j}, dim {e})", vec, s, head=j,
-                               neuron=r, negative=(s < 0) and not bw, note=f"z = {float(z_flat[r]):+.3g}"))
+                              neuron=r, negative=(s < 0) and not bw, note=f"z = {float(z_flat[r]):+.3g}",
+                              share=_dir(f"{L}.g_attn_out", float(z_flat[r])) if bw else None))
         edges.append(EdgeSpec(ids["concat"], nid, "neuron_in", 7.0, POS_COLOR if s > 0 else NEG_COLOR))
         edges.append(EdgeSpec(nid, ids["attn_out"], "neuron_out", out_w))
     if opts["bias"] and bool(b_O.abs().sum() > 0):
         vec = g["attn_out"][p] if bw else b_O
-        nodes.append(NodeSpec(f"{L}.b_O", "bias", layer, "b_O", vec, _norm(vec), bias=True))
+        nodes.append(NodeSpec(f"{L}.b_O", "bias", layer, "b_O", vec, _norm(vec), bias=True,
+                              share=(f"{L}.g_attn_out+", "same") if bw else None))
         edges.append(EdgeSpec(ids["concat"], f"{L}.b_O", "bias_in", 7.0))
         edges.append(EdgeSpec(f"{L}.b_O", ids["attn_out"], "bias_out", _norm(vec)))
 
@@ -255,9 +275,12 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
             color = POS_COLOR if hi > 0 else NEG_COLOR
             note = f"h = {hi:+.3g}"
         neg = (s < 0) and not bw
-        nodes.append(NodeSpec(f"{L}.K{i}", "mlp_key", layer, f"MLP key {i}", k_vec, s, neuron=i, negative=neg, note=note))
+        k_share = _dir(f"{L}.x_mlp_in", float(g["mlp_pre"][p, i])) if bw else None
+        v_share = _dir(f"{L}.g_mlp_out", hi) if bw else None
+        nodes.append(NodeSpec(f"{L}.K{i}", "mlp_key", layer, f"MLP key {i}", k_vec, s, neuron=i, negative=neg,
+                              note=note, share=k_share))
         nodes.append(NodeSpec(f"{L}.V{i}", "mlp_value", layer, f"MLP value {i}", v_vec, s, neuron=i, negative=neg,
-                               note=note))
+                              note=note, share=v_share))
         edges.append(EdgeSpec(ids["mlp_in"], f"{L}.K{i}", "mlp_key_in", 7.0, entropy_of=f"{L}.K{i}"))
         edges.append(EdgeSpec(f"{L}.K{i}", f"{L}.V{i}", "mlp_act", act_w, color))
         edges.append(EdgeSpec(f"{L}.V{i}", ids["mlp_out"], "mlp_value_out", out_w, entropy_of=f"{L}.V{i}"))
@@ -269,7 +292,8 @@ def layer_specs(ad: ModelAdapter, d: LayerData, layer: int, p: int, opts: dict, 
             biases.append(("b_out", g["mlp_out"][p] if bw else b_out, "b_out"))
         for key, vec, name in biases:
             nid = f"{L}.mlp_{key}"
-            nodes.append(NodeSpec(nid, "bias", layer, name, vec, _norm(vec), bias=True))
+            share = (f"{L}.g_mlp_out+", "same") if bw and key == "b_out" else None
+            nodes.append(NodeSpec(nid, "bias", layer, name, vec, _norm(vec), bias=True, share=share))
             edges.append(EdgeSpec(ids["mlp_in"], nid, "bias_in", 7.0))
             edges.append(EdgeSpec(nid, ids["mlp_out"], "bias_out", _norm(vec)))
     return nodes, edges
