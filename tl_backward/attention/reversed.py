@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.metrics import resolve_metric
-from tl_backward.core.stream import device_of, stream
+from tl_backward.core.stream import stream
 
 __all__ = ["ReversedAttention", "reversed_attention", "reversed_attention_from", "frobenius"]
 
@@ -190,25 +190,18 @@ def reversed_attention(
     appended and teacher-forced) or ``metric`` (``tl_backward.metrics.logit_diff(...)`` or any
     callable ``(logits, tokens) -> scalar``). Returns :class:`ReversedAttention`.
 
-    Each layer's map is ``∂metric/∂hook_attn_scores / s_l``, written into the output buffer during
-    the backward pass and zeroed where the pattern is 0 and at padding. ``patterns`` are the
-    tensors ``hook_pattern`` carried in that forward (the model's own, including any active
-    :func:`patch_attention`), kept by reference -- autograd saves them anyway -- and copied once
-    at the end, so the peak memory stays at the activation-gradient floor (benchmarks/).
+    Each layer's map is ``∂metric/∂hook_attn_scores / s_l``, taken during the backward pass
+    (:func:`tl_backward.core.stream.stream`, no cache) and zeroed where the pattern is 0 and at
+    padding. ``patterns`` are the tensors ``hook_pattern`` carried in that forward (the model's own,
+    including any active :func:`patch_attention`), kept by reference -- autograd saves them anyway
+    -- and copied once at the end. Peak memory: see benchmarks/bench_reversed_attention.py.
     """
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
     metric = resolve_metric(target, metric)
     scales = [adapter.attn_scale(l) for l in layers]
-    state: dict[str, Any] = {}
-    seen: dict[int, Tensor] = {}
-
-    def allocate(batch: Any) -> None:
-        B, T = batch.tokens.shape
-        # torch.empty touches no page: memory is committed as the backward writes each layer.
-        # fp32 whatever the model's dtype (bf16 gradients are too noisy to read); same device.
-        state["maps"] = torch.empty((len(layers), B, adapter.n_heads, T, T), dtype=torch.float32,
-                                    device=device_of(model))
+    seen: dict[int, Tensor] = {}  # layer index -> the live hook_pattern tensor of this forward
+    written: dict[int, Tensor] = {}  # layer index -> its RA map, filled during the backward
 
     def keep_pattern(i: int):
         def fn(pattern: Tensor) -> None:
@@ -217,27 +210,38 @@ def reversed_attention(
 
     def write_map(i: int):
         def fn(grad: Tensor) -> None:
-            out = state["maps"][i]
-            torch.div(grad, scales[i], out=out)  # writes (and upcasts) in place: no copy kept
+            # Allocated here, mid-backward, while the graph's saved tensors are being freed: a buffer
+            # for all layers allocated up front would sit on top of the forward's peak (GPU allocators
+            # commit it at once). fp32 whatever the model's dtype (bf16 gradients are too noisy).
+            out = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+            torch.div(grad, scales[i], out=out)
             # ∂L/∂S is already 0 where the softmax gave 0; masking makes it exact (e.g. finfo.min masks).
-            out.masked_fill_(seen[i] == 0, 0.0)
+            written[i] = out.masked_fill_(seen[i] == 0, 0.0)
         return fn
 
     run = stream(
-        model, input, metric, prepend_bos=prepend_bos, on_batch=allocate,
+        model, input, metric, prepend_bos=prepend_bos,
         on_activation={adapter.hook_name("pattern", l): keep_pattern(i) for i, l in enumerate(layers)},
         on_gradient={adapter.hook_name("attn_scores", l): write_map(i) for i, l in enumerate(layers)},
     )
-    maps = state["maps"]
-    patterns = torch.empty_like(maps)
     mask = run.batch.mask
-    keep = (mask[:, None, :, None] & mask[:, None, None, :]).to(maps.device)  # real query x real key
-    for i, l in enumerate(layers):
-        if adapter.hook_name("attn_scores", l) not in run.fired:
+    B, T = run.batch.tokens.shape
+    shape = (len(layers), B, adapter.n_heads, T, T)
+    device = seen[0].device
+    keep = (mask[:, None, :, None] & mask[:, None, None, :]).to(device)  # real query x real key
+    # Assemble layer by layer, dropping each source as it is copied, so at most one layer is doubled.
+    maps = torch.empty(shape, dtype=torch.float32, device=device)
+    for i in range(len(layers)):
+        if i in written:
+            maps[i] = written.pop(i)
+        else:
             maps[i].zero_()  # the metric does not depend on this layer: ∂L/∂A = 0
-        patterns[i] = torch.nan_to_num(seen.pop(i).float(), nan=0.0)  # compat mode: all-masked rows
         maps[i].masked_fill_(~keep, 0.0)
-        patterns[i].masked_fill_(~keep, 0.0)
+    patterns = torch.empty(shape, dtype=torch.float32, device=device)
+    for i in range(len(layers)):
+        patterns[i] = seen.pop(i)
+        # compat mode: fully masked (padding) rows are NaN; zero them with the padding.
+        patterns[i].nan_to_num_(nan=0.0).masked_fill_(~keep, 0.0)
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
         tokens=run.batch.tokens, mask=mask, last=run.batch.last, str_tokens=run.str_tokens,
