@@ -169,3 +169,10 @@ def test_lora_finetune_changes_only_q_and_v(model):
         assert changed and changed <= q_v
         assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
         assert "peft_config" not in vars(model.original_model)
+
+
+def test_progress_bar_reports_steps(gpt2_model, capsys):
+    with preserving_weights(gpt2_model):
+        mas_finetune(gpt2_model, data(gpt2_model), epochs=1, batch_size=2, lr=1e-3, progress=True)
+    err = capsys.readouterr().err
+    assert "mas fine-tune" in err and "2/2" in err

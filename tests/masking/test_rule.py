@@ -52,3 +52,31 @@ def test_shape_errors():
         row_end(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="row_end and key_valid"):
         staircase_mask(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_mask_construction_is_vectorised():
+    """No Python loop over positions or batch rows: the number of tensor ops is the same for a
+    [1, 8] and a [16, 512] layout (counted at the aten dispatch level)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(batch, length):
+        gen = torch.Generator().manual_seed(batch)
+        rows = [random_layout(gen, length, pad_side="left", n_pad=length // 4) for _ in range(batch)]
+        seg, valid = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        with Count() as count:
+            keep = staircase_mask(row_end(seg), valid)
+            position_ids(valid)
+        if length <= 16:
+            assert torch.equal(keep, pairwise_mask(seg, valid))
+        return count.n
+
+    assert ops(1, 8) == ops(16, 512)
