@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_backward.core.adapter import ModelAdapter, get_adapter
+from tl_backward.core.stream import device_of
 
 from .project import CHUNK
 
@@ -53,7 +54,7 @@ def _collect(ad: ModelAdapter, prompts: list[str], names: list[str], position: i
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     model = ad.model
-    device = next(model.parameters()).device
+    device = device_of(model)
     for start in range(0, len(prompts), batch_size):
         batch = ad.tokenize(prompts[start:start + batch_size], prepend_bos)
         pos = _positions(batch, position)
@@ -168,7 +169,7 @@ def ln_filter(model: Any, prompts: Sequence[str] | str, *, layer: int, which: st
     norm = getattr(model.blocks[layer], which)
     dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        ln_r = norm(r.to(dtype).to(next(model.parameters()).device)).float().cpu()
+        ln_r = norm(r.to(dtype).to(device_of(model))).float().cpu()
     px, py, pr, plr = (_probs(ad, v) for v in (x, y, r, ln_r))
     ids = list(range(ad.d_vocab))
     return LNFilter(
