@@ -10,11 +10,13 @@ import tl_backward.flow.project as P
 from tl_backward.core.adapter import get_adapter
 
 
-@pytest.mark.parametrize("rows_per_chunk", [3, 1000])
+@pytest.mark.parametrize("rows_per_chunk,post_rows", [(3, 2), (1000, 32)])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_project_matches_hf_lens(model, family, fresh_hf, monkeypatch, rows_per_chunk, normalize):
+def test_project_matches_hf_lens(model, family, fresh_hf, monkeypatch, rows_per_chunk, post_rows,
+                                  normalize):
     ad = get_adapter(model)
     monkeypatch.setattr(P, "CHUNK_ELEMENTS", rows_per_chunk * ad.d_vocab)
+    monkeypatch.setattr(P, "POST_ROWS", post_rows)
     gen = torch.Generator().manual_seed(0)
     # mixed scales, including tiny gradient-like vectors and one zero row
     v = torch.randn(10, ad.d_model, generator=gen) * torch.logspace(-6, 1, 10)[:, None]

