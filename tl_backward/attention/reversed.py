@@ -191,8 +191,8 @@ def reversed_attention(
     callable ``(logits, tokens) -> scalar``). Returns :class:`ReversedAttention`.
 
     Each layer's map is ``∂metric/∂hook_attn_scores / s_l``, taken during the backward pass
-    (:func:`tl_backward.core.stream.stream`, no cache) and zeroed where the pattern is 0 and at
-    padding. ``patterns`` are the tensors ``hook_pattern`` carried in that forward (the model's own,
+    (:func:`tl_backward.core.stream.stream`, no cache). It is exactly 0 wherever the pattern is 0
+    (the softmax backward multiplies by P) and is zeroed at padding. ``patterns`` are the tensors ``hook_pattern`` carried in that forward (the model's own,
     including any active :func:`patch_attention`), kept by reference -- autograd saves them anyway
     -- and copied once at the end. Peak memory: see benchmarks/bench_reversed_attention.py.
     """
@@ -213,10 +213,11 @@ def reversed_attention(
             # Allocated here, mid-backward, while the graph's saved tensors are being freed: a buffer
             # for all layers allocated up front would sit on top of the forward's peak (GPU allocators
             # commit it at once). fp32 whatever the model's dtype (bf16 gradients are too noisy).
+            # No explicit mask needed here: ∂L/∂S = P ⊙ (dP − r) is exactly 0 wherever the softmax
+            # gave exactly 0 (causal future, padded keys, finfo.min or -inf masks); tests check it.
+            # (The *pattern* gradient dP is not 0 there -- that route must mask, see above.)
             out = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
-            torch.div(grad, scales[i], out=out)
-            # ∂L/∂S is already 0 where the softmax gave 0; masking makes it exact (e.g. finfo.min masks).
-            written[i] = out.masked_fill_(seen[i] == 0, 0.0)
+            written[i] = torch.div(grad, scales[i], out=out)
         return fn
 
     run = stream(
@@ -228,7 +229,8 @@ def reversed_attention(
     B, T = run.batch.tokens.shape
     shape = (len(layers), B, adapter.n_heads, T, T)
     device = seen[0].device
-    keep = (mask[:, None, :, None] & mask[:, None, None, :]).to(device)  # real query x real key
+    # Padding: zero padded query rows and key columns (their RA is already 0; their patterns are not).
+    drop = None if bool(mask.all()) else ~(mask[:, None, :, None] & mask[:, None, None, :]).to(device)
     # Assemble layer by layer, dropping each source as it is copied, so at most one layer is doubled.
     maps = torch.empty(shape, dtype=torch.float32, device=device)
     for i in range(len(layers)):
@@ -236,12 +238,14 @@ def reversed_attention(
             maps[i] = written.pop(i)
         else:
             maps[i].zero_()  # the metric does not depend on this layer: ∂L/∂A = 0
-        maps[i].masked_fill_(~keep, 0.0)
+        if drop is not None:
+            maps[i].masked_fill_(drop, 0.0)
     patterns = torch.empty(shape, dtype=torch.float32, device=device)
     for i in range(len(layers)):
         patterns[i] = seen.pop(i)
-        # compat mode: fully masked (padding) rows are NaN; zero them with the padding.
-        patterns[i].nan_to_num_(nan=0.0).masked_fill_(~keep, 0.0)
+        if drop is not None:
+            # compat mode: fully masked (padding) rows are NaN; they are zeroed with the padding.
+            patterns[i].nan_to_num_(nan=0.0).masked_fill_(drop, 0.0)
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
         tokens=run.batch.tokens, mask=mask, last=run.batch.last, str_tokens=run.str_tokens,

@@ -1,0 +1,182 @@
+"""Reversed Attention cost: RA for all 144 heads of a GPT-2-small-shaped random model vs the
+reference forward+backward runs, and streaming head-ranking throughput.
+
+1. Input 1 x 128 and 1 x 512 tokens, loss = NLL of one target at the last position:
+   ``reversed_attention(model, tokens, target)`` (all 12 layers x 12 heads, maps + patterns
+   returned) vs (a) plain forward + ``loss.backward()`` with trainable weights and (c) the
+   activation-gradients-only floor (frozen weights, leaf at hook_embed, ``autograd.grad``); both
+   from ``_common``. Wall time: median of interleaved runs in this process.
+   Peak memory: each contender in a **fresh subprocess** (build the model, one warm-up call, then
+   measure), two ways -- (i) RSS: VmHWM after one call minus VmRSS before it, with glibc tuned so
+   freed memory leaves the RSS (every allocation >= 64 KiB its own mmap; ``/proc/self/clear_refs``
+   resets the high-water mark); (ii) tensors: the peak of live CPU tensor bytes from
+   ``torch.profiler`` memory events, which counts a tensor in full when allocated (as a GPU
+   allocator would) and is blind to page reclaim and malloc caching. The returned maps count in
+   both. Fresh processes because the GPT-2 bridge keeps each layer's last pattern
+   (``JointQKVAttentionBridge._pattern``) until the next forward, so in-process baselines depend on
+   what ran before. Targets: <= 1.0x (a) and <= 1.15x (c), time and both memory figures, both lengths.
+2. ``rank_heads`` over 64 prompts of 128 tokens (batch 8): prompts/second, interleaved with the
+   (c) floor over the same batches.
+
+Run: ``python benchmarks/bench_reversed_attention.py [--repeats N] [--lengths 128 512] [--threads T]``.
+Exit code 1 if a target is missed. On a shared 2-core machine absolute times drift; the ratios come
+from interleaved runs and are the figures to read (rerun if other jobs were busy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from _common import (activation_grads_only, gpt2_small_random, interleaved_medians,  # noqa: E402
+                     plain_backward, random_tokens, set_threads)
+
+from tl_backward.attention import rank_heads, reversed_attention  # noqa: E402
+
+TARGET_A, TARGET_C = 1.0, 1.15
+TARGET_TOKEN = 1234
+LABELS = {"ra": "reversed_attention, 144 heads", "a": "(a) forward + .backward(), trainable",
+          "c": "(c) activation gradients only"}
+
+
+def contenders(model, tokens):
+    return {"ra": lambda: reversed_attention(model, tokens, TARGET_TOKEN),
+            "a": plain_backward(model, tokens, TARGET_TOKEN),
+            "c": activation_grads_only(model, tokens, TARGET_TOKEN)}
+
+
+# ------------------------------------------------------------------------------ memory (subprocess)
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_peak(fn, libc) -> float:
+    """Extra resident memory (MiB) at the worst moment of one ``fn()`` call (return value included)."""
+    gc.collect()
+    libc.malloc_trim(0)
+    before = _kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    out = fn()
+    peak = _kib("VmHWM")
+    del out
+    return (peak - before) / 1024
+
+
+def tensor_peak(fn) -> float:
+    """Peak of live CPU tensor memory (MiB) during one ``fn()`` call, above the level at its start
+    (``torch.profiler`` "Total Allocated" after each allocation/free; the return value counts)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    del out
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted((e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events
+                 if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    start = mem[0][1] - mem[0][2]  # the level before the first event
+    return (max(total for _, total, _ in mem) - start) / 2**20
+
+
+def measure_one(key: str, length: int) -> dict:
+    """Child process: glibc tuned at start, model built, one warm-up call, then both peaks."""
+    libc = ctypes.CDLL("libc.so.6")
+    if not (libc.mallopt(-3, 64 * 1024) and libc.mallopt(-1, 128 * 1024)):  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+        raise RuntimeError("mallopt failed: RSS peaks need glibc")
+    model = gpt2_small_random()
+    fn = contenders(model, random_tokens(1, length, model.cfg.d_vocab, seed=length))[key]
+    fn()  # warm-up: lazy initialisation, and the bridge's retained patterns, as in steady use
+    rss = min(rss_peak(fn, libc) for _ in range(2))
+    return {"rss": rss, "tensors": tensor_peak(fn)}
+
+
+def measure(key: str, length: int, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", key, str(length),
+                           "--threads", str(threads)], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--measure", nargs=2, metavar=("KEY", "LENGTH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
+    if args.measure:
+        print(json.dumps(measure_one(args.measure[0], int(args.measure[1]))))
+        return 0
+    model = gpt2_small_random()
+    vocab = model.cfg.d_vocab
+    print(f"GPT-2-small-shaped random bridge (12 layers x 12 heads, d_model 768, vocab {vocab}), fp32, "
+          f"{threads} thread(s); peak memory per contender in a fresh process (RSS and live tensors)")
+    ok = True
+    for length in args.lengths:
+        tokens = random_tokens(1, length, vocab, seed=length)
+        runs = contenders(model, tokens)
+        times = interleaved_medians(runs, repeats=args.repeats)
+        res = runs["ra"]()
+        assert res.maps.shape == (12, 1, 12, length, length)
+        maps_mib = (res.maps.numel() + res.patterns.numel()) * 4 / 2**20
+        del res
+        memory = {k: measure(k, length, threads) for k in runs}
+        print(f"\n1 x {length} tokens, median of {args.repeats} interleaved runs:")
+        for key, label in LABELS.items():
+            print(f"  {label:38s} {times[key] * 1e3:8.1f} ms   peak RSS +{memory[key]['rss']:7.1f} MiB"
+                  f"   peak tensors +{memory[key]['tensors']:7.1f} MiB")
+        print(f"  (result: maps + patterns = {maps_mib:.1f} MiB, included in the RA peaks)")
+        for ref, tgt in (("a", TARGET_A), ("c", TARGET_C)):
+            ratios = {"time": times["ra"] / times[ref], "RSS": memory["ra"]["rss"] / memory[ref]["rss"],
+                      "tensors": memory["ra"]["tensors"] / memory[ref]["tensors"]}
+            marks = {k: r <= tgt for k, r in ratios.items()}
+            ok &= all(marks.values())
+            print(f"  RA / ({ref}):  " + "   ".join(f"{k} {r:.3f}x [{'ok' if marks[k] else 'MISS'}]"
+                                              for k, r in ratios.items()) + f"   (target <= {tgt:.2f}x)")
+
+    # ---- streaming head ranking vs the floor over the same batches
+    n, bs = args.prompts, args.batch_size
+    prompts = random_tokens(n, 128, vocab, seed=7)
+    targets = random_tokens(1, n, vocab, seed=8)[0].tolist()
+    floors = [activation_grads_only(model, prompts[i:i + bs], targets[i]) for i in range(0, n, bs)]
+    out = {}
+
+    def ranking():
+        out["r"] = rank_heads(model, prompts, targets, batch_size=bs, progress=False)
+
+    def floor():
+        for f in floors:
+            f()
+
+    secs = interleaved_medians({"rank": ranking, "floor": floor}, repeats=2)
+    print(f"\nrank_heads: {n} prompts x 128 tokens, batch {bs}: {secs['rank']:.2f} s = "
+          f"{n / secs['rank']:.1f} prompts/s; (c) floor over the same batches {n / secs['floor']:.1f} prompts/s "
+          f"(ratio {secs['rank'] / secs['floor']:.3f}x); top heads "
+          + ", ".join(f"L{l}H{h}" for l, h, _ in out["r"].top(3)))
+    print("\nall targets met" if ok else "\nSOME TARGETS MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    sys.exit(main())
