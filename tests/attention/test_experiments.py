@@ -7,8 +7,8 @@ import torch
 from tests.reference import assert_no_hooks, assert_untouched
 from tl_backward.attention import mean_over, patch_attention, rank_heads, zero_heads
 from tl_backward.core.adapter import get_adapter
-from tl_backward.experiments.icl import (answer_ids, constant_length_pairs, icl_patching, icl_prompt,
-                                         icl_prompts, topk_hits)
+from tl_backward.experiments.icl import (answer_ids, constant_length_pairs, evaluate, icl_patching,
+                                         icl_prompt, icl_prompts, topk_hits)
 from tl_backward.experiments.perturbation import PAPER_FRACTIONS, head_perturbation, icl_perturbation
 
 WORDS = [("hot", "cold"), ("big", "small"), ("good", "bad"), ("up", "down"), ("yes", "no"),
@@ -124,3 +124,26 @@ def test_icl_perturbation_runs_per_shot(gpt2_model):
         head_perturbation(gpt2_model, ["the cat"], [" dog"], ["the cat"], [" dog"], fractions=(1.5,), verbose=False)
     with pytest.raises(ValueError, match="rankings"):
         head_perturbation(gpt2_model, ["the cat"], [" dog"], ["the cat"], [" dog"], rankings=("loss",), verbose=False)
+
+
+def test_fit_queries_replace_the_training_queries(gpt2_model):
+    """With fit_queries, RĀ is the mean over those queries' prompts (demonstrations still from train)."""
+    fitq = TEST[:3]
+    res = icl_patching(gpt2_model, TRAIN, TEST[3:], n_shots=(1,), etas=(-40.0,), n_train=3, fit_queries=fitq,
+                       batch_size=4, verbose=False)
+    fit = icl_prompts(TRAIN, fitq, 1, seed=0)
+    mean = mean_over(gpt2_model, [p for p, _ in fit], answer_ids(gpt2_model, [t for _, t in fit]), prepend_bos=True)
+    assert res["fit_loss"][1] == pytest.approx(float(mean.metric), rel=1e-5)
+    default = icl_patching(gpt2_model, TRAIN, TEST[3:], n_shots=(1,), etas=(-40.0,), n_train=3, verbose=False)
+    assert default["fit_loss"][1] != pytest.approx(res["fit_loss"][1], rel=1e-5)
+    evals = icl_prompts(TRAIN, TEST[3:], 1, seed=1)
+    ans = answer_ids(gpt2_model, [t for _, t in evals])
+    with patch_attention(gpt2_model, mean, eta=-40.0):
+        _, nll = evaluate(gpt2_model, [p for p, _ in evals], ans)
+    row = next(r for r in res["rows"] if r["method"] == "reversed")
+    assert row["nll"] == pytest.approx(float(nll.mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="fit_queries is empty"):
+        icl_patching(gpt2_model, TRAIN, TEST, n_shots=(1,), fit_queries=[], verbose=False)
+    out = icl_perturbation(gpt2_model, TRAIN, TEST[3:], n_shots=(1,), fit_queries=fitq, fractions=(1.0,),
+                           rankings=("reversed",), include_reversed=False, verbose=False)
+    assert out[1]["n_train"] == 3

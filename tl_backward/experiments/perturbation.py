@@ -81,16 +81,21 @@ def icl_perturbation(
     *,
     n_shots: Sequence[int] = PAPER_SHOTS,
     n_train: int = 25,
+    fit_queries: Sequence[Pair] | None = None,
     seed: int = 0,
     verbose: bool = True,
     **kwargs: Any,
 ) -> dict:
     """:func:`head_perturbation` on k-shot ICL prompts built from (x, y) pairs (template and
-    demonstration sampling as in :mod:`tl_backward.experiments.icl`), one run per ``n_shots``.
+    demonstration sampling as in :mod:`tl_backward.experiments.icl`), one run per ``n_shots``. The
+    heads are ranked on the first ``n_train`` of ``fit_queries`` (default: of ``train``).
     Returns ``{n_shots: result}``."""
+    queries = list(train if fit_queries is None else fit_queries)[:n_train]
+    if not queries:
+        raise ValueError("no queries to rank the heads on: pass non-empty train or fit_queries")
     out = {}
     for k in n_shots:
-        fit = icl_prompts(train, list(train[:n_train]), k, seed=seed)
+        fit = icl_prompts(train, queries, k, seed=seed)
         evals = icl_prompts(train, test, k, seed=seed + 1)
         if verbose:
             print(f"\n== {k}-shot ==")
