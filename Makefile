@@ -6,14 +6,14 @@ STAMP  := $(VENV)/.installed
 # Pin torch first so no later requirement can pull a multi-GB CUDA build; override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test notebooks bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,demos]"
+	$(BIN)/pip install --quiet -e ".[dev,demos,lora]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+notebooks: $(STAMP)
+	$(BIN)/python -m pytest -m notebooks
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done

@@ -15,9 +15,11 @@ torch has no CPU equivalent of ``cuda.max_memory_allocated``, so we measure the 
 high-water mark** of this process around one call. Linux lets a process reset its own high-water
 mark (``echo 5 > /proc/self/clear_refs``), so the peak is per call, in-process:
 ``peak = VmHWM(after call) - VmRSS(before call)``. For that to track live tensors, freed memory must
-leave the RSS at once: at import this module calls glibc ``mallopt`` so that every allocation of
+leave the RSS at once: the first :func:`peak_memory` call sets glibc ``mallopt`` so that every allocation of
 >= 64 KiB is its own ``mmap`` (returned to the OS on free, no dynamic threshold growth) and the heap
-is trimmed eagerly; torch's CPU allocator does not cache. Pages count once touched, which every
+is trimmed eagerly; torch's CPU allocator does not cache. The setting stays for the rest of the process and makes
+every large allocation pay page faults, which slows copy-heavy code more than compute-heavy code:
+time first, or measure memory in a fresh process (``bench_capture.py`` does that per contender). Pages count once touched, which every
 real tensor is. What it measures: the extra resident memory a call needs at its worst moment
 (graph, saved activations, gradients, results), in MiB. Linux + glibc only; elsewhere
 :func:`peak_memory` returns ``nan``.
@@ -56,7 +58,7 @@ def _tune_malloc() -> bool:
         return False
 
 
-_MALLOC_TUNED = _tune_malloc()
+_MALLOC_TUNED: bool | None = None  # tuned on the first peak_memory() call, not at import
 
 
 def set_threads(n: int | None = None) -> int:
@@ -122,6 +124,9 @@ def peak_memory(fn: Callable[[], Any], repeats: int = 1) -> float:
     The call's return value is dropped before the next call (its size still counts in the peak).
     Returns ``nan`` where the method is unavailable (non-Linux, no glibc); see the module docstring.
     """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is None:
+        _MALLOC_TUNED = _tune_malloc()
     if not _MALLOC_TUNED or not os.path.exists("/proc/self/clear_refs"):
         return math.nan
     peaks = []

@@ -10,6 +10,8 @@ Targets: (b)/(a) <= 1.0 and (b)/(c) <= 1.15. Run: ``python benchmarks/bench_capt
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,15 +25,9 @@ import tl_backward as tlb  # noqa: E402
 NAMES = ("hook_pattern", "hook_attn_scores", "hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    threads = set_threads(args.threads)
+def contenders(length: int) -> tuple[dict, object]:
     model = gpt2_small_random()
-    tokens = random_tokens(1, args.length, model.cfg.d_vocab)
+    tokens = random_tokens(1, length, model.cfg.d_vocab)
     target = 5
     metric = tlb.metrics.target_nll(target)
     runs = {
@@ -39,9 +35,33 @@ def main() -> None:
         "b": lambda: tlb.capture(model, tokens, metric, names=lambda n: n.endswith(NAMES)),
         "c": activation_grads_only(model, tokens, target),
     }
+    return runs, model
+
+
+def memory_in_fresh_process(key: str, length: int, threads: int) -> float:
+    """Peak memory of one contender in its own process: a clean heap, and the allocator tuning
+    peak_memory needs never touches the timed process."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", key, "--length", str(length),
+                          "--threads", str(threads)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--measure", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # internal
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    runs, _ = contenders(args.length)
+    if args.measure:
+        runs[args.measure]()  # warm-up
+        print(peak_memory(runs[args.measure], repeats=3))
+        return
     cache = runs["b"]()
     times = interleaved_medians(runs, repeats=args.repeats)
-    memory = {k: peak_memory(fn) for k, fn in runs.items()}
+    memory = {k: memory_in_fresh_process(k, args.length, threads) for k in runs}
     print(f"bench_capture: GPT-2-small shape, 1 x {args.length} tokens, {threads} threads, "
           f"{len(cache.keys())} hook points captured")
     labels = {"a": "plain forward+backward (trainable)", "b": "capture (5 hooks x 12 layers)",

@@ -130,10 +130,15 @@ def capture(
     grads: dict[str, Tensor] = {}
     last_logits: list[Tensor] = []
 
-    def keep(store: dict[str, Tensor], key: str) -> Callable[[Tensor], None]:
+    def keep(store: dict[str, Tensor], key: str, copy: bool) -> Callable[[Tensor], None]:
         def fn(tensor: Tensor) -> None:
-            # float() copies bf16/fp16; clone() also the fp32 case (hooks hand out live tensors)
-            store[key] = tensor.float().clone() if tensor.dtype == torch.float32 else tensor.float()
+            # Activations are kept by reference, as ActivationCache does: autograd saves most of
+            # them anyway. Gradients are copied: autograd may reuse a gradient buffer in place.
+            # float() upcasts bf16/fp16 (a copy already).
+            if tensor.dtype != torch.float32:
+                store[key] = tensor.float()
+            else:
+                store[key] = tensor.clone() if copy else tensor
         return fn
 
     def keep_last(logits: Tensor, batch: Any) -> None:
@@ -142,8 +147,8 @@ def capture(
 
     run = stream(
         model, input, metric, prepend_bos=prepend_bos, on_logits=keep_last,
-        on_activation={fwd: keep(acts, fwd) for fwd in dict.fromkeys(r.fwd for r in requests)},
-        on_gradient={bwd: keep(grads, bwd) for bwd in dict.fromkeys(r.bwd for r in requests)},
+        on_activation={fwd: keep(acts, fwd, False) for fwd in dict.fromkeys(r.fwd for r in requests)},
+        on_gradient={bwd: keep(grads, bwd, True) for bwd in dict.fromkeys(r.bwd for r in requests)},
     )
     for key, g in run.leaf_grads.items():
         # The hook at a leaf itself may not fire (caveat 3 of the spec); backfill it.
