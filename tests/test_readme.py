@@ -38,7 +38,7 @@ def code_blocks(text: str) -> list[dict]:
         body, j = [], i + 1
         while j < len(lines) and not (lines[j].strip().startswith(fence[0] * len(fence))
                                       and set(lines[j].strip()) == {fence[0]}):
-            body.append(lines[j][indent:] if lines[j][:indent].isspace() else lines[j].lstrip())
+            body.append(lines[j][indent:] if not lines[j][:indent].strip() else lines[j].lstrip())
             j += 1
         blocks.append(dict(lang=info.split()[0] if info else "", line=i + 2, code="\n".join(body) + "\n",
                            skip=prev == SKIP_MARK))
