@@ -30,7 +30,8 @@ class GradientCache:
 
     Mirrors TransformerLens's ``ActivationCache``: ``cache[name]`` is the activation,
     ``cache[name + "_grad"]`` (or ``cache.gradients[name]``) is ∂metric/∂activation. Tensors are
-    detached and fp32 (upcast from bf16/fp16 models). ``last_logits`` holds the model's logits at
+    detached and fp32 (upcast from bf16/fp16 models); like ``ActivationCache``, fp32 activations
+    are the forward tensors themselves (not copies), gradients are copies. ``last_logits`` holds the model's logits at
     each row's last prompt position (its prediction there), ``last`` those positions.
     """
 
