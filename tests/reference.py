@@ -100,7 +100,7 @@ def hf_activation_grads(family: str, seed: int, tokens: Tensor, loss_fn: Loss, l
     handles.append(m["o"].register_forward_pre_hook(in_hook("z"), with_kwargs=True))
     if "up" in m:
         handles.append(m["up"].register_forward_hook(out_hook("mlp_pre_linear")))
-    if family == "llama":
+    if family in ("llama", "qwen2"):
         for kind in "qkv":
             handles.append(m[kind].register_forward_hook(out_hook(kind)))
     else:

@@ -36,6 +36,25 @@ def test_every_gradient_matches_plain_hf_autograd(model, family, layer):
         torch.testing.assert_close(cache.grad(name), grad, rtol=1e-5, atol=1e-6, msg=f"{kind} grad")
 
 
+def test_qwen2_gradients_match_plain_hf_autograd():
+    """Qwen2 = Llama layout with q/k/v biases and GQA: every kind at layer 1 against plain HF."""
+    from tests.conftest import build
+
+    model = build("qwen2")
+    ad = get_adapter(model)
+    target = int(ad.target_tokens(" big")[0])
+    kinds = _kinds(ad)
+    names = [ad.hook_name(k, 1) for k in kinds]
+    cache = capture(model, PROMPTS, target_nll(" big"), names=names)
+    ref = hf_activation_grads("qwen2", tokens=cache.tokens, loss_fn=last_token_nll(target, cache.last), layer=1,
+                              **SPECS["qwen2"])
+    for kind, name in zip(kinds, names):
+        act, grad = ref[kind]
+        mask = cache.mask[..., None] if cache[name].ndim == 3 else cache.mask[..., None, None]
+        torch.testing.assert_close(cache[name] * mask, act * mask, rtol=1e-5, atol=1e-5, msg=f"{kind} act")
+        torch.testing.assert_close(cache.grad(name), grad, rtol=1e-5, atol=1e-6, msg=f"{kind} grad")
+
+
 def test_resid_mid_is_the_full_residual_gradient_not_the_ln2_branch(gpt2_model):
     cache = capture(gpt2_model, "the cat sat", target_nll(" big"),
                     names=["blocks.0.hook_resid_mid", "blocks.0.ln2.hook_in", "blocks.0.hook_resid_post"])
