@@ -93,7 +93,7 @@ def main() -> None:
     fwd = flow_graph(model, prompt, layer=layer, target=target, prepend_bos=True)
     # Backward graph of an edit-style loss (Backward Lens): −log p(edit) — which nodes a gradient
     # step would use, and what it would write, to make the model answer ``edit`` instead.
-    bwd = flow_graph(model, prompt, layer=layer, target=edit, prepend_bos=True, backward=True)
+    bwd = flow_graph(model, prompt, layer=layer, target=edit, prepend_bos=True, backward=True, like=fwd)
     print(fwd, bwd, sep="\n")
     for g in (fwd, bwd):
         heads = sorted(g.nodes_of("head"), key=lambda n: -n.value)[:3]
