@@ -42,7 +42,7 @@ import torch
 
 __all__ = [
     "gpt2_small_random", "random_tokens", "median_time", "interleaved_medians", "peak_memory",
-    "last_token_nll", "plain_backward", "activation_grads_only", "set_threads", "MEMORY_METHOD",
+    "last_token_nll", "plain_backward", "status_kib", "activation_grads_only", "set_threads", "MEMORY_METHOD",
 ]
 
 MEMORY_METHOD = "RSS high-water mark per call (/proc/self/clear_refs reset, mallopt mmap threshold 64 KiB)"
@@ -110,7 +110,7 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 5, *,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -132,14 +132,14 @@ def peak_memory(fn: Callable[[], Any], repeats: int = 1) -> float:
     peaks = []
     for _ in range(repeats):
         gc.collect()
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current RSS
         except OSError:
             return math.nan
         out = fn()
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         del out
         peaks.append((peak - before) / 1024)
     return statistics.median(peaks)

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from _common import (activation_grads_only, gpt2_small_random, interleaved_medians,  # noqa: E402
-                     plain_backward, random_tokens, set_threads)
+                     plain_backward, random_tokens, set_threads, status_kib)
 
 from tl_backward.attention import rank_heads, reversed_attention  # noqa: E402
 
@@ -57,23 +57,15 @@ def contenders(model, tokens):
 
 
 # ------------------------------------------------------------------------------ memory (subprocess)
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def rss_peak(fn, libc) -> float:
     """Extra resident memory (MiB) at the worst moment of one ``fn()`` call (return value included)."""
     gc.collect()
     libc.malloc_trim(0)
-    before = _kib("VmRSS")
+    before = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     out = fn()
-    peak = _kib("VmHWM")
+    peak = status_kib("VmHWM")
     del out
     return (peak - before) / 1024
 
