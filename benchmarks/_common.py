@@ -15,12 +15,12 @@ torch has no CPU equivalent of ``cuda.max_memory_allocated``, so we measure the 
 high-water mark** of this process around one call. Linux lets a process reset its own high-water
 mark (``echo 5 > /proc/self/clear_refs``), so the peak is per call, in-process:
 ``peak = VmHWM(after call) - VmRSS(before call)``. For that to track live tensors, freed memory must
-leave the RSS at once: the first :func:`peak_memory` call sets glibc ``mallopt`` so that every allocation of
->= 64 KiB is its own ``mmap`` (returned to the OS on free, no dynamic threshold growth) and the heap
-is trimmed eagerly; torch's CPU allocator does not cache. The setting stays for the rest of the process and makes
-every large allocation pay page faults, which slows copy-heavy code more than compute-heavy code:
-time first, or measure memory in a fresh process (``bench_capture.py`` does that per contender). Pages count once touched, which every
-real tensor is. What it measures: the extra resident memory a call needs at its worst moment
+leave the RSS at once: the first :func:`peak_memory` call sets glibc ``mallopt`` so that every
+allocation of >= 64 KiB is its own ``mmap`` (returned to the OS on free, no dynamic threshold
+growth) and the heap is trimmed eagerly; torch's CPU allocator does not cache. The setting stays for
+the rest of the process and makes every large allocation pay page faults, which slows copy-heavy
+code more than compute-heavy code: time first, or measure memory in a fresh process
+(:func:`in_fresh_process`). Pages count once touched, which every real tensor is. What it measures: the extra resident memory a call needs at its worst moment
 (graph, saved activations, gradients, results), in MiB. Linux + glibc only; elsewhere
 :func:`peak_memory` returns ``nan``.
 """
@@ -32,6 +32,8 @@ import gc
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -43,6 +45,7 @@ import torch
 __all__ = [
     "gpt2_small_random", "random_tokens", "median_time", "interleaved_medians", "peak_memory",
     "last_token_nll", "plain_backward", "status_kib", "activation_grads_only", "set_threads", "MEMORY_METHOD",
+    "in_fresh_process",
 ]
 
 MEMORY_METHOD = "RSS high-water mark per call (/proc/self/clear_refs reset, mallopt mmap threshold 64 KiB)"
@@ -108,6 +111,17 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int = 5, *,
             fn()
             times[key].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def in_fresh_process(script: str, argv: Sequence[str]) -> str:
+    """Run ``python script *argv`` in a new process and return the last line it printed.
+
+    For memory measurements: the child starts with a clean heap, and the allocator tuning they
+    need never reaches the process that does the timing.
+    """
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *argv], capture_output=True, text=True,
+                          check=True)
+    return proc.stdout.strip().splitlines()[-1]
 
 
 def status_kib(field: str) -> int:

@@ -10,22 +10,20 @@ Targets: (b)/(a) <= 1.0 and (b)/(c) <= 1.15. Run: ``python benchmarks/bench_capt
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (MEMORY_METHOD, activation_grads_only, gpt2_small_random, interleaved_medians,  # noqa: E402
-                     peak_memory, plain_backward, random_tokens, set_threads)
+from _common import (MEMORY_METHOD, activation_grads_only, gpt2_small_random, in_fresh_process,  # noqa: E402
+                     interleaved_medians, peak_memory, plain_backward, random_tokens, set_threads)
 
 import tl_backward as tlb  # noqa: E402
 
 NAMES = ("hook_pattern", "hook_attn_scores", "hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 
 
-def contenders(length: int) -> tuple[dict, object]:
+def contenders(length: int) -> dict:
     model = gpt2_small_random()
     tokens = random_tokens(1, length, model.cfg.d_vocab)
     target = 5
@@ -35,15 +33,7 @@ def contenders(length: int) -> tuple[dict, object]:
         "b": lambda: tlb.capture(model, tokens, metric, names=lambda n: n.endswith(NAMES)),
         "c": activation_grads_only(model, tokens, target),
     }
-    return runs, model
-
-
-def memory_in_fresh_process(key: str, length: int, threads: int) -> float:
-    """Peak memory of one contender in its own process: a clean heap, and the allocator tuning
-    peak_memory needs never touches the timed process."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", key, "--length", str(length),
-                          "--threads", str(threads)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return runs
 
 
 def main() -> None:
@@ -54,14 +44,15 @@ def main() -> None:
     parser.add_argument("--measure", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     threads = set_threads(args.threads)
-    runs, _ = contenders(args.length)
+    runs = contenders(args.length)
     if args.measure:
         runs[args.measure]()  # warm-up
         print(peak_memory(runs[args.measure], repeats=3))
         return
     cache = runs["b"]()
     times = interleaved_medians(runs, repeats=args.repeats)
-    memory = {k: memory_in_fresh_process(k, args.length, threads) for k in runs}
+    memory = {k: float(in_fresh_process(__file__, ["--measure", k, "--length", str(args.length),
+                                                   "--threads", str(threads)])) for k in runs}
     print(f"bench_capture: GPT-2-small shape, 1 x {args.length} tokens, {threads} threads, "
           f"{len(cache.keys())} hook points captured")
     labels = {"a": "plain forward+backward (trainable)", "b": "capture (5 hooks x 12 layers)",

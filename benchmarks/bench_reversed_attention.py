@@ -30,17 +30,15 @@ import ctypes
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 from _common import (activation_grads_only, gpt2_small_random, interleaved_medians,  # noqa: E402
-                     plain_backward, random_tokens, set_threads, status_kib)
+                     in_fresh_process, plain_backward, random_tokens, set_threads, status_kib)
 
 from tl_backward.attention import rank_heads, reversed_attention  # noqa: E402
 
@@ -100,9 +98,7 @@ def measure_one(key: str, length: int) -> dict:
 
 
 def measure(key: str, length: int, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", key, str(length),
-                           "--threads", str(threads)], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(in_fresh_process(__file__, ["--measure", key, str(length), "--threads", str(threads)]))
 
 
 # ------------------------------------------------------------------------------ main
