@@ -2,6 +2,10 @@
 
 ``SPECS`` records how each fixture model was built, so tests can rebuild the same weights as a
 plain HF model (``tests.reference.hf_activation_grads``) for independent checks.
+
+Threads: torch uses ``min(2, cpus)`` intra-op threads; set ``TLB_TEST_THREADS=N`` (a positive
+integer) to run with N instead, e.g. ``TLB_TEST_THREADS=1`` to check that results and tolerances do
+not depend on how reductions are split across threads.
 """
 
 import os
@@ -14,7 +18,18 @@ import torch
 
 from tl_backward.zoo.tiny import tiny_model
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+def _test_threads() -> int:
+    """``TLB_TEST_THREADS`` if set, else min(2, cpus)."""
+    raw = os.environ.get("TLB_TEST_THREADS", "").strip()
+    if not raw:
+        return max(1, min(2, os.cpu_count() or 1))
+    if not raw.isdigit() or int(raw) < 1:
+        raise pytest.UsageError(f"TLB_TEST_THREADS must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+torch.set_num_threads(_test_threads())
 
 FAMILIES = ("gpt2", "neox", "llama")
 SPECS = {
