@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.reference import assert_no_hooks, assert_untouched
+from tests.tolerance import MODEL_TERMS, fp32_rtol
 from tl_backward.attention import mean_over, patch_attention, rank_heads, zero_heads
 from tl_backward.core.adapter import get_adapter
 from tl_backward.experiments.icl import (answer_ids, constant_length_pairs, evaluate, icl_patching,
@@ -72,8 +73,9 @@ def test_icl_patching_rows_match_direct_recomputation(gpt2_model):
     with torch.no_grad():
         logits = gpt2_model(ad.tokenize([p for p, _ in evals], prepend_bos=True).tokens, return_type="logits")[:, -1]
     nll = -torch.log_softmax(logits, -1)[torch.arange(len(ans)), torch.tensor(ans)].mean()
-    assert none["nll"] == pytest.approx(float(nll), rel=1e-5)
-    assert res["fit_loss"][2] == pytest.approx(float(mean.metric), rel=1e-5)
+    # losses from other batchings of the same prompts: whole-model fp32 spread
+    assert none["nll"] == pytest.approx(float(nll), rel=fp32_rtol(MODEL_TERMS))
+    assert res["fit_loss"][2] == pytest.approx(float(mean.metric), rel=fp32_rtol(MODEL_TERMS))
     assert_no_hooks(gpt2_model)
     assert_untouched(gpt2_model)
 
@@ -133,15 +135,16 @@ def test_fit_queries_replace_the_training_queries(gpt2_model):
                        batch_size=4, verbose=False)
     fit = icl_prompts(TRAIN, fitq, 1, seed=0)
     mean = mean_over(gpt2_model, [p for p, _ in fit], answer_ids(gpt2_model, [t for _, t in fit]), prepend_bos=True)
-    assert res["fit_loss"][1] == pytest.approx(float(mean.metric), rel=1e-5)
+    assert res["fit_loss"][1] == pytest.approx(float(mean.metric), rel=fp32_rtol(MODEL_TERMS))
     default = icl_patching(gpt2_model, TRAIN, TEST[3:], n_shots=(1,), etas=(-40.0,), n_train=3, verbose=False)
-    assert default["fit_loss"][1] != pytest.approx(res["fit_loss"][1], rel=1e-5)
+    # other fit prompts: differs by more than fp32 noise (measured ~5e-4 relative)
+    assert default["fit_loss"][1] != pytest.approx(res["fit_loss"][1], rel=fp32_rtol(MODEL_TERMS))
     evals = icl_prompts(TRAIN, TEST[3:], 1, seed=1)
     ans = answer_ids(gpt2_model, [t for _, t in evals])
     with patch_attention(gpt2_model, mean, eta=-40.0):
         _, nll = evaluate(gpt2_model, [p for p, _ in evals], ans)
     row = next(r for r in res["rows"] if r["method"] == "reversed")
-    assert row["nll"] == pytest.approx(float(nll.mean()), rel=1e-5)
+    assert row["nll"] == pytest.approx(float(nll.mean()), rel=fp32_rtol(MODEL_TERMS))
     with pytest.raises(ValueError, match="fit_queries is empty"):
         icl_patching(gpt2_model, TRAIN, TEST, n_shots=(1,), fit_queries=[], verbose=False)
     out = icl_perturbation(gpt2_model, TRAIN, TEST[3:], n_shots=(1,), fit_queries=fitq, fractions=(1.0,),

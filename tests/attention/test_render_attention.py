@@ -41,6 +41,7 @@ def test_page_structure_and_signed_scale(ra):
     n = int(ra.mask[1].sum())
     assert len(ra_props["attention"]) == 3 and len(ra_props["attention"][0]) == n  # cropped to the real tokens
     m = max(abs(v) for head in ra_props["attention"] for row in head for v in row)
+    # the page rounds map values to 6 significant digits (≤ 5e-6 relative), the scale is not rounded
     assert ra_props["maxValue"] == pytest.approx(m, rel=1e-5) and ra_props["minValue"] == -ra_props["maxValue"]
     assert fwd_props["minValue"] == 0 and fwd_props["maxValue"] == 1
     assert ra_props["maskUpperTri"] is True
