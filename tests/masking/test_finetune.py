@@ -12,6 +12,7 @@ import torch
 from tl_backward.masking import (answer_loss, causal_finetune, finetune, mas_finetune, preserving_weights,
                                  restore_weights, segment_mask, snapshot_weights)
 from tl_backward.masking import segments as S
+from tests.tolerance import MODEL_TERMS, assert_close_fp32, fp32_rtol
 
 PROMPTS = [["the cat sat on the mat", "where is the cat ?"], ["a big dog ran", "what ran ?"],
            ["red and blue", "what is red ?"], ["paris is in france", "where is paris ?"]]
@@ -39,9 +40,11 @@ def test_answer_loss_matches_plain_forwards(model):
         plain = model(seg.tokens)  # right padding: causal real positions are unaffected
         with segment_mask(model, seg):
             mas = model(seg.tokens)
-        assert torch.allclose(answer_loss(model, seg, mask="causal"), manual_nll(plain, seg), atol=1e-5)
-        assert torch.allclose(answer_loss(model, seg, mask="mas"), manual_nll(mas, seg), atol=1e-5)
-        assert not torch.allclose(answer_loss(model, seg, mask="mas"), answer_loss(model, seg, mask="causal"))
+        assert_close_fp32(answer_loss(model, seg, mask="causal"), manual_nll(plain, seg), n_terms=MODEL_TERMS)
+        assert_close_fp32(answer_loss(model, seg, mask="mas"), manual_nll(mas, seg), n_terms=MODEL_TERMS)
+        # the masks really differ: by more than fp32 noise (measured ≥ 6e-4 relative)
+        assert not torch.allclose(answer_loss(model, seg, mask="mas"), answer_loss(model, seg, mask="causal"),
+                                  rtol=fp32_rtol(MODEL_TERMS), atol=0)
 
 
 def test_loss_ignores_prompt_tokens(model):
@@ -50,7 +53,8 @@ def test_loss_ignores_prompt_tokens(model):
     widened = S.Segments(seg.tokens, seg.segment_ids.masked_fill(seg.segment_ids == 1, -1), seg.valid,
                          seg.target | (seg.segment_ids == 1))
     with torch.no_grad():
-        assert not torch.allclose(answer_loss(model, seg, mask="causal"), answer_loss(model, widened, mask="causal"))
+        assert not torch.allclose(answer_loss(model, seg, mask="causal"), answer_loss(model, widened, mask="causal"),
+                                  rtol=fp32_rtol(MODEL_TERMS), atol=0)  # by more than fp32 noise
 
 
 def test_finetune_is_deterministic_edits_in_place_and_undo_is_exact(model):
@@ -85,7 +89,8 @@ def test_first_step_loss_is_the_arm_mask_loss_and_training_helps(model):
             start = answer_loss(model, seg, mask=mask)
         with preserving_weights(model):
             res = finetune(model, seg, mask=mask, epochs=4, lr=3e-2, batch_size=2, seed=5, progress=False)
-            assert abs(res.losses[0].item() - first.item()) < 1e-5
+            # the first step's loss is the first batch's, from another forward pass
+            assert abs(res.losses[0].item() - first.item()) <= fp32_rtol(MODEL_TERMS) * abs(first.item())
             with torch.no_grad():
                 assert answer_loss(model, seg, mask=mask) < start - 0.5
     with preserving_weights(model):
@@ -148,7 +153,7 @@ def test_lora_adapters_are_used_and_merge_exactly(model):
             for p, flag in flags:
                 p.requires_grad_(flag)
         with torch.no_grad():
-            assert torch.allclose(model(seg.tokens), adapted, atol=1e-5)
+            assert_close_fp32(model(seg.tokens), adapted, n_terms=MODEL_TERMS)  # merged W + BA vs x·W + x·A·B
         assert type(model.blocks[0].attn.q.original_component).__name__ in ("Linear", "Conv1D")
     with torch.no_grad():
         assert torch.equal(model(seg.tokens), base)

@@ -5,6 +5,7 @@ import torch
 
 from tl_backward.masking import mas_generate
 from tl_backward.masking import segments as S
+from tests.tolerance import MODEL_TERMS, assert_close_fp32
 
 from .helpers import no_cache_generate
 
@@ -44,7 +45,7 @@ def test_mas_prefill_changes_the_continuation_somewhere(model):
     with torch.no_grad():
         mas = model(seg.tokens, attention_mask=seg.mask())
         causal = model(seg.tokens, attention_mask=seg.causal().mask())
-    assert not torch.allclose(mas, causal, atol=1e-4)
+    assert not torch.allclose(mas, causal, atol=1e-4)  # an effect (measured 0.27) far above fp32 noise
 
 
 def test_eos_stops_a_row_and_pads_after_it(model):
@@ -100,7 +101,9 @@ def test_system_block_kv_can_be_cached_and_reused(model):
                             return_type="logits_and_cache")
         tail, _ = model(seg.tokens[:, off:], attention_mask=seg.mask(q_len=rest),
                         position_ids=seg.position_ids[:, off:], past_key_values=cache, return_type="logits_and_cache")
-    assert torch.allclose(head, full[:, :off], atol=1e-5) and torch.allclose(tail, full[:, off:], atol=1e-5)
+    # two cached calls vs one: other accumulation orders through the whole model
+    assert_close_fp32(head, full[:, :off], n_terms=MODEL_TERMS, what="head")
+    assert_close_fp32(tail, full[:, off:], n_terms=MODEL_TERMS, what="tail")
 
 
 def test_bridge_generate_inside_segment_mask_is_refused(model):
