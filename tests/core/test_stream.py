@@ -25,7 +25,8 @@ def test_callbacks_see_the_same_tensors_capture_copies(gpt2_model):
         torch.testing.assert_close(seen_grad[n], cache.grad(n), rtol=0, atol=0)
     # hook_embed's output feeds resid_pre of layer 0 additively, so the two gradients are equal.
     layer0 = capture(gpt2_model, ["the cat sat", "a dog"], target_nll(" big"), names=[ad.hook_name("resid_pre", 0)])
-    torch.testing.assert_close(run.leaf_grads["hook_embed"], layer0.grad(ad.hook_name("resid_pre", 0)))
+    # autograd passes the gradient through the add unchanged; the same computation, so bit-identical
+    torch.testing.assert_close(run.leaf_grads["hook_embed"], layer0.grad(ad.hook_name("resid_pre", 0)), rtol=0, atol=0)
 
 
 def test_leaves_no_trace_also_when_a_callback_raises(gpt2_model):

@@ -23,7 +23,7 @@ def test_attention_heads_signed_uses_symmetric_range_over_all_heads():
     assert p["maxValue"] == pytest.approx(0.03) and p["minValue"] == pytest.approx(-0.03)
     assert p["maskUpperTri"] is True and p["tokens"] == TOKS
     assert p["attentionHeadNames"] == ["L0H1", "L2H3"]
-    assert np.allclose(p["attention"], ra.numpy())
+    assert np.allclose(p["attention"], ra.numpy())  # the page keeps 6 significant digits (≤ 5e-6 relative)
     p = props(F.attention_heads(ra, TOKS, signed=True, max_abs=0.5, mask_upper_tri=False))
     assert (p["minValue"], p["maxValue"], p["maskUpperTri"]) == (-0.5, 0.5, False)
     p = props(F.attention_heads(torch.softmax(torch.randn(1, 4, 4), -1), TOKS))

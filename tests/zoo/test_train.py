@@ -30,6 +30,7 @@ def test_lr_schedule_warms_up_and_decays():
     cfg = CONFIGS["facts-gpt2"]
     lrs = [lr_at(s, cfg) for s in range(cfg.steps)]
     assert lrs[0] < lrs[cfg.warmup - 1] == pytest.approx(cfg.lr)
+    # the last step is one short of the schedule's end, where lr = 0.1·peak exactly
     assert lrs[-1] == pytest.approx(0.1 * cfg.lr, rel=1e-3) and min(lrs[cfg.warmup:]) >= 0.1 * cfg.lr - 1e-12
 
 
