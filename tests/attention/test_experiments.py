@@ -64,7 +64,7 @@ def test_icl_patching_rows_match_direct_recomputation(gpt2_model):
     with patch_attention(gpt2_model, mean, eta=-30.0):
         hits = topk_hits(gpt2_model, [p for p, _ in evals], ans)
     row = next(r for r in rows if r["n_shots"] == 2 and r["method"] == "reversed" and r["eta"] == -30.0)
-    assert row["top1"] == pytest.approx(100 * float(hits[:, 0].float().mean()))
+    assert row["top1"] == pytest.approx(100 * float(hits[:, 0].float().mean()))  # hit rates: counts / n
     assert row["top3"] == pytest.approx(100 * float(hits[:, 2].float().mean()))
     none = next(r for r in rows if r["n_shots"] == 2 and r["method"] == "none")
     plain = topk_hits(gpt2_model, [p for p, _ in evals], ans)

@@ -199,6 +199,7 @@ def test_ranking_helpers(gpt2_model):
     top = ra.top_heads(3)
     assert [round(v, 7) for _, _, v in top] == sorted([round(v, 7) for _, _, v in top], reverse=True)
     l, h, v = top[0]
+    # the same float32 numbers, read twice
     assert v == pytest.approx(float(norms.max()), rel=1e-6) and float(norms[ra.layer_index(l), h]) == pytest.approx(v)
     assert ra.head_norms("forward").shape == (2, 4)
 
