@@ -137,7 +137,8 @@ def test_tensor_deltas_and_alignment(gpt2_model):
     with patch_attention(gpt2_model, per_row, eta=10.0):
         e = _patterns(gpt2_model, two, [0])
     # differences of patterns (size ≤ 1) from a batch of two and a batch of one
-    assert_close_fp32(e[0][0] - clean[0][0], -(e[0][1] - clean[0][0]), n_terms=MODEL_TERMS, scale=float(e[0].abs().max()))
+    assert_close_fp32(e[0][0] - clean[0][0], -(e[0][1] - clean[0][0]), n_terms=MODEL_TERMS,
+                      scale=float(e[0].abs().max()))
 
 
 def test_hooks_removed_on_errors(gpt2_model):

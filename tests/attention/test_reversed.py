@@ -194,7 +194,8 @@ def test_ranking_helpers(gpt2_model):
     per = ra.head_norms(per_example=True)
     assert norms.shape == (2, 4) and per.shape == (2, 3, 4)
     manual = ra.maps[1, 2, 3].pow(2).sum().sqrt()
-    assert float(per[1, 2, 3]) == pytest.approx(float(manual), rel=fp32_rtol(ra.maps[1, 2, 3].numel()))  # Σ of T·T squares
+    # a sum of T·T squares
+    assert float(per[1, 2, 3]) == pytest.approx(float(manual), rel=fp32_rtol(ra.maps[1, 2, 3].numel()))
     torch.testing.assert_close(norms, per.mean(1), rtol=0, atol=0)  # the same mean of the same tensor
     top = ra.top_heads(3)
     assert [round(v, 7) for _, _, v in top] == sorted([round(v, 7) for _, _, v in top], reverse=True)

@@ -107,4 +107,5 @@ def test_bad_input():
 
 def test_l2_normalize():
     v = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    assert torch.allclose(l2_normalize(v), torch.tensor([[0.6, 0.8], [0.0, 0.0]]), rtol=fp32_rtol(2), atol=0)  # 2 squares
+    # a norm of 2 squares and one division
+    assert torch.allclose(l2_normalize(v), torch.tensor([[0.6, 0.8], [0.0, 0.0]]), rtol=fp32_rtol(2), atol=0)

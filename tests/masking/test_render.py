@@ -50,7 +50,8 @@ def test_attention_patterns_and_page(model):
     assert torch.equal(mas[1], cache["blocks.1.attn.hook_pattern"])
     v = seg.valid[0]
     # a padding-masked run vs an unmasked one
-    assert_close_fp32(causal[0, 0][:, v][:, :, v], plain["blocks.1.attn.hook_pattern"][0][:, v][:, :, v], n_terms=MODEL_TERMS)
+    assert_close_fp32(causal[0, 0][:, v][:, :, v], plain["blocks.1.attn.hook_pattern"][0][:, v][:, :, v],
+                      n_terms=MODEL_TERMS)
     page = mas_page(model, seg, layer=1, row=0)
     assert len(page.figures) == 4
     shown = torch.tensor(props(page.figures[2])["attention"])
