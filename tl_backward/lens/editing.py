@@ -395,8 +395,7 @@ def _layer(ad: Any, layer: Any) -> int:
 
 
 def _eta(eta: Any) -> float:
-    if isinstance(eta, Tensor) and eta.numel() == 1 and (eta.is_floating_point() or eta.dtype in (
-            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+    if isinstance(eta, Tensor) and eta.numel() == 1 and not eta.is_complex() and eta.dtype != torch.bool:
         eta = eta.item()
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
         raise TLBackwardError(f"eta must be a number (the step size, finite and > 0), got "
