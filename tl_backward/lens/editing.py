@@ -1,25 +1,44 @@
-"""Forward Pass Shift (FPS): gradient-free knowledge editing from one forward pass (spec §5).
+"""Forward Pass Shift (FPS): gradient-free knowledge editing from one forward pass.
 
-For a prompt s and target t (its first token; a leading space is added to string targets, as
-BPE vocabularies need), with ``x_n`` = the input of ``W_out`` at layer ℓ and the last position
-(``mlp.hook_post``) and ``e_t = W_U[:, t]`` the raw unembedding column::
+Katz, Belinkov, Geva, Wolf, *Backward Lens*, EMNLP 2024, §5. For a prompt s and target t (its
+first token; a leading space is added to string targets, as BPE vocabularies need), with ``x_n``
+= the input of ``W_out`` at layer ℓ and the last position (``mlp.hook_post``) and
+``e_t = W_U[:, t]`` the raw unembedding column::
 
     W_out[ℓ] += η · x_n ⊗ e_t          (TL layout [d_mlp, d_model]; bias untouched)
 
 On the same prompt the MLP output at the last position then gains exactly ``η‖x_n‖² e_t``, which
-raises logit t by ≈ ``η‖x_n‖²‖e_t‖²`` before the later layers. The edit is written to the HF
-parameter the bridge uses (transposed for ``nn.Linear``) and undone by copying the saved original
-back, so ``undo()`` restores the weights bit for bit. Raw weights only: refused in compatibility
-mode, where W_out / W_U are folded and η would mean something else.
+raises logit t by ≈ ``η‖x_n‖²‖e_t‖²`` before the later layers. The update is written into the HF
+parameter the bridge uses, in that parameter's own layout, decided by the module's class and never
+by shape (with ``d_mlp == d_model`` both orientations fit): ``torch.nn.Linear`` stores
+``[out, in] = [d_model, d_mlp]`` and gets ``η e_t ⊗ x_n``; transformers' ``Conv1D`` (GPT-2)
+stores ``[in, out] = [d_mlp, d_model]`` and gets ``η x_n ⊗ e_t``. Other modules are refused.
+Raw weights only: refused in compatibility mode, where W_out / W_U are folded and η would mean
+something else.
+
+Undo semantics (several edits may be active, on the same or on different layers, and undone in
+any order): the first edit of a weight saves a pristine copy of it. While edits are active the
+weight is exactly ``pristine + u_1 + u_2 + …`` over the edits not yet undone, added one after the
+other in the order they were applied; undoing any of them rebuilds the weight from the pristine
+copy with the others re-added in that order, and once the last one is undone the pristine copy
+is written back, so the weights are the originals bit for bit. Each edit keeps the ``x_n`` and
+the applied/skipped decision measured when it was applied (on the model as it was then). Changes
+made to an edited weight by other means while an edit is active are overwritten by the next undo.
 
 :func:`evaluate_edits` scores edits CounterFact-style (teacher-forced argmax accuracy over all
 target tokens): efficacy (``target_new`` on the prompt), paraphrase (``target_new`` on the
 paraphrases) and neighbourhood (``target_true`` kept on other subjects' prompts), one edit at a
-time, restoring the weights after each.
+time, restoring the weights after each; with neither ``layer`` nor ``eta`` it scores the unedited
+model as a baseline.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import numbers
+import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,8 +47,49 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_backward.core.adapter import Batch, get_adapter
+from tl_backward.errors import TLBackwardError
 
-from .factors import _finite
+
+class _WeightLedger:
+    """The pristine copy of one edited weight and the updates active on it, in application order.
+
+    Invariant: ``param == pristine (+ u_1) (+ u_2) …`` over ``active``, each ``+`` one in-place
+    add in the parameter's dtype. Removing any update and re-adding the others onto the pristine
+    copy therefore reproduces, bit for bit, the weight the remaining edits alone would have made.
+    """
+
+    def __init__(self, param: Tensor):
+        self.param = param  # strong: its id stays unique while the ledger is alive
+        self.pristine = param.detach().clone()
+        self.active: dict[int, Tensor] = {}  # slot -> update in the parameter's layout and dtype
+        self._slots = itertools.count()
+
+    def push(self, update: Tensor) -> int:
+        slot = next(self._slots)
+        self.active[slot] = update
+        with torch.no_grad():
+            self.param.add_(update)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        del self.active[slot]
+        with torch.no_grad():
+            self.param.copy_(self.pristine)
+            for update in self.active.values():
+                self.param.add_(update)
+        if not self.active and _LEDGERS.get(id(self.param)) is self:
+            del _LEDGERS[id(self.param)]
+
+
+# One ledger per edited parameter, alive as long as an Edit on it is (the Edits hold it).
+_LEDGERS: "weakref.WeakValueDictionary[int, _WeightLedger]" = weakref.WeakValueDictionary()
+
+
+def _ledger(param: Tensor) -> _WeightLedger:
+    ledger = _LEDGERS.get(id(param))
+    if ledger is None:
+        ledger = _LEDGERS[id(param)] = _WeightLedger(param)
+    return ledger
 
 
 @dataclass(eq=False)
@@ -38,8 +98,10 @@ class Edit:
 
     ``applied`` is False when the model already predicted the target (the edit is skipped, as in
     the reference). ``x [d_mlp]`` and ``e_t [d_model]`` are the two factors of the update
-    ``delta = η x ⊗ e_t`` (TL layout); ``undo()`` restores the saved weights bit for bit and is
-    idempotent.
+    ``delta = η x ⊗ e_t`` (TL layout). ``undo()`` removes this edit and keeps the others (see the
+    module docstring: exact in any order, originals bit for bit once all are undone); it is
+    idempotent. An Edit is entered at most once and never after ``undo()``: its exit undoes it,
+    so a second with-block would silently run on the unedited model.
     """
 
     layer: int
@@ -49,13 +111,15 @@ class Edit:
     e_t: Float[Tensor, " d_model"]
     applied: bool
     model: Any = field(repr=False)
-    _param: Any = field(default=None, repr=False)
-    _original: Tensor | None = field(default=None, repr=False)
+    _ledger: _WeightLedger | None = field(default=None, repr=False)
+    _slot: int | None = field(default=None, repr=False)
+    _undone: bool = field(default=False, repr=False)
+    _entered: bool = field(default=False, repr=False)
 
     @property
     def active(self) -> bool:
         """True while the edit is in the model's weights."""
-        return self._original is not None
+        return self._ledger is not None
 
     @property
     def delta(self) -> Float[Tensor, "d_mlp d_model"]:
@@ -70,13 +134,22 @@ class Edit:
         return self.eta * self.x.pow(2).sum() * self.e_t if self.applied else torch.zeros_like(self.e_t)
 
     def undo(self) -> None:
-        """Restore the original weights (bit for bit). Safe to call more than once."""
-        if self._original is not None:
-            with torch.no_grad():
-                self._param.copy_(self._original)
-            object.__setattr__(self, "_original", None)
+        """Take this edit out of the weights, keeping the other active edits. Safe to call again."""
+        if self._ledger is not None:
+            self._ledger.remove(self._slot)
+            self._ledger = None
+        self._undone = True
 
     def __enter__(self) -> "Edit":
+        if self._undone:
+            raise TLBackwardError(
+                "this edit was already undone, so the with-block would run on the unedited model; "
+                "make a new one with forward_pass_shift(...)", argument="edit")
+        if self._entered:
+            raise TLBackwardError(
+                "this edit is already inside a with-block, whose exit undoes it; enter each edit once",
+                argument="edit")
+        self._entered = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -95,54 +168,52 @@ def forward_pass_shift(
     """Apply one FPS edit ``W_out[layer] += eta · x_n ⊗ W_U[:, t]`` (one forward pass, no backward).
 
     Args:
-        model: a reconstructing ``TransformerBridge`` in raw mode (compatibility mode is refused).
+        model: a reconstructing ``TransformerBridge`` in raw mode (compatibility mode is refused)
+            whose MLP out-projection is a ``torch.nn.Linear`` or a transformers ``Conv1D``.
         prompt: the prompt whose completion should become ``target``.
         target: a string (a leading space is added if missing; its first token is used) or a
             token id.
-        layer: the MLP layer to edit (negative counts from the end).
+        layer: the MLP layer to edit, an int (negative counts from the end).
         eta: the step size, finite and > 0; it scales with ‖x_n‖²‖e_t‖², so tune it per model/layer.
         prepend_bos: None uses the model's default.
 
     Returns:
-        An :class:`Edit`; use it as a context manager or call ``undo()``.
+        An :class:`Edit`; use it as a context manager or call ``undo()``. Raises
+        :class:`TLBackwardError` naming the argument for any bad value, before touching the model.
     """
     ad = get_adapter(model)
-    if getattr(model, "compatibility_mode", False):
-        raise ValueError(
-            "forward_pass_shift needs raw weights: this model is in compatibility mode (folded layer "
-            "norms, centred W_U), where W_out and the unembedding column mean something else; boot it "
-            "without enable_compatibility_mode()"
-        )
+    _check_raw(model)
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
-        layer += ad.n_layers
-    layer = ad.check_layer(layer)
-    eta = _finite(eta, "eta")
-    if eta <= 0:
-        raise ValueError(f"eta must be > 0 (the edit adds eta · x ⊗ e_t), got {eta}")
-    t = _target_id(ad, target)
-    tokens = ad.tokenize(prompt, prepend_bos).tokens
+        raise TLBackwardError(f"prompt must be a string, got {type(prompt).__name__}", argument="prompt")
+    layer = _layer(ad, layer)
+    eta = _eta(eta)
+    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
+    t = _target_id(ad, target, "target")
+    tokens = _tokens(ad, prompt, prepend_bos, "prompt").tokens
     lin = ad.linear(layer, "mlp_out")
+    module = lin.original_component
+    out_in = _stores_out_in(module, ad)
     name = lin.hook_in.name  # = blocks.L.mlp.hook_post
     device = next(model.parameters()).device
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens.to(device), names_filter=[name], return_type="logits")
     x = cache[name][0, -1].detach().float().cpu().clone()
     e_t = ad.W_U[:, t].cpu().clone()
+    edit = Edit(layer=layer, eta=eta, target_id=t, x=x, e_t=e_t, applied=False, model=model)
     if int(logits[0, -1].argmax()) == t:
-        return Edit(layer=layer, eta=eta, target_id=t, x=x, e_t=e_t, applied=False, model=model)
-    param = lin.original_component.weight
-    original = param.detach().clone()
-    update = eta * torch.outer(x, e_t)  # TL layout [d_mlp, d_model]
-    if tuple(param.shape) != tuple(update.shape):  # nn.Linear stores [out, in]
-        update = update.T
-    if tuple(param.shape) != tuple(update.shape):  # pragma: no cover - guarded by the adapter
-        raise RuntimeError(f"unexpected W_out parameter shape {tuple(param.shape)}")
-    with torch.no_grad():
-        param.add_(update.to(device=param.device, dtype=param.dtype))
-    return Edit(layer=layer, eta=eta, target_id=t, x=x, e_t=e_t, applied=True, model=model,
-                _param=param, _original=original)
+        return edit
+    param = module.weight
+    update = eta * (torch.outer(e_t, x) if out_in else torch.outer(x, e_t))
+    ledger = _ledger(param)
+    slot = ledger.push(update.to(device=param.device, dtype=param.dtype))
+    if not bool(torch.isfinite(param).all()):
+        ledger.remove(slot)
+        raise TLBackwardError(
+            f"eta={eta:g} makes W_out[{layer}] non-finite in {param.dtype} (the update is eta·x⊗e_t "
+            f"with ‖x‖²‖e_t‖² = {float(x.pow(2).sum() * e_t.pow(2).sum()):.3g}); pass a smaller eta",
+            argument="eta")
+    edit.applied, edit._ledger, edit._slot = True, ledger, slot
+    return edit
 
 
 @dataclass(frozen=True)
@@ -152,6 +223,7 @@ class EditEvaluation:
     ``efficacy [n]`` (prompt -> target_new), ``paraphrase [n]`` (mean over the paraphrases),
     ``neighborhood [n]`` (mean over neighbour prompts keeping target_true), ``applied [n]``
     (False where the model already predicted target_new, or for the unedited baseline).
+    ``layer`` (non-negative) and ``eta`` are None for the baseline.
     """
 
     efficacy: Float[Tensor, " n"]
@@ -188,24 +260,38 @@ def evaluate_edits(
     prepend_bos: bool | None = None,
     progress: bool = True,
 ) -> EditEvaluation:
-    """Efficacy / paraphrase / neighbourhood accuracy of single FPS edits (or, with ``eta=None``,
-    of the unedited model as a baseline). Each request is edited, scored and undone in turn.
+    """Efficacy / paraphrase / neighbourhood accuracy of single FPS edits, or of the unedited model.
+
+    Two modes: ``layer`` and ``eta`` both given edits each request with
+    ``forward_pass_shift(model, prompt, target_new, layer=layer, eta=eta)``, scores it and undoes
+    it; neither given scores the unedited model (the baseline). Only one of them is an error, so a
+    forgotten ``eta`` cannot pass baseline numbers off as edit results.
 
     ``requests``: CounterFact-style dicts with ``prompt``, ``target_new``, ``target_true``,
     ``paraphrases`` (list of prompts) and ``neighborhood`` (list of prompts; ``neighbourhood`` is
     accepted too). A prediction is correct when, teacher-forced, the argmax at every target
-    position is the target token.
+    position is the target token. Every argument and request is checked before the first edit.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: keeps `import tl_backward` light
 
     ad = get_adapter(model)
-    reqs = [_check_request(r, i) for i, r in enumerate(_as_list(requests))]
-    if eta is not None and layer is None:
-        raise ValueError("pass layer= with eta= (the MLP layer to edit)")
+    if layer is None and eta is not None:
+        raise TLBackwardError("pass layer= with eta= (the MLP layer to edit)", argument="layer")
+    if eta is None and layer is not None:
+        raise TLBackwardError(
+            "eta is missing: layer= asks for FPS edits, which need a step size; pass eta= (finite, > 0), "
+            "or pass neither layer nor eta to score the unedited baseline", argument="eta")
+    baseline = eta is None
+    if not baseline:
+        _check_raw(model)
+        layer, eta = _layer(ad, layer), _eta(eta)
+    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
+    _check_bool(progress, "progress")
+    reqs = [_check_request(ad, r, i, prepend_bos) for i, r in enumerate(_as_list(requests))]
     eff, par, nb, applied = [], [], [], []
-    desc = "unedited" if eta is None else f"FPS edits (layer {layer}, eta {eta:g})"
+    desc = "unedited" if baseline else f"FPS edits (layer {layer}, eta {eta:g})"
     for r in tqdm(reqs, desc=desc, disable=not progress):
-        if eta is None:
+        if baseline:
             edit = None
             scores = _score(model, ad, r, prepend_bos)
         else:
@@ -218,7 +304,7 @@ def evaluate_edits(
         applied.append(bool(edit is not None and edit.applied))
     return EditEvaluation(efficacy=torch.tensor(eff), paraphrase=torch.tensor(par),
                           neighborhood=torch.tensor(nb), applied=torch.tensor(applied),
-                          layer=None if eta is None else layer, eta=eta)
+                          layer=layer, eta=eta)
 
 
 def continuation_correct(model: Any, prompts: Sequence[str], targets: Sequence[str | int], *,
@@ -226,15 +312,26 @@ def continuation_correct(model: Any, prompts: Sequence[str], targets: Sequence[s
     """Whether, teacher-forced, the model's argmax reproduces every token of each target
     (string targets get a leading space if missing). One right-padded forward pass."""
     ad = get_adapter(model)
+    for arg, value in (("prompts", prompts), ("targets", targets)):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+            raise TLBackwardError(f"{arg} must be a non-empty list (one entry per row), got {value!r:.60}",
+                                  argument=arg)
     if len(prompts) != len(targets):
-        raise ValueError(f"got {len(prompts)} prompts and {len(targets)} targets")
+        raise TLBackwardError(f"got {len(prompts)} prompts and {len(targets)} targets; pass one target "
+                              "per prompt", argument="targets")
+    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
     rows, spans = [], []
-    for p, t in zip(prompts, targets):
-        ids = ad.tokenize(p, prepend_bos).rows()[0]
-        tgt = ad.target_tokens(_with_space(t))
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        if not isinstance(p, str):
+            raise TLBackwardError(f"prompts[{i}] must be a string, got {type(p).__name__}", argument="prompts")
+        ids = _tokens(ad, p, prepend_bos, "prompts", f"prompts[{i}]").rows()[0]
+        tgt = _target_ids(ad, t, "targets", f"targets[{i}]")
         rows.append(torch.cat([ids, tgt[:-1]]))
         spans.append((len(ids) - 1, tgt))
-    batch = ad._check_length(Batch.from_rows(rows, ad.pad_id))
+    batch = Batch.from_rows(rows, ad.pad_id)
+    if batch.tokens.shape[1] > ad.n_ctx:
+        raise TLBackwardError(f"a prompt plus its target is {batch.tokens.shape[1]} tokens, more than the "
+                              f"model's context ({ad.n_ctx}); shorten it", argument="prompts")
     device = next(model.parameters()).device
     with torch.no_grad():
         pred = model(batch.tokens.to(device), return_type="logits").argmax(-1).cpu()
@@ -251,37 +348,138 @@ def _score(model: Any, ad: Any, r: dict, prepend_bos: bool | None) -> tuple[floa
     return float(ok[0]), float(par), float(nb)
 
 
+# ---------------------------------------------------------------- argument checks
+def _check_raw(model: Any) -> None:
+    if getattr(model, "compatibility_mode", False):
+        raise TLBackwardError(
+            "forward_pass_shift needs raw weights: this model is in compatibility mode (folded layer "
+            "norms, centred W_U), where W_out and the unembedding column mean something else; boot it "
+            "without enable_compatibility_mode()", argument="model")
+
+
+def _stores_out_in(module: Any, ad: Any) -> bool:
+    """True for ``[out, in]`` weights (``nn.Linear``), False for ``[in, out]`` (transformers ``Conv1D``).
+
+    Decided by the class, never by shape: with ``d_mlp == d_model`` both orientations fit.
+    """
+    # A model built from Conv1D modules has imported transformers.pytorch_utils already; looking it
+    # up there keeps `import tl_backward` free of a transformers import.
+    hf_utils = sys.modules.get("transformers.pytorch_utils")
+    if isinstance(module, torch.nn.Linear):
+        out_in, shape = True, (ad.d_model, ad.d_mlp)
+    elif hf_utils is not None and isinstance(module, hf_utils.Conv1D):
+        out_in, shape = False, (ad.d_mlp, ad.d_model)
+    else:
+        raise TLBackwardError(
+            f"this model's MLP out-projection is a {type(module).__name__}, whose weight layout "
+            "forward_pass_shift does not know; it edits torch.nn.Linear ([out, in]) and transformers' "
+            "Conv1D ([in, out]) out-projections", argument="model")
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != shape or not weight.is_floating_point():
+        raise TLBackwardError(
+            f"the MLP out-projection's weight is {getattr(weight, 'dtype', None)} "
+            f"{tuple(getattr(weight, 'shape', ()))}, expected a floating-point {shape} for "
+            f"{type(module).__name__}; forward_pass_shift edits plain (unquantised) weights", argument="model")
+    return out_in
+
+
+def _layer(ad: Any, layer: Any) -> int:
+    n = ad.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TLBackwardError(f"layer must be an int in -{n}..{n - 1} (negative counts from the end), "
+                              f"got {type(layer).__name__} {layer!r:.40}", argument="layer")
+    if not -n <= int(layer) < n:
+        raise TLBackwardError(f"layer {int(layer)} is out of range: the model has layers 0..{n - 1} "
+                              f"(or -{n}..-1 from the end)", argument="layer")
+    return int(layer) % n
+
+
+def _eta(eta: Any) -> float:
+    if isinstance(eta, Tensor) and eta.numel() == 1 and not eta.is_complex() and eta.dtype != torch.bool:
+        eta = eta.item()
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TLBackwardError(f"eta must be a number (the step size, finite and > 0), got "
+                              f"{type(eta).__name__}", argument="eta")
+    eta = float(eta)
+    if not math.isfinite(eta):
+        raise TLBackwardError(f"eta must be finite, got {eta}; pass a step size > 0", argument="eta")
+    if eta <= 0:
+        raise TLBackwardError(f"eta must be > 0 (the edit adds eta · x ⊗ e_t), got {eta}", argument="eta")
+    return eta
+
+
+def _check_bool(value: Any, argument: str, *, none_ok: bool = False) -> None:
+    if not (isinstance(value, bool) or none_ok and value is None):
+        allowed = "True, False or None" if none_ok else "True or False"
+        raise TLBackwardError(f"{argument} must be {allowed}, got {value!r:.40}", argument=argument)
+
+
+def _tokens(ad: Any, prompt: str, prepend_bos: bool | None, argument: str, what: str | None = None) -> Any:
+    """``ad.tokenize(prompt)``, with its complaints (empty, too long) naming ``argument``."""
+    try:
+        return ad.tokenize(prompt, prepend_bos)
+    except TLBackwardError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise TLBackwardError(f"{what or argument} {prompt!r:.60}: {err}", argument=argument) from err
+
+
+def _target_ids(ad: Any, target: Any, argument: str, what: str | None = None) -> Tensor:
+    what = what or argument
+    if target is None:
+        raise TLBackwardError(f"{what} is None: pass the new target word or its token id", argument=argument)
+    try:
+        return ad.target_tokens(_with_space(target))
+    except TLBackwardError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise TLBackwardError(f"{what}: {err}", argument=argument) from err
+
+
+def _target_id(ad: Any, target: Any, argument: str, what: str | None = None) -> int:
+    return int(_target_ids(ad, target, argument, what)[0])
+
+
 def _as_list(requests: Any) -> list:
-    if isinstance(requests, dict) or isinstance(requests, str) or not isinstance(requests, Sequence):
-        raise TypeError("requests must be a list of CounterFact-style dicts")
+    if isinstance(requests, (dict, str)) or not isinstance(requests, Sequence):
+        raise TLBackwardError("requests must be a list of CounterFact-style dicts, got "
+                              f"{type(requests).__name__}", argument="requests")
     if not requests:
-        raise ValueError("requests is empty")
+        raise TLBackwardError("requests is empty: pass at least one request", argument="requests")
     return list(requests)
 
 
-def _check_request(r: Any, i: int) -> dict:
+def _check_request(ad: Any, r: Any, i: int, prepend_bos: bool | None) -> dict:
+    """A checked copy of ``requests[i]`` (``neighbourhood`` -> ``neighborhood``); every prompt is
+    tokenised and every target looked up here, so a bad request fails before the first edit."""
     if not isinstance(r, dict):
-        raise TypeError(f"requests[{i}] must be a dict, got {type(r).__name__}")
+        raise TLBackwardError(f"requests[{i}] must be a dict, got {type(r).__name__}", argument="requests")
     r = dict(r)
-    if "neighborhood" not in r and "neighbourhood" in r:
-        r["neighborhood"] = r["neighbourhood"]
+    if "neighbourhood" in r:
+        if "neighborhood" in r and r["neighborhood"] != r["neighbourhood"]:
+            raise TLBackwardError(f"requests[{i}] has both 'neighborhood' and 'neighbourhood', and they "
+                                  "differ; keep one", argument="requests")
+        r["neighborhood"] = r.pop("neighbourhood")
     missing = [k for k in REQUIRED if k not in r]
     if missing:
-        raise ValueError(f"requests[{i}] lacks {missing}; each request needs {list(REQUIRED)}")
+        raise TLBackwardError(f"requests[{i}] lacks {missing}; each request needs {list(REQUIRED)}",
+                              argument="requests")
     for k in ("paraphrases", "neighborhood"):
         if isinstance(r[k], str) or not isinstance(r[k], (list, tuple)):
-            raise TypeError(f"requests[{i}][{k!r}] must be a list of prompts")
+            raise TLBackwardError(f"requests[{i}][{k!r}] must be a list of prompts", argument="requests")
+    prompts = [(f"requests[{i}]['prompt']", r["prompt"])] + [
+        (f"requests[{i}][{k!r}][{j}]", p) for k in ("paraphrases", "neighborhood") for j, p in enumerate(r[k])]
+    for what, p in prompts:
+        if not isinstance(p, str):
+            raise TLBackwardError(f"{what} must be a string, got {type(p).__name__}", argument="requests")
+        _tokens(ad, p, prepend_bos, "requests", what)
+    for k in ("target_new", "target_true"):
+        _target_ids(ad, r[k], "requests", f"requests[{i}][{k!r}]")
     return r
 
 
 def _with_space(target: Any) -> Any:
     return " " + target if isinstance(target, str) and not target.startswith(" ") else target
-
-
-def _target_id(ad: Any, target: Any) -> int:
-    if target is None:
-        raise ValueError("target is None: pass the new target word or its token id")
-    return int(ad.target_tokens(_with_space(target))[0])
 
 
 __all__ = ["Edit", "EditEvaluation", "forward_pass_shift", "evaluate_edits", "continuation_correct"]
