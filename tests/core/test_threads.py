@@ -15,7 +15,7 @@ from tl_backward.attention.patching import patch_attention, zero_heads
 from tl_backward.core.lock import ModelLock, lock_of, model_lock
 from tl_backward.core.stream import stream
 from tl_backward.errors import TLBackwardError
-from tl_backward.masking import preserving_weights, segment_mask
+from tl_backward.masking import mas_generate, preserving_weights, segment_mask
 from tl_backward.masking import segments as S
 from tests.conftest import build
 
@@ -215,6 +215,25 @@ def test_a_capture_waits_for_another_threads_with_block(model, kind):
     scale = float(plain.metric.abs())
     assert abs(float(inside["cache"].metric - plain.metric)) > 1e-3 * scale, f"{kind} changed nothing"
     assert_same_cache(inside["other"], plain)
+    assert_as_before(model, before)
+
+
+def test_generation_and_capture_threads_mixed_equal_single_threaded_runs(model):
+    """mas_generate (its decode hooks) and capture in 8 interleaved threads: each result equals
+    the same call made alone; greedy decoding is deterministic, so token ids must match exactly."""
+    seg = seg_of(model)
+    metric = last_logit(5)
+    gen_ref = mas_generate(model, seg, max_new_tokens=4, eos_token_id=None)
+    cap_ref = {p: capture(model, p, metric, names=NAMES) for p in PROMPTS[:4]}
+    before = snapshot(model)
+    jobs = []
+    for p in PROMPTS[:4]:
+        jobs += [lambda: mas_generate(model, seg, max_new_tokens=4, eos_token_id=None),
+                 lambda p=p: capture(model, p, metric, names=NAMES)]
+    got = run_threads(jobs)
+    for gen, (p, cap) in zip(got[::2], zip(PROMPTS[:4], got[1::2])):
+        assert torch.equal(gen.new_tokens, gen_ref.new_tokens)
+        assert_same_cache(cap, cap_ref[p])
     assert_as_before(model, before)
 
 
