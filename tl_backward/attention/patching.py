@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tl_backward.core.adapter import get_adapter
+from tl_backward.core.lock import model_lock
 
 from .reversed import ReversedAttention
 
@@ -166,7 +167,7 @@ def patch_attention(
         return hook
 
     hooks = [(adapter.hook_name("pattern", l), make_hook(l, d)) for l, d in deltas.items()]
-    with model.hooks(fwd_hooks=hooks):
+    with model_lock(model), model.hooks(fwd_hooks=hooks):  # other threads wait (core/lock.py)
         yield deltas
 
 
@@ -195,5 +196,5 @@ def zero_heads(model: Any, heads: Iterable[tuple[int, int]]) -> Iterator[list[tu
         return hook
 
     hooks = [(adapter.hook_name("z", l), make_hook(hs)) for l, hs in chosen.items()]
-    with model.hooks(fwd_hooks=hooks):
+    with model_lock(model), model.hooks(fwd_hooks=hooks):  # other threads wait (core/lock.py)
         yield sorted((l, h) for l, hs in chosen.items() for h in hs)

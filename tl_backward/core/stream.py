@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapter import Batch, get_adapter
+from .lock import model_lock
 from .metrics import bind_metric, check_scalar
 
 __all__ = ["Streamed", "stream"]
@@ -61,8 +62,19 @@ def stream(
     output buffers), ``on_logits(logits, batch)`` right after the forward. Names must be canonical
     or legacy hook names of ``model.hook_dict``. Parameters are frozen and restored, train/eval
     modes restored, hooks removed (also on error), and no parameter ``.grad`` is written.
+
+    The whole pass (tokenising too: a fast tokenizer is reconfigured per call) holds
+    ``model_lock(model)`` (:mod:`tl_backward.core.lock`): threads sharing a model run one at a time.
     """
     adapter = get_adapter(model)
+    with model_lock(model):
+        return _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_logits,
+                       prepend_bos)
+
+
+def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_logits,
+            prepend_bos) -> Streamed:
+    """:func:`stream`'s body, run while the caller holds the model's lock."""
     for name in [*on_activation, *on_gradient]:
         adapter.resolve_hook(name)
     batch = adapter.tokenize(input, prepend_bos)

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.lock import model_lock
 from .segments import Segments
 
 _ACTIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -73,6 +74,13 @@ def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
     """
     hf = hf_module(model)
     segments = _check_segments(model, segments)
+    # Held before the nesting check, so another thread waits here instead of seeing _ACTIVE.
+    with model_lock(model):
+        yield from _masked(model, hf, segments)
+
+
+def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Segments]:
+    """:func:`segment_mask`'s block: the pre-hook lives from the yield to its end."""
     if model in _ACTIVE:
         raise ValueError("segment_mask contexts cannot be nested on the same model")
     device = next(hf.parameters()).device

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.lock import model_lock
 from .context import hf_module
 from .segments import Segments, concat
 
@@ -62,11 +63,12 @@ def preserving_weights(model: Any) -> Iterator[dict[str, Tensor]]:
     submodules inside forward hooks; a deep copy keeps pointing at the original's modules (and
     raises ``ReferenceError`` once the original is gone). Restoring weights in place avoids that.
     """
-    snapshot = snapshot_weights(model)
-    try:
-        yield snapshot
-    finally:
-        restore_weights(model, snapshot)
+    with model_lock(model):  # other threads wait until the weights are restored (core/lock.py)
+        snapshot = snapshot_weights(model)
+        try:
+            yield snapshot
+        finally:
+            restore_weights(model, snapshot)
 
 
 def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[Tensor, ""]:
@@ -179,11 +181,12 @@ def finetune(
     device = next(hf.parameters()).device
     n = len(data)
     steps = epochs * math.ceil(n / batch_size)
-    flags = {p: p.requires_grad for p in model.parameters()}
     layers: list[Any] = []
-    had_config = "peft_config" in vars(hf)
     losses: list[float] = []
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    # The lock: flags, train mode and weights change for the whole run (core/lock.py).
+    with model_lock(model), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        flags = {p: p.requires_grad for p in model.parameters()}  # read under the lock
+        had_config = "peft_config" in vars(hf)
         torch.manual_seed(seed)
         try:
             if lora is not None:

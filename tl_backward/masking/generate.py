@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ..core.lock import model_lock
 from .context import _check_segments, hf_module
 from .segments import Segments, _pad_id
 
@@ -141,7 +142,7 @@ def mas_generate(
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
 
-    with _kv_cache_shim(model):
+    with model_lock(model), _kv_cache_shim(model):  # other threads wait (core/lock.py)
         return _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_id, pad, gen)
 
 
