@@ -150,7 +150,7 @@ def test_unknown_model_fails_fast_offline(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz", "-o", str(tmp_path / "r.html")], capsys)
-    assert_one_line_error(code, err, "--model: unknown model 'no-such-model-xyz'", "not an embedded model",
+    assert_one_line_error(code, err, "--model: could not load model 'no-such-model-xyz'", "not an embedded model",
                           "HF_HUB_OFFLINE")
     # Without the offline flag, an unreachable hub is found by one short connect.
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -158,7 +158,7 @@ def test_unknown_model_fails_fast_offline(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(loading, "hub_reachable", lambda timeout=1.0: False)
     code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz", "-o", str(tmp_path / "r.html")], capsys)
-    assert_one_line_error(code, err, "--model: unknown model 'no-such-model-xyz'", "unreachable")
+    assert_one_line_error(code, err, "--model: could not load model 'no-such-model-xyz'", "unreachable")
 
 
 def test_library_errors_are_one_line_and_name_the_option(capsys, monkeypatch, tmp_path):

@@ -272,7 +272,7 @@ def _assert_offline_error(calls, name, *words):
     assert calls == []  # boot_transformers, and with it huggingface_hub's retries, never ran
     assert elapsed < 10  # a generous regression guard against the ~25 s retry loop
     assert info.value.argument == "name"
-    for word in (f"unknown model {name!r}", "not in the local Hugging Face cache", *words):
+    for word in (f"could not load model {name!r}", "not in the local Hugging Face cache", *words):
         assert word in str(info.value), str(info.value)
 
 

@@ -11,7 +11,9 @@ What :func:`load_model` promises:
   ``prepend_bos=True`` puts ``bos_token_id`` in front once (TransformerLens uses the EOS token as
   BOS when a tokenizer has none). Called without ``prepend_bos``, ``to_tokens`` follows
   TransformerLens's per-family ``cfg.default_prepend_bos``: True for GPT-2 and Llama, False for
-  GPT-NeoX and Qwen2.
+  GPT-NeoX and Qwen2. (For some model types AutoTokenizer prefers the family's own class, e.g.
+  ``Qwen2Tokenizer`` for qwen2, which rebuilds a byte-level BPE from the vocabulary even when
+  tokenizer.json holds a word-level model; load_model follows AutoTokenizer there too.)
 - **Device.** The model's parameters really are on ``device``. A device this machine does not
   have is refused up front; left at None, TransformerLens picks one (``get_device``: CUDA if
   available, else CPU).
@@ -253,7 +255,7 @@ def _offline_snapshot(name: str) -> Path | None:
     why = ("HF_HUB_OFFLINE is set, so the hub was not asked" if offline
            else f"the Hugging Face hub at {_hub_address()[0]} is unreachable: offline?")
     raise TLBackwardError(
-        f"unknown model {name!r}: it is not an embedded model ({', '.join(list_models()) or 'none shipped'}), "
+        f"could not load model {name!r}: it is not an embedded model ({', '.join(list_models()) or 'none shipped'}), "
         f"not a local directory, and not in the local Hugging Face cache ({why}). Pass an embedded model, "
         "a directory written by save_pretrained, or download it once online", argument="name")
 
