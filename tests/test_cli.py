@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from huggingface_hub import constants as hub_constants
+
 import tl_backward.core.loading as loading
 from tl_backward import cli
+from tl_backward.errors import TLBackwardError
 from tl_backward.zoo import list_models, model_card
 
 PROMPT = "the capital of france is"
@@ -46,7 +49,6 @@ def tiny_loaded(gpt2_model, monkeypatch):
         return gpt2_model
 
     monkeypatch.setattr(loading, "load_model", fake_load)
-    monkeypatch.setattr(cli, "_hub_cached", lambda name: True)
     return seen
 
 
@@ -134,7 +136,7 @@ def test_usage_errors_are_one_line(argv, fragments, capsys):
 @pytest.mark.parametrize("argv, fragments", [
     (["report", PROMPT, "--layers", "7"], ["--layers: layer 7 is out of range", "0..1"]),
     (["report", PROMPT, "--layers", "-1"], ["--layers: layer -1 is out of range"]),
-    (["report", PROMPT, "--target", "zzz"], ["--target 'zzz' is not in the model's vocabulary"]),
+    (["report", PROMPT, "--target", "zzz"], ["--target: target 'zzz' is not in the model's vocabulary"]),
 ])
 def test_model_errors_are_one_line(tiny_loaded, argv, fragments, capsys, tmp_path):
     code, out, err = run(argv + ["--out", str(tmp_path / "x.html")], capsys)
@@ -143,33 +145,104 @@ def test_model_errors_are_one_line(tiny_loaded, argv, fragments, capsys, tmp_pat
     assert not (tmp_path / "x.html").exists()
 
 
-def test_unknown_model_fails_fast_offline(capsys, monkeypatch):
+def test_unknown_model_fails_fast_offline(capsys, monkeypatch, tmp_path):
+    """The hub checks live in load_model (tests/core/test_loading.py); the CLI shows them as --model."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz"], capsys)
-    assert_one_line_error(code, err, "unknown model 'no-such-model-xyz'", "not an embedded model",
-                          "unreachable")
-    # Without the offline flag, an unreachable hub is detected by name resolution.
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz", "-o", str(tmp_path / "r.html")], capsys)
+    assert_one_line_error(code, err, "--model: could not load model 'no-such-model-xyz'", "not an embedded model",
+                          "HF_HUB_OFFLINE")
+    # Without the offline flag, an unreachable hub is found by one short connect.
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(cli, "_hub_reachable", lambda timeout=3.0: False)
-    code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz"], capsys)
-    assert_one_line_error(code, err, "unknown model 'no-such-model-xyz'")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=1.0: False)
+    code, out, err = run(["report", PROMPT, "--model", "no-such-model-xyz", "-o", str(tmp_path / "r.html")], capsys)
+    assert_one_line_error(code, err, "--model: could not load model 'no-such-model-xyz'", "unreachable")
 
 
-def test_library_errors_from_loading_are_one_line(capsys, monkeypatch):
-    def broken(name=None, **kw):
-        raise ValueError("could not load model 'x': multi\nline\n  detail")
+def test_library_errors_are_one_line_and_name_the_option(capsys, monkeypatch, tmp_path):
+    """A TLBackwardError is shown with the option its .argument maps to; other errors as they are."""
+    page = str(tmp_path / "r.html")
+    for raised, shown in [(ValueError("could not load model 'x': multi\nline\n  detail"),
+                           "error: could not load model 'x': multi line detail"),
+                          (TLBackwardError("name 'x' is\nnot a directory", argument="name"),
+                           "error: --model: name 'x' is not a directory"),
+                          (TLBackwardError("device 'cuda' is not available", argument="device"),
+                           "error: device 'cuda' is not available")]:  # no option for device: unchanged
+        def broken(name=None, _err=raised, **kw):
+            raise _err
 
-    monkeypatch.setattr(loading, "load_model", broken)
-    monkeypatch.setattr(cli, "_hub_cached", lambda name: True)
-    code, _, err = run(["report", PROMPT, "--model", "x"], capsys)
-    assert_one_line_error(code, err, "could not load model 'x': multi line detail")
+        monkeypatch.setattr(loading, "load_model", broken)
+        code, _, err = run(["report", PROMPT, "--model", "x", "-o", page], capsys)
+        assert_one_line_error(code, err, shown)
 
 
-def test_unwritable_output_is_one_line(tiny_loaded, capsys, tmp_path):
+def test_capitalised_target_is_told_to_use_lower_case(tiny_loaded, capsys, tmp_path):
+    # The tiny vocabulary is lower-case ("rome"), so "Rome" reads as <unk>; lower case is the fix.
+    page = tmp_path / "r.html"
+    code, out, err = run(["report", PROMPT, "--target", "Rome", "--out", str(page)], capsys)
+    assert_one_line_error(code, err, "--target: target 'Rome' is not in the model's vocabulary",
+                          "lower-case: use --target rome")
+    assert not page.exists()
+    # No hint when lower case does not help either.
+    code, out, err = run(["report", PROMPT, "--target", "Zzz", "--out", str(page)], capsys)
+    assert_one_line_error(code, err, "--target: target 'Zzz'")
+    assert "lower" not in err
+
+
+# ------------------------------------------------------------------------- --out, checked before the analysis
+@pytest.fixture
+def no_analysis(monkeypatch):
+    """Fail the test if the model is loaded or the analysis runs: --out errors must come first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded or the analysis ran before --out was checked")
+
+    monkeypatch.setattr(loading, "load_model", forbidden)
+    monkeypatch.setattr(cli, "build_report", forbidden)
+
+
+def _unwritable_cases(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code, _, err = run(["report", PROMPT, "--no-flow", "--out", str(blocker / "r.html")], capsys)
-    assert_one_line_error(code, err, "cannot write")
+    folder = tmp_path / "page.html"
+    folder.mkdir()
+    cases = [(tmp_path / "missing" / "r.html", ["--out: cannot write", "does not exist"]),
+             (blocker / "r.html", ["--out: cannot write", "is not a directory"]),
+             (folder, ["--out:", "is a directory"])]
+    if Path("/sys").is_dir():  # sysfs refuses new files even to root
+        cases.append((Path("/sys/tl-backward-report.html"), ["--out: cannot write", "denied"]))
+    return cases
+
+
+def test_unwritable_output_fails_before_the_analysis(no_analysis, capsys, tmp_path):
+    for path, fragments in _unwritable_cases(tmp_path):
+        code, out, err = run(["report", PROMPT, "--no-flow", "--out", str(path)], capsys)
+        assert out == ""
+        assert_one_line_error(code, err, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "page.html"]  # the probe left nothing
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write to read-only folders")
+def test_read_only_folder_fails_before_the_analysis(no_analysis, capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        code, _, err = run(["report", PROMPT, "--out", str(ro / "r.html")], capsys)
+    finally:
+        ro.chmod(0o700)
+    assert_one_line_error(code, err, "--out: cannot write", "denied")
+
+
+def test_existing_page_is_overwritten_and_left_alone_until_then(tiny_loaded, capsys, tmp_path):
+    page = tmp_path / "r.html"
+    page.write_text("old")
+    code, _, err = run(["report", PROMPT, "--target", "zzz", "--out", str(page)], capsys)
+    assert code == 2 and page.read_text() == "old"  # the writability probe (append mode) changed nothing
+    code, _, err = run(["report", PROMPT, "--no-flow", "--out", str(page)], capsys)
+    assert code == 0, err
+    assert page.stat().st_size > 100_000
 
 
 # ------------------------------------------------------------------------- the installed script

@@ -1,17 +1,24 @@
 """``tl-backward``: the command line. Thin: parses arguments, loads the model, calls
 :func:`tl_backward.experiments.report.build_report`, prints, saves.
 
-Errors a user can make (unknown model, empty prompt, bad layer or target) end with one line
-``tl-backward: error: ...`` on stderr and exit code 2.
+Errors a user can make (unknown model, empty prompt, bad layer or target, unwritable --out) end
+with one line ``tl-backward: error: ...`` on stderr and exit code 2, before any analysis runs. A
+:class:`~tl_backward.errors.TLBackwardError` is shown with the option its ``.argument`` maps to.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from . import __version__, zoo
+from .core import loading
+from .core.adapter import get_adapter
+from .errors import TLBackwardError
+from .experiments.report import Progress, build_report, lower_case_helps
 
 PROG = "tl-backward"
 DEFAULT_PROMPT = "the capital of france is"
@@ -72,8 +79,6 @@ def _fail(message: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -102,10 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------ models
 def _card_lines(name: str) -> list[str]:
-    from .zoo import model_card
-
     try:
-        card = model_card(name)
+        card = zoo.model_card(name)
     except (OSError, ValueError):
         return [f"{name}  (no model card)"]
     cfg = card.get("train_config", {})
@@ -130,15 +133,13 @@ def _card_lines(name: str) -> list[str]:
 
 
 def cmd_models() -> int:
-    from .zoo import DEFAULT_MODEL, list_models
-
-    names = list_models()
+    names = zoo.list_models()
     if not names:
         print("no embedded model is shipped in this install; pass --model gpt2 (or another hub name) to report")
         return 0
     for name in names:
         lines = _card_lines(name)
-        if name == DEFAULT_MODEL:
+        if name == zoo.DEFAULT_MODEL:
             lines[0] += "  (default)"
         print("\n".join(lines))
     print("\nAlso: any local Hugging Face directory, or a hub name such as gpt2 when online.")
@@ -146,51 +147,97 @@ def cmd_models() -> int:
 
 
 # ------------------------------------------------------------------------------------------ report
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub's host resolves (a failed load would otherwise retry for ~40 s)."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
+# The library names arguments as its functions spell them; on the command line they are options.
+_OPTIONS = {"prompt": "PROMPT", "input": "PROMPT", "target": "--target", "layers": "--layers", "layer": "--layers",
+            "heads": "--heads", "name": "--model", "out": "--out"}
 
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    ok: list[bool] = []
 
-    def resolve() -> None:
+def cmd_report(args: argparse.Namespace) -> int:
+    try:
+        out = _check_args(args)
+        progress = Progress(True)
+        _quiet_hf()
+        with progress(f"loading {args.model or zoo.DEFAULT_MODEL}"):
+            model = loading.load_model(args.model)
+        _check_against_model(model, args)
+        report = build_report(model, args.prompt, target=args.target, layers=args.layers, heads=args.heads,
+                              flow=not args.no_flow, progress=progress)
+    except (ValueError, TypeError) as err:  # TLBackwardError is both
+        _fail(_one_line(err))
+    try:
+        path = report.save(out)
+    except OSError as err:  # checked up front; this is the rare race (disk full, removed meanwhile)
+        _fail(f"--out: cannot write {str(out)!r}: {err.strerror or err}")
+    if not args.quiet:
+        print(report.summary())
+        print()
+        print(f"page: {path.resolve()}  ({path.stat().st_size / 1e6:.1f} MB, opens offline in any browser)")
+    else:
+        print(path.resolve())
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> Path:
+    """The checks that need no model; returns the page's path."""
+    if not args.prompt.strip():
+        raise TLBackwardError("the prompt is empty: pass some text, e.g. tl-backward report \"the capital of "
+                              "france is\"")
+    if args.target is not None and not args.target.strip():
+        raise TLBackwardError("--target is empty: pass a word such as rome, or leave it out to explain the top "
+                              "prediction")
+    if args.heads < 1:
+        raise TLBackwardError(f"--heads must be at least 1, got {args.heads}")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise TLBackwardError(f"--out must end in .html, got {args.out!r}")
+    _check_writable(out)
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the analysis if the page could not be saved at ``out``.
+
+    Probes by opening: an existing file in append mode (content untouched), else a temporary file in
+    the parent folder, removed at once. Permission bits alone would say yes to root on a read-only
+    mount.
+    """
+    shown = str(out)
+    if out.is_dir():
+        raise TLBackwardError(f"{shown!r} is a directory: pass a file path such as {str(out / 'report.html')!r}",
+                              argument="out")
+    parent = out.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise TLBackwardError(f"cannot write {shown!r}: the folder {str(parent)!r} {what}; create it or pass "
+                              "another path", argument="out")
+    try:
+        if out.exists():
+            with open(out, "ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=".tl-backward-", suffix=".probe"):
+                pass
+    except OSError as err:
+        raise TLBackwardError(f"cannot write {shown!r}: {err.strerror or err}", argument="out") from None
+
+
+def _check_against_model(model: Any, args: argparse.Namespace) -> None:
+    """--layers and --target against the loaded model, before the analysis; the lower-case hint is
+    the one the report gives for prompts (:func:`tl_backward.experiments.report.lower_case_helps`)."""
+    ad = get_adapter(model)
+    if args.layers is not None:
         try:
-            socket.getaddrinfo(host, 443)
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=resolve, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
-
-
-def _hub_cached(name: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # invalid repo ids raise HFValidationError: not cached
-        return False
-
-
-def _load(name: str | None, progress) -> object:
-    from .core.loading import load_model
-    from .zoo import DEFAULT_MODEL, list_models
-
-    if name is not None and name not in list_models() and not Path(name).is_dir():
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        if not _hub_cached(name) and (offline or not _hub_reachable()):
-            _fail(f"unknown model {name!r}: it is not an embedded model ({', '.join(list_models()) or 'none shipped'}), "
-                  "not a local directory, and the Hugging Face hub is unreachable (offline?)")
-    _quiet_hf()
-    with progress(f"loading {name or DEFAULT_MODEL}"):
-        return load_model(name)
+            ad.layers(args.layers)
+        except (ValueError, TypeError) as err:
+            raise TLBackwardError(str(err), argument="layers") from err
+    if args.target is not None:
+        try:
+            ad.target_tokens(args.target)
+        except (ValueError, TypeError) as err:
+            hint = ""
+            if lower_case_helps(ad, args.target):
+                hint = f"; the model's vocabulary is lower-case: use --target {args.target.lower()}"
+            raise TLBackwardError(f"{err}{hint}", argument="target") from err
 
 
 def _quiet_hf() -> None:
@@ -209,49 +256,11 @@ def _quiet_hf() -> None:
         pass
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    if not args.prompt.strip():
-        _fail("the prompt is empty: pass some text, e.g. tl-backward report \"the capital of france is\"")
-    if args.target is not None and not args.target.strip():
-        _fail("--target is empty: pass a word such as rome, or leave it out to explain the top prediction")
-    if args.heads < 1:
-        _fail(f"--heads must be at least 1, got {args.heads}")
-    out = Path(args.out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        _fail(f"--out must end in .html, got {args.out!r}")
-
-    from .experiments.report import Progress, build_report
-
-    progress = Progress(True)
-    try:
-        model = _load(args.model, progress)
-    except (ValueError, TypeError, RuntimeError) as err:  # RuntimeError: no embedded model shipped
-        _fail(_one_line(err))
-    try:
-        report = build_report(model, args.prompt, target=args.target, layers=args.layers, heads=args.heads,
-                              flow=not args.no_flow, progress=progress)
-    except (ValueError, TypeError) as err:
-        _fail(_one_line(err))
-    try:
-        path = report.save(out)
-    except OSError as err:
-        _fail(f"cannot write {str(out)!r}: {err.strerror or err}")
-    if not args.quiet:
-        print(report.summary())
-        print()
-        print(f"page: {path.resolve()}  ({path.stat().st_size / 1e6:.1f} MB, opens offline in any browser)")
-    else:
-        print(path.resolve())
-    return 0
-
-
 def _one_line(err: BaseException) -> str:
+    """The message on one line, led by the option a TLBackwardError's ``.argument`` maps to."""
     text = " ".join(str(err).split()) or type(err).__name__
-    # Library messages name keyword arguments; on the command line they are options.
-    for word, option in (("layer ", "--layers: layer "), ("target ", "--target ")):
-        if text.startswith(word):
-            return option + text[len(word):]
-    return text
+    option = _OPTIONS.get(getattr(err, "argument", None) or "")
+    return f"{option}: {text}" if option else text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,74 +1,312 @@
-"""Loading models: the embedded offline models, local HF directories, or hub names."""
+"""Loading models: the embedded offline models, local HF directories, or hub names.
+
+What :func:`load_model` promises:
+
+- **Tokenizer.** A directory's tokenizer is ``AutoTokenizer.from_pretrained(directory)``, the class
+  Hugging Face itself picks. TransformerLens then re-loads it through the same ``AutoTokenizer``
+  with ``add_bos_token=True`` (``transformer_lens/utilities/tokenize_utils.py``,
+  ``get_tokenizer_with_bos``), which changes only whether BOS is added. So
+  ``model.to_tokens(text, prepend_bos=False)`` equals
+  ``AutoTokenizer.from_pretrained(directory)(text, add_special_tokens=False).input_ids``, and
+  ``prepend_bos=True`` puts ``bos_token_id`` in front once (TransformerLens uses the EOS token as
+  BOS when a tokenizer has none). Called without ``prepend_bos``, ``to_tokens`` follows
+  TransformerLens's per-family ``cfg.default_prepend_bos``: True for GPT-2 and Llama, False for
+  GPT-NeoX and Qwen2. (For some model types AutoTokenizer prefers the family's own class, e.g.
+  ``Qwen2Tokenizer`` for qwen2, which rebuilds a byte-level BPE from the vocabulary even when
+  tokenizer.json holds a word-level model; load_model follows AutoTokenizer there too.)
+- **Device.** The model's parameters really are on ``device``. A device this machine does not
+  have is refused up front; left at None, TransformerLens picks one (``get_device``: CUDA if
+  available, else CPU).
+- **Hub names offline.** If ``HF_HUB_OFFLINE`` is set, or the hub's host (from
+  ``huggingface_hub.constants.ENDPOINT``) refuses a short TCP connect, the model comes from the
+  local HF cache, or the call fails at once naming ``name``. It does not sit through
+  huggingface_hub's retry loop. Online, ``TransformerBridge.boot_transformers(name)`` loads it.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
+from .. import zoo
+from ..errors import TLBackwardError
 
-def load_model(name: str | None = None, *, device: str | torch.device | None = None,
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# One TCP connect to the hub host: a reachable hub answers in tens of ms, and waiting longer
+# only delays the offline error that would follow anyway.
+PROBE_TIMEOUT_S = 1.0
+_LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+
+
+def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                dtype: torch.dtype = torch.float32) -> Any:
     """Boot a ``TransformerBridge`` in eval mode, raw (no weight processing).
 
-    ``name``: None for the embedded default model (offline), an embedded model's name
-    (see :func:`list_models`), a local directory saved with ``save_pretrained`` (model and
-    tokenizer), or a Hugging Face hub name such as ``"gpt2"`` (needs network access).
+    ``name``: None for the embedded default model (offline), an embedded model's name (see
+    :func:`list_models`), a local directory saved with ``save_pretrained`` (model and tokenizer),
+    or a Hugging Face hub name such as ``"gpt2"`` (from the local HF cache when offline).
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``; None lets
+    TransformerLens choose. ``dtype``: torch.float32 (default), float16, bfloat16 or float64.
+    Tokenisation, device and offline behaviour are described in this module's docstring.
     """
-    from transformer_lens import TransformerBridge
-
-    if name is not None and not isinstance(name, (str, os.PathLike)):
-        raise TypeError(f"name must be a string or a path, got {type(name).__name__}")
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
+    _check_name(name)
+    _check_dtype(dtype)
+    device = _check_device(device)
     embedded = _embedded_dir(None if name is None else str(name))
-    directory = embedded or (Path(name) if name is not None and Path(name).is_dir() else None)
-    if directory is not None:
-        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-        from transformers.utils import logging as hf_logging
-
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a 1 MB model
-        try:
-            hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype,
-                                                      attn_implementation="eager")
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
-        label = directory.name if embedded else str(directory)
-        model = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype)
+    if embedded is not None:
+        model = _boot_directory(embedded, embedded.name, device, dtype)
+    elif _looks_local(name):
+        model = _boot_directory(_local_dir(name), str(name), device, dtype)
     else:
-        try:
-            model = TransformerBridge.boot_transformers(str(name), device=device, dtype=dtype)
-        except (OSError, ValueError) as err:
-            # Hub failures surface as OSError/ValueError deep inside transformers; say what was tried.
-            raise ValueError(
-                f"could not load model {name!r}: it is not an embedded model {list_models()}, not a local "
-                f"directory, and the Hugging Face hub could not provide it ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''})"
-            ) from err
+        snapshot = _offline_snapshot(str(name))
+        if snapshot is not None:
+            model = _boot_directory(snapshot, str(name), device, dtype)
+        else:
+            model = _boot_hub(str(name), device, dtype)
+    _check_placed(model)
     return model.eval()
 
 
 def list_models() -> list[str]:
     """Names of the models shipped inside the package (usable offline)."""
-    from .. import zoo
-
-    lister = getattr(zoo, "list_models", None)
-    return list(lister()) if lister else []
+    return list(zoo.list_models())
 
 
+# ------------------------------------------------------------------------------- arguments
+def _check_name(name: Any) -> None:
+    if name is None or isinstance(name, os.PathLike):
+        return
+    if not isinstance(name, str):
+        raise TLBackwardError(f"name must be a model name, a directory or None, got {type(name).__name__}; "
+                              f"embedded models: {list_models()}", argument="name")
+    if not name.strip():
+        raise TLBackwardError("name is empty: pass None for the embedded default model, an embedded "
+                              f"model {list_models()}, a directory or a hub name such as 'gpt2'",
+                              argument="name")
+
+
+def _check_dtype(dtype: Any) -> None:
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPES:
+        shown = dtype if isinstance(dtype, torch.dtype) else f"{type(dtype).__name__} {dtype!r}"
+        raise TLBackwardError(f"dtype must be one of {', '.join(map(str, DTYPES))}, got {shown}",
+                              argument="dtype")
+
+
+def _check_device(device: Any) -> torch.device | None:
+    """``device`` as a torch.device that this machine has (None stays None)."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TLBackwardError(f"device must be a string such as 'cpu' or 'cuda:0', or a torch.device, "
+                              f"got {type(device).__name__} {device!r}", argument="device")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TLBackwardError(f"unknown device {device!r}: pass 'cpu', 'cuda', 'cuda:N' or 'mps'",
+                              argument="device") from None
+    if dev.type == "meta":
+        raise TLBackwardError("device 'meta' holds no weights: pass 'cpu' or 'cuda'", argument="device")
+    try:
+        # The one test every backend answers truthfully; it also names the device tensors land on
+        # ("cpu:0" -> cpu, "cuda" -> cuda:0).
+        return torch.empty(0, device=dev).device
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as err:
+        raise TLBackwardError(f"device {str(dev)!r} is not available on this machine ({_first_line(err)}); "
+                              "pass device='cpu'", argument="device") from None
+
+
+def _check_placed(model: Any) -> None:
+    """Every parameter sits on ``cfg.device`` (TransformerLens records a device it may not apply)."""
+    want = torch.device(model.cfg.device)
+    for pname, param in model.named_parameters():
+        dev = param.device
+        if dev.type != want.type or None not in (want.index, dev.index) and dev.index != want.index:
+            raise TLBackwardError(f"the model says device {str(want)!r} but parameter {pname} is on {str(dev)!r}; "
+                                  "pass device explicitly", argument="device")
+
+
+# ------------------------------------------------------------------------------- local directories
 def _embedded_dir(name: str | None) -> Path | None:
-    from .. import zoo
-
-    default = getattr(zoo, "DEFAULT_MODEL", None)
     if name is None:
-        if default is None or default not in list_models():
-            raise RuntimeError("no embedded model is shipped in this install; pass a model name or directory")
-        name = default
-    if name in list_models():
-        return Path(zoo.model_dir(name))
-    return None
+        if zoo.DEFAULT_MODEL not in list_models():
+            raise TLBackwardError("no embedded model is shipped in this install: pass name, a local "
+                                  "directory or a hub name such as 'gpt2'", argument="name")
+        name = zoo.DEFAULT_MODEL
+    return Path(zoo.model_dir(name)) if name in list_models() else None
+
+
+def _looks_local(name: str | os.PathLike) -> bool:
+    """A path, not a hub id: a PathLike, an existing file or folder, or an absolute/relative/home path."""
+    text = os.fspath(name)
+    return isinstance(name, os.PathLike) or os.path.exists(text) or text.startswith(_LOCAL_PREFIXES)
+
+
+def _local_dir(name: str | os.PathLike) -> Path:
+    path = Path(os.fspath(name)).expanduser()
+    if path.is_file():
+        raise TLBackwardError(f"name {str(name)!r} is a file: pass the directory that holds config.json, "
+                              "the weights and the tokenizer (written by save_pretrained)", argument="name")
+    if not path.is_dir():
+        raise TLBackwardError(f"name {str(name)!r} is not an existing directory (nor an embedded model "
+                              f"{list_models()}): check the path", argument="name")
+    return path
+
+
+def _boot_directory(directory: Path, label: str, device: torch.device | None, dtype: torch.dtype) -> Any:
+    """HF model + AutoTokenizer from ``directory``, moved to ``device``, wrapped as a bridge."""
+    from transformer_lens import TransformerBridge
+    from transformer_lens.utilities import get_device
+
+    config = _read_config(directory, label)
+    tokenizer = _read_tokenizer(directory, label)
+    hf = _read_weights(directory, label, config, dtype)
+    # boot_transformers records device= but leaves a pre-loaded model where it is, so move it here.
+    device = device if device is not None else torch.device(get_device())
+    hf = hf.to(device)
+    try:
+        bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tokenizer, device=str(device),
+                                                     dtype=dtype)
+    except ValueError as err:  # e.g. an architecture TransformerLens has no adapter for
+        raise TLBackwardError(f"name {label!r}: TransformerLens cannot bridge this model ({_first_line(err)})",
+                              argument="name") from err
+    return bridge
+
+
+def _read_config(directory: Path, label: str) -> Any:
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").is_file():
+        raise TLBackwardError(f"name {label!r}: {directory} is not a Hugging Face model directory (no config.json); "
+                              "save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)",
+                              argument="name")
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise TLBackwardError(f"name {label!r}: the config.json in {directory} cannot be read ({_first_line(err)})",
+                              argument="name") from err
+
+
+def _read_tokenizer(directory: Path, label: str) -> Any:
+    """``AutoTokenizer.from_pretrained(directory)``, refusing a directory without vocabulary files
+    (transformers would otherwise build an empty tokenizer from the config's class)."""
+    from transformers import AutoTokenizer
+
+    advice = "save it next to the model with tokenizer.save_pretrained(dir)"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TLBackwardError(f"name {label!r}: the tokenizer in {directory} cannot be loaded "
+                              f"({_first_line(err)}); {advice}", argument="name") from err
+    files = {"tokenizer.json", *getattr(tokenizer, "vocab_files_names", {}).values()}
+    if not any((directory / f).is_file() for f in files):
+        raise TLBackwardError(f"name {label!r}: {directory} has no tokenizer files ({', '.join(sorted(files))}); "
+                              f"{advice}", argument="name")
+    return tokenizer
+
+
+def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a 1 MB model
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, local_files_only=True, dtype=dtype,
+                                                    attn_implementation="eager")
+    except (OSError, ValueError) as err:  # no weights file, or no causal-LM class for this config
+        raise TLBackwardError(f"name {label!r}: the model in {directory} cannot be loaded ({_first_line(err)})",
+                              argument="name") from err
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+# ------------------------------------------------------------------------------- the hub
+def _boot_hub(name: str, device: torch.device | None, dtype: torch.dtype) -> Any:
+    from transformer_lens import TransformerBridge
+
+    try:
+        return TransformerBridge.boot_transformers(name, device=None if device is None else str(device), dtype=dtype)
+    except (OSError, ValueError) as err:
+        # Hub failures surface as OSError/ValueError deep inside transformers; say what was tried.
+        raise TLBackwardError(
+            f"could not load model {name!r}: it is not an embedded model {list_models()}, not a local directory, "
+            f"and the Hugging Face hub could not provide it ({type(err).__name__}: {_first_line(err)})",
+            argument="name") from err
+
+
+def _offline_snapshot(name: str) -> Path | None:
+    """The cached snapshot of ``name`` when the hub cannot be asked; None when it can (online).
+
+    Offline (``HF_HUB_OFFLINE``) or unreachable: the cache, or a TLBackwardError naming ``name``.
+    """
+    offline = hub_offline()
+    if not offline and hub_reachable():
+        return None
+    snapshot = _cached_snapshot(name)
+    if snapshot is not None:
+        return snapshot
+    why = ("HF_HUB_OFFLINE is set, so the hub was not asked" if offline
+           else f"the Hugging Face hub at {_hub_address()[0]} is unreachable: offline?")
+    raise TLBackwardError(
+        f"could not load model {name!r}: it is not an embedded model ({', '.join(list_models()) or 'none shipped'}), "
+        f"not a local directory, and not in the local Hugging Face cache ({why}). Pass an embedded model, "
+        "a directory written by save_pretrained, or download it once online", argument="name")
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (its constant, or the variables set since import)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(constants.is_offline_mode()) or any(
+        (f or "").strip().lower() in ("1", "on", "yes", "true") for f in flags)
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect to the hub endpoint's host, bounded by ``timeout`` seconds in total.
+
+    Runs in a daemon thread because name resolution ignores socket timeouts.
+    """
+    host, port = _hub_address()
+    ok: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, name="tl_backward-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(ok)
+
+
+def _hub_address() -> tuple[str, int]:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return url.hostname or constants.ENDPOINT, url.port or (80 if url.scheme == "http" else 443)
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The local HF cache's snapshot folder of ``name`` (no network), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a valid repo id
+        return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

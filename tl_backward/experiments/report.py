@@ -308,10 +308,17 @@ def _unknown_word_note(ad: Any, tokens: Any, prompt: str) -> list[str]:
     n = int((tokens == unk).sum())
     if not n:
         return []
-    hint = ""
-    if prompt != prompt.lower() and int((ad.tokenize(prompt.lower()).tokens == unk).sum()) < n:
-        hint = "; its vocabulary is lower-case: try the prompt in lower case"
+    hint = "; its vocabulary is lower-case: try the prompt in lower case" if lower_case_helps(ad, prompt) else ""
     return [f"{n} word(s) of the prompt are not in the model's vocabulary and read as {tok.unk_token!r}{hint}"]
+
+
+def lower_case_helps(ad: Any, text: str) -> bool:
+    """Whether ``text`` reads fewer unknown tokens in lower case (the embedded models' vocabularies
+    are lower-case); the CLI gives the same hint for ``--target``."""
+    unk = getattr(getattr(ad.model, "tokenizer", None), "unk_token_id", None)
+    if unk is None or text == text.lower():
+        return False
+    return int((ad.tokenize(text.lower()).tokens == unk).sum()) < int((ad.tokenize(text).tokens == unk).sum())
 
 
 # ------------------------------------------------------------------------------------------ text
