@@ -16,16 +16,16 @@ from tl_backward.render.figures import colored_tokens
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-TRAP = P.html_figure("<script>window.alert=function(x){"
-                     "document.documentElement.setAttribute('data-pwned',String(x))};</script>")
+TRAP = P.html_figure("", scripts=["window.alert=function(x){"
+                     "document.documentElement.setAttribute('data-pwned',String(x))};"])
 CLICK = "L1.H0.q"
 
 
 def _interact(node_id: str) -> P.Figure:
     """Test-only script run after the graph's own: click a node, record the highlighted ids, click
     again (clears), then untick "MLP keys" and count hidden nodes/edges."""
-    return P.html_figure(
-        "<script>(function(){var d=document.documentElement,svg=document.querySelector('svg.tlb-flow');"
+    return P.html_figure("", scripts=[
+        "(function(){var d=document.documentElement,svg=document.querySelector('svg.tlb-flow');"
         "function ids(sel){return [].map.call(svg.querySelectorAll(sel),function(x){return x.getAttribute('data-id')});}"
         "var g=svg.querySelector('.n[data-id=" + P.script_json(node_id).replace("<", "") + "]');"
         "g.dispatchEvent(new MouseEvent('click',{bubbles:true}));d.setAttribute('data-on',ids('.n.on').join(' '));"
@@ -33,7 +33,7 @@ def _interact(node_id: str) -> P.Figure:
         "g.dispatchEvent(new MouseEvent('click',{bubbles:true}));d.setAttribute('data-cleared',String(svg.querySelectorAll('.on').length));"
         "var cb=document.querySelector('input[data-kinds=\"mlp_key\"]');cb.checked=false;cb.dispatchEvent(new Event('change'));"
         "d.setAttribute('data-off',svg.querySelectorAll('.n.off').length+' '+svg.querySelectorAll('.e.off').length);"
-        "})();</script>")
+        "})();"])
 
 
 class _DOM(html.parser.HTMLParser):

@@ -261,6 +261,5 @@ def graph_figure(graph: "FlowGraph", *, title: str | None = None) -> Figure:
             f'<div class="tlb-flow-prompt">{_prompt(graph)}</div>'
             f'<div class="tlb-note">{escape(legend)} Click a node to highlight its paths; click again to clear.</div>'
             f"{notes}<div class=\"tlb-flow-ctl\">{boxes}</div>"
-            f'<div class="tlb-flow-scroll">{graph_svg(graph, uid)}</div>'
-            f"<script>{_JS.replace('ROOT', script_json(uid))}</script></div>")
-    return html_figure(html, title=title)
+            f'<div class="tlb-flow-scroll">{graph_svg(graph, uid)}</div></div>')
+    return html_figure(html, title=title, scripts=[_JS.replace("ROOT", script_json(uid))])
