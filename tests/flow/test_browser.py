@@ -16,16 +16,16 @@ from tl_backward.render.figures import colored_tokens
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-TRAP = P.html_figure("<script>window.alert=function(x){"
-                     "document.documentElement.setAttribute('data-pwned',String(x))};</script>")
+TRAP = P.html_figure("", scripts=["window.alert=function(x){"
+                     "document.documentElement.setAttribute('data-pwned',String(x))};"])
 CLICK = "L1.H0.q"
 
 
 def _interact(node_id: str) -> P.Figure:
     """Test-only script run after the graph's own: click a node, record the highlighted ids, click
     again (clears), then untick "MLP keys" and count hidden nodes/edges."""
-    return P.html_figure(
-        "<script>(function(){var d=document.documentElement,svg=document.querySelector('svg.tlb-flow');"
+    return P.html_figure("", scripts=[
+        "(function(){var d=document.documentElement,svg=document.querySelector('svg.tlb-flow');"
         "function ids(sel){return [].map.call(svg.querySelectorAll(sel),function(x){return x.getAttribute('data-id')});}"
         "var g=svg.querySelector('.n[data-id=" + P.script_json(node_id).replace("<", "") + "]');"
         "g.dispatchEvent(new MouseEvent('click',{bubbles:true}));d.setAttribute('data-on',ids('.n.on').join(' '));"
@@ -33,7 +33,7 @@ def _interact(node_id: str) -> P.Figure:
         "g.dispatchEvent(new MouseEvent('click',{bubbles:true}));d.setAttribute('data-cleared',String(svg.querySelectorAll('.on').length));"
         "var cb=document.querySelector('input[data-kinds=\"mlp_key\"]');cb.checked=false;cb.dispatchEvent(new Event('change'));"
         "d.setAttribute('data-off',svg.querySelectorAll('.n.off').length+' '+svg.querySelectorAll('.e.off').length);"
-        "})();</script>")
+        "})();"])
 
 
 class _DOM(html.parser.HTMLParser):
@@ -107,3 +107,53 @@ def test_markup_in_tokens_stays_text(saved):
 def test_no_network_requests(saved, gpt2_model, tmp_path):
     g = flow_graph(gpt2_model, TOKENS, layer=0, backward=True)
     assert network_requests(g.save(tmp_path / "g.html")) == []
+
+
+# ------------------------------------------------------------------------ size and zoom at 1400 px
+WINDOW = (1400, 900)  # the window the report is read in (issue: graphs ~1,780 px wide)
+
+# Test-only script run after the graphs': record each SVG's rendered width at fit, after "100 %",
+# after "+", after ctrl + wheel up, and after "fit to width" again; and the page's scroll width.
+_MEASURE = P.html_figure("", scripts=[
+    "(function(){var d=document.documentElement,out=[];"
+    "function w(s){return Math.round(s.getBoundingClientRect().width);}"
+    "[].forEach.call(document.querySelectorAll('.tlb-fig'),function(fig){var s=fig.querySelector('svg.tlb-flow');"
+    "if(!s)return;function click(a){fig.querySelector('button[data-zoom=\"'+a+'\"]').click();}"
+    "var r=[+s.getAttribute('data-w'),w(s)];click('1');r.push(w(s));click('in');r.push(w(s));"
+    "s.parentNode.dispatchEvent(new WheelEvent('wheel',{deltaY:-100,ctrlKey:true,bubbles:true,cancelable:true}));"
+    "r.push(w(s));click('fit');r.push(w(s));out.push(r.join(' '));});"
+    "d.setAttribute('data-widths',out.join(';'));"
+    "d.setAttribute('data-view',window.innerWidth+' '+d.scrollWidth);})();"])
+
+
+def _run_at(path, size):
+    from tests.browser import _run
+
+    dom = _run(path, ["--dump-dom", f"--window-size={size[0]},{size[1]}"], wait_ms=5000)
+    root = _DOM()
+    root.feed(dom)
+    return next(a for t, a in root.els if t == "html")
+
+
+def test_flow_graphs_fit_a_1400px_window_and_zoom_on_demand(gpt2_model, tmp_path):
+    one = flow_graph(gpt2_model, TOKENS, layer=1)
+    two = flow_graph(gpt2_model, TOKENS, layer=[0, 1])  # two chained layers: ~3,000 px natural
+    path = P.Page([one.render(), two.render(), _MEASURE], title="fit").save(tmp_path / "fit.html")
+    html = _run_at(path, WINDOW)
+    inner, scroll = map(int, html["data-view"].split())
+    assert inner == WINDOW[0] and scroll <= inner  # no horizontal scrolling of the page
+    rows = [list(map(int, r.split())) for r in html["data-widths"].split(";")]
+    assert len(rows) == 2
+    for natural, fit, full, bigger, wheeled, refit in rows:
+        assert natural > WINDOW[0]  # would not fit unscaled
+        assert fit <= inner and fit == refit  # scaled to the figure's width, and back
+        assert abs(full - natural) <= 1  # "100 %": the natural size (the box scrolls)
+        assert bigger > full and wheeled > bigger  # "+" and ctrl + wheel zoom in
+
+
+def test_small_graph_is_not_blown_up(gpt2_model, tmp_path):
+    g = flow_graph(gpt2_model, TOKENS, layer=1)
+    path = P.Page([g.render(), _MEASURE], title="wide").save(tmp_path / "wide.html")
+    html = _run_at(path, (3000, 900))  # a window wider than the graph
+    natural, fit = map(int, html["data-widths"].split()[:2])
+    assert fit == natural

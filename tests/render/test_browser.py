@@ -23,8 +23,8 @@ XSS_SCRIPT = "</script><b>x</b>"
 TOKENS = ["<bos>", " The", XSS_IMG, XSS_SCRIPT, XSS_IMG2, " cat"]
 # Any alert() call (e.g. from an injected onerror handler) marks <html data-pwned>. It is the first
 # figure of each page, so the page's CSP hashes it like any of our scripts.
-TRAP = P.html_figure("<script>window.alert=function(x){"
-                     "document.documentElement.setAttribute('data-pwned',String(x))};</script>")
+TRAP = P.html_figure("", scripts=["window.alert=function(x){"
+                     "document.documentElement.setAttribute('data-pwned',String(x))};"])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,9 +122,24 @@ def test_positive_control_raw_circuitsvis_token_is_xss_and_csp_stops_it(tmp_path
     assert parse_dom(with_csp).all_tags.get("img", 0) == 1  # markup injected...
     assert "data-pwned" not in _html_tag(with_csp)  # ...but its handler blocked
     # and the trap itself does work under the CSP (so the line above is not vacuous)
-    own = P.Page([P.html_figure("<script>alert(3)</script>"), raw])
+    own = P.Page([P.html_figure("", scripts=["alert(3)"]), raw])
     own_dom = dom_after_scripts(_save_with_trap(own, tmp_path / "ctl3.html"))
     assert 'data-pwned="3"' in _html_tag(own_dom)
+
+
+def test_script_smuggled_into_content_does_not_run_under_csp(tmp_path):
+    # A figure whose HTML carries a literal <script> (built by hand, past html_figure's refusal):
+    # without the CSP it runs (the control), with it only the page's own scripts run.
+    smuggled = P.Figure(html="<p>x</p><script>alert(1)</script>")
+    own = P.html_figure("", scripts=["document.documentElement.setAttribute('data-own','1')"])
+    pg = P.Page([smuggled, own, colored_tokens(["a"], [1.0])])
+    bare = dom_after_scripts(_save_with_trap(pg, tmp_path / "bare.html", keep_csp=False))
+    assert 'data-pwned="1"' in _html_tag(bare)
+    dom = dom_after_scripts(_save_with_trap(pg, tmp_path / "csp.html"))
+    assert "data-pwned" not in _html_tag(dom)
+    assert 'data-own="1"' in _html_tag(dom)
+    mounts = [el for i, el in parse_dom(dom).by_id.items() if i.endswith("-cv")]
+    assert len(mounts) == 1 and mounts[0]["tags"].get("span", 0) >= 1  # circuitsvis still mounts
 
 
 def test_page_makes_no_network_request(demo, tmp_path):

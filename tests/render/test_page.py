@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tl_backward.errors import TLBackwardError
 from tl_backward.render import page as P
 from tl_backward.render.figures import attention_heads, colored_tokens, heatmap_table, line_plot
 
@@ -206,3 +207,46 @@ def test_lone_surrogate_does_not_crash_save(tmp_path):
     f = P.html_figure(P.escape("bad \ud800 token"))
     p = f.save(tmp_path / "s.html")
     assert "bad ? token" in p.read_text(encoding="utf-8")
+
+
+def _sha(js):
+    import base64, hashlib
+    return "'sha256-" + base64.b64encode(hashlib.sha256(js.encode()).digest()).decode() + "'"
+
+
+def _csp_script_src(html):
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', html).group(1)
+    return set(re.search(r"script-src ([^;]*);", csp).group(1).split())
+
+
+def test_csp_hashes_only_the_pages_own_scripts_not_scripts_in_content():
+    # A <script> that got into a figure's HTML (built by hand, past html_figure's refusal) must not
+    # be allow-listed; the bundle, the mounts and the figures' declared scripts must be.
+    smuggled = P.Figure(html="<p>x</p><script>alert(1)</script>")
+    own = P.html_figure("<p>y</p>", scripts=["document.title='own'"])
+    cv = colored_tokens(["a", "<script>alert(2)</script>"], [1.0, 2.0])
+    html = P.Page([smuggled, own, cv], title="<script>alert(3)</script>").to_html()
+    allowed = _csp_script_src(html)
+    blocks = _script_blocks(html)
+    assert "alert(1)" in blocks  # the smuggled script is in the page...
+    assert _sha("alert(1)") not in allowed  # ...but not allowed to run
+    mounts = [b for b in blocks if "CircuitsVis.render(" in b and b != P.bundle_js()]
+    assert len(mounts) == 1
+    assert allowed == {_sha(P.bundle_js()), _sha("document.title='own'"), _sha(mounts[0])}
+    assert allowed == {_sha(b) for b in blocks if b != "alert(1)"}
+    assert "alert(3)" not in " ".join(blocks)  # the title is escaped text, not a script
+
+
+def test_html_figure_keeps_scripts_apart():
+    with pytest.raises(TLBackwardError, match="scripts=") as e:
+        P.html_figure("<p>x</p><SCRIPT>alert(1)</SCRIPT>")
+    assert e.value.argument == "html"
+    for bad in ("x='</script>'", "x='<!--'", 3):
+        with pytest.raises(TLBackwardError) as e:
+            P.html_figure("", scripts=[bad])
+        assert e.value.argument == "scripts"
+    with pytest.raises(TLBackwardError, match="wrap it in a list"):
+        P.html_figure("", scripts="alert(1)")
+    f = P.html_figure("<p>x</p>", scripts=["var a=1", "var b=2"])
+    assert f.scripts == ("var a=1", "var b=2")
+    assert f.fragment("i").endswith("<p>x</p><script>var a=1</script><script>var b=2</script></div>")

@@ -10,7 +10,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "escape": "page", "script_json": "page", "jsonable": "page", "Figure": "page", "Page": "page",
-    "cv_figure": "page", "html_figure": "page",
+    "cv_figure": "page", "html_figure": "page", "notebook_bundle": "page",
     "attention_heads": "figures", "attention_pattern": "figures", "colored_tokens": "figures",
     "colored_tokens_multi": "figures", "heatmap_table": "figures", "line_plot": "figures",
 }

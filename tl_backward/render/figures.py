@@ -243,11 +243,12 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 def line_plot(series: Mapping[str, Sequence[float]], *, x_labels: Sequence[str],
               title: str | None = None, y_label: str = "", x_label: str = "",
               y_range: tuple[float, float] | None = None, invert_y: bool = False,
-              log_y: bool = False, width: int = 560, height: int = 300) -> Figure:
+              log_y: bool = False, width: int = 560, height: int = 300, note: str | None = None) -> Figure:
     """A small inline-SVG line chart (no dependencies): one line per ``series`` name, points at
     ``x_labels`` (e.g. target rank vs layer). Non-finite points (and non-positive ones with
-    ``log_y``) leave gaps. ``invert_y`` puts small values on top (ranks: 1 = best); ``log_y`` uses a
-    log10 axis (ranks span 1..vocab). Hovering a point shows ``series, x: value``."""
+    ``log_y``) leave gaps. ``invert_y`` puts small values on top (ranks: 0 = best); ``log_y`` uses a
+    log10 axis (ranks span 1..vocab). Hovering a point shows ``series, x: value``. ``note``: a line
+    of text under the chart (e.g. what a gap means)."""
     xs = _strings(x_labels, "x_labels")
     if not isinstance(series, Mapping) or not series:
         raise ValueError("series must be a non-empty dict {name: list of floats}")
@@ -323,4 +324,6 @@ def line_plot(series: Mapping[str, Sequence[float]], *, x_labels: Sequence[str],
                    f'stroke-width="2"/><text x="{width + 22}" y="{ly + 4}" font-size="11">'
                    f"{escape(name)}</text>")
     svg.append("</svg>")
+    if note:
+        svg.append(f'<div class="tlb-note">{escape(note)}</div>')
     return html_figure("".join(svg), title=title)

@@ -8,8 +8,11 @@ block_out/block_in node.
 
 Drawing: stroke width ∝ √(weight / max weight of its unit group) with a minimum; node fill = the
 builder's rank colour; hover = SVG ``<title>``; the script adds click-to-highlight of every path
-through a node and check boxes to hide node kinds. Offline: no external reference, every token
-escaped, no inline event handlers (the page CSP hashes our one script).
+through a node and check boxes to hide node kinds. Size: the SVG scales to the figure's width
+(``viewBox``, CSS ``width:100%``, never above its natural size), so a ~1,800 px graph fits a 1,400 px
+window; zoom on demand with the buttons or ctrl + wheel over the graph (the box then scrolls).
+Offline: no external reference, every token escaped, no inline event handlers (the page CSP
+hashes our one script).
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ _CSS = """
 body.tlb-page:has(.tlb-flow-wrap){max-width:none}
 .tlb-flow-wrap .tlb-flow-legend .sw{display:inline-block;width:10px;height:10px;border:1px solid #777;
   border-radius:2px;margin:0 3px 0 6px;vertical-align:-1px}
+.tlb-flow-wrap .tlb-flow-zoom{font-size:12px;color:#333;margin:2px 0 6px 0}
+.tlb-flow-wrap .tlb-flow-zoom button{font-size:12px;padding:0 6px;margin-right:3px;cursor:pointer}
 .tlb-flow-wrap .tlb-flow-scroll{overflow:auto;max-height:900px;border-top:1px solid #eee}
-svg.tlb-flow{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:#fff}
+svg.tlb-flow{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:#fff;display:block;
+  width:100%;height:auto}
 svg.tlb-flow .n{cursor:pointer}
 svg.tlb-flow .n rect{stroke:#555;stroke-width:.6}
 svg.tlb-flow .n text{font-size:11px;pointer-events:none;white-space:pre;fill:#111}
@@ -79,6 +85,15 @@ var hidden={};
 cb.getAttribute('data-kinds').split(' ').forEach(function(k){hidden[k]=!cb.checked;});
 Object.keys(nodes).forEach(function(i){nodes[i].classList.toggle('off',!!hidden[kind[i]]);});
 edges.forEach(function(e){e.classList.toggle('off',!!(hidden[kind[e.getAttribute('data-s')]]||hidden[kind[e.getAttribute('data-t')]]));});});});
+var W=+svg.getAttribute('data-w'),z=0,box=svg.parentNode,shown=root.querySelector('.tlb-zoom-level');
+function zoom(nz){z=nz;svg.style.width=z?Math.round(W*z)+'px':'100%';svg.style.maxWidth=z?'none':W+'px';
+if(shown)shown.textContent=z?Math.round(z*100)+' %':'fit to width';}
+function now(){return z||svg.getBoundingClientRect().width/W;}
+function step(f){zoom(Math.min(4,Math.max(0.2,now()*f)));}
+[].forEach.call(root.querySelectorAll('button[data-zoom]'),function(b){b.addEventListener('click',function(){
+var a=b.getAttribute('data-zoom');if(a==='fit')zoom(0);else if(a==='1')zoom(1);else step(a==='in'?1.25:0.8);});});
+box.addEventListener('wheel',function(ev){if(!ev.ctrlKey)return;ev.preventDefault();step(ev.deltaY<0?1.1:1/1.1);},{passive:false});
+zoom(0);
 svg.setAttribute('data-ready',String(Object.keys(nodes).length)+' '+String(edges.length));
 })();"""
 
@@ -174,8 +189,10 @@ def graph_svg(graph: "FlowGraph", uid: str) -> str:
     group_max: dict[str, float] = {}
     for e in graph.edges:
         group_max[e.group] = max(group_max.get(e.group, 0.0), e.weight)
-    parts = [f'<svg class="tlb-flow" width="{width:.0f}" height="{height:.0f}" '
-             f'viewBox="0 0 {width:.0f} {height:.0f}" role="img">']
+    # No width/height attributes: CSS scales it to the figure's width (max-width = natural size,
+    # set inline so it holds before the script runs); data-w/-h keep the natural size for zooming.
+    parts = [f'<svg class="tlb-flow" data-w="{width:.0f}" data-h="{height:.0f}" style="max-width:{width:.0f}px" '
+             f'viewBox="0 0 {width:.0f} {height:.0f}" preserveAspectRatio="xMinYMin meet" role="img">']
     arrow = f"{uid}-arr"
     if graph.backward:
         parts.append(f'<defs><marker id="{arrow}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="5" '
@@ -227,13 +244,19 @@ def _prompt(graph: "FlowGraph") -> str:
 
 LEGEND = (("lime", "top 1.4 %"), ("greenyellow", "2.9 %"), ("yellow", "7.1 %"), ("dimgrey", "middle"),
           ("orangered", "bottom 17 %"), ("red", "13 %"), ("darkred", "7.1 %"), ("pink", "bias"),
-          ("white", "not projected"))
+          ("white", "not projected (the heads' concatenated z is not a d_model vector)"))
 
 
 def _legend(backward: bool) -> str:
     what = "target rank from the bottom" if backward else "target rank"
     items = "".join(f'<span class="sw" style="background:{c}"></span>{escape(t)} ' for c, t in LEGEND)
     return f'<div class="tlb-note tlb-flow-legend">node colour = {escape(what)}: {items}</div>'
+
+
+_ZOOM = ('<div class="tlb-flow-zoom">zoom: <button type="button" data-zoom="fit">fit to width</button>'
+         '<button type="button" data-zoom="out">−</button><button type="button" data-zoom="1">100 %</button>'
+         '<button type="button" data-zoom="in">+</button> <span class="tlb-zoom-level">fit to width</span>'
+         ' · or ctrl + wheel over the graph</div>')
 
 
 def graph_figure(graph: "FlowGraph", *, title: str | None = None) -> Figure:
@@ -260,7 +283,6 @@ def graph_figure(graph: "FlowGraph", *, title: str | None = None) -> Figure:
     html = (f'<div class="tlb-flow-wrap" id="{uid}"><style>{_CSS}</style>'
             f'<div class="tlb-flow-prompt">{_prompt(graph)}</div>'
             f'<div class="tlb-note">{escape(legend)} Click a node to highlight its paths; click again to clear.</div>'
-            f"{notes}<div class=\"tlb-flow-ctl\">{boxes}</div>"
-            f'<div class="tlb-flow-scroll">{graph_svg(graph, uid)}</div>'
-            f"<script>{_JS.replace('ROOT', script_json(uid))}</script></div>")
-    return html_figure(html, title=title)
+            f"{notes}<div class=\"tlb-flow-ctl\">{boxes}</div>{_ZOOM}"
+            f'<div class="tlb-flow-scroll">{graph_svg(graph, uid)}</div></div>')
+    return html_figure(html, title=title, scripts=[_JS.replace("ROOT", script_json(uid))])

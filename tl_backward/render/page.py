@@ -3,8 +3,10 @@
 Pure HTML plumbing: no model code, no network. Everything a result's ``render()`` returns is a
 :class:`Figure` (one fragment) or a :class:`Page` (several), and both offer the same interface:
 
-* ``_repr_html_()`` -- what Jupyter/Colab/VS Code display. Self-contained: the circuitsvis bundle is
-  inlined (never the CDN form) and there is no connectivity probe.
+* ``_repr_html_()`` -- what Jupyter/Colab/VS Code display. Offline: the circuitsvis bundle is
+  inlined (never the CDN form) and there is no connectivity probe. In a notebook the bundle is sent
+  once per kernel session and later outputs reuse it (Colab: in every output), see
+  :func:`notebook_bundle`.
 * ``to_html()`` -- a full standalone UTF-8 page; ``save(path)`` writes it and returns the ``Path``.
 * ``a + b`` / ``page(a, b, title=...)`` -- combine; a page holds the 1.3 MB bundle exactly once.
 
@@ -35,8 +37,10 @@ Writing a feature renderer (``render/<feature>.py``)::
                      heatmap_table(res.norms, rows, cols, title="...")], title="...")
 
 Own HTML goes through :func:`html_figure` with every untrusted string passed through
-:func:`escape`; no external URLs, no inline event handlers (``onclick=``: blocked by the page CSP;
-add listeners from a ``<script>`` block, which is hashed automatically).
+:func:`escape`; no external URLs, no ``<script>`` in the HTML and no inline event handlers
+(``onclick=``): pass JavaScript as ``html_figure(html, scripts=[source])``. The CSP allows exactly
+the scripts this module emits (bundle, mounts, figures' ``scripts``), hashed from their sources --
+never by reading the finished page -- so markup smuggled into content cannot run.
 """
 
 from __future__ import annotations
@@ -45,11 +49,14 @@ import html as _html
 import json
 import math
 import re
+import sys
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Union
+
+from tl_backward.errors import TLBackwardError
 
 __all__ = [
     "escape",
@@ -61,6 +68,7 @@ __all__ = [
     "cv_figure",
     "html_figure",
     "bundle_js",
+    "notebook_bundle",
     "CV_COMPONENTS",
     "HTML_STRING_PROPS",
     "CSS",
@@ -179,7 +187,9 @@ def bundle_js() -> str:
     js = re.sub(r"^//# sourceMappingURL=.*$", "", js, flags=re.MULTILINE)
     # The bundle is `"use strict";var CircuitsVis=(()=>{...})();` -- in a classic script that var is
     # already global; assign it explicitly so the intent survives any wrapping by notebook frontends.
-    return js + "\n;window.CircuitsVis = CircuitsVis;\n"
+    # Then mount the figures of earlier-rendered notebook outputs that waited for it (see _mount_js).
+    return (js + "\n;window.CircuitsVis = CircuitsVis;\n"
+            "(window.tlbPending || []).splice(0).forEach(function (go) { go(); });\n")
 
 
 CSS = """
@@ -202,18 +212,19 @@ body.tlb-page h1{font-size:20px}
 """
 
 # Saved pages carry a Content-Security-Policy (defence in depth; the content is safe without it):
-# no fetch of any kind (default-src 'none'), and only OUR inline scripts run -- each <script> block
-# is allowed by its sha256 hash, so injected markup such as <img onerror=...> cannot run even if some
-# string escaped escaping. Consequence for html_figure content: no inline event-handler attributes
-# (onclick=...); attach listeners from a <script> block instead (those are hashed automatically).
+# no fetch of any kind (default-src 'none'), and only OUR inline scripts run -- each script is
+# allowed by its sha256 hash. The hashes come from the scripts this module generates (the bundle,
+# the mounts, each figure's ``scripts``), listed before any figure HTML is placed; the page is never
+# scanned for <script> blocks, so markup that slipped into content (<script>, <img onerror=...>)
+# cannot run even if some string escaped escaping. Consequence for html_figure content: no inline
+# event-handler attributes (onclick=...); pass listeners as ``scripts=`` instead.
 CSP_TEMPLATE = ("default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
                 "img-src data:; font-src data:")
-_SCRIPT_BLOCK_RE = re.compile(r"<script\b[^>]*>(.*?)</script>", re.S | re.I)
 
 
-def _csp_meta(html: str) -> str:
-    """CSP <meta> allowing exactly the inline ``<script>`` blocks found in ``html``."""
-    hashes = sorted({_sha256(m.group(1)) for m in _SCRIPT_BLOCK_RE.finditer(html)})
+def _csp_meta(scripts: Iterable[str]) -> str:
+    """CSP <meta> allowing exactly the script sources ``scripts`` (our own, not read from HTML)."""
+    hashes = sorted({_sha256(js) for js in scripts})
     policy = CSP_TEMPLATE.format(hashes=" ".join(f"'{h}'" for h in hashes) or "'none'")
     return f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
 
@@ -231,9 +242,11 @@ def _sha256(text: str) -> str:
 class Figure:
     """One immutable figure: project HTML and/or one circuitsvis component mount.
 
-    ``html`` is trusted, already-escaped inner HTML; ``component``/``props_json`` (a
-    :func:`script_json` string) describe a circuitsvis mount, rendered below ``html``.
-    ``needs_bundle`` is true iff a circuitsvis component is mounted.
+    ``html`` is trusted, already-escaped inner HTML without scripts; ``component``/``props_json`` (a
+    :func:`script_json` string) describe a circuitsvis mount, rendered below ``html``; ``scripts``
+    are the figure's own JavaScript sources, placed after it in ``<script>`` blocks (only these, the
+    mounts and the bundle are allow-listed by a saved page's CSP). ``needs_bundle`` is true iff a
+    circuitsvis component is mounted.
     """
 
     html: str = ""
@@ -241,6 +254,7 @@ class Figure:
     component: str | None = None
     props_json: str | None = None
     height: str | None = None
+    scripts: tuple[str, ...] = ()
 
     @property
     def needs_bundle(self) -> bool:
@@ -252,6 +266,12 @@ class Figure:
 
     def fragment(self, fig_id: str) -> str:
         """This figure's HTML (no bundle), with element ids derived from ``fig_id``."""
+        return self._assemble(fig_id)[0]
+
+    def _assemble(self, fig_id: str) -> tuple[str, list[str]]:
+        """(HTML, the script sources it contains): the scripts are generated here, from our own
+        code, never found by reading ``html`` -- so only they can be allow-listed."""
+        scripts: list[str] = []
         parts = [f'<div class="tlb-fig" id="{escape(fig_id)}">']
         if self.title:
             parts.append(f'<div class="tlb-title">{escape(self.title)}</div>')
@@ -261,9 +281,11 @@ class Figure:
             mount_id = fig_id + "-cv"
             style = f' style="height:{escape(self.height)};overflow:auto"' if self.height else ""
             parts.append(f'<div class="tlb-cv" id="{escape(mount_id)}"{style}></div>')
-            parts.append(_mount_script(mount_id, self.component, self.props_json or "{}"))
+            scripts.append(_mount_js(mount_id, self.component, self.props_json or "{}"))
+        scripts.extend(self.scripts)
+        parts.extend(f"<script>{js}</script>" for js in scripts)
         parts.append("</div>")
-        return "".join(parts)
+        return "".join(parts), scripts
 
     # shared interface ---------------------------------------------------------------------------
     def __add__(self, other: "Figure | Page") -> "Page":
@@ -278,7 +300,7 @@ class Figure:
         return self._repr_html_()
 
     def _repr_html_(self) -> str:
-        return _body(self.figures, title=None, include_bundle=True)
+        return _notebook_html(self.figures, title=None)
 
     def to_html(self, title: str | None = None) -> str:
         return Page(self.figures, title=title or self.title or "tl_backward").to_html()
@@ -321,22 +343,22 @@ class Page:
         return self._repr_html_()
 
     def _repr_html_(self) -> str:
-        return _body(self.figures, title=self.title, include_bundle=True)
+        return _notebook_html(self.figures, title=self.title)
 
     def to_html(self, *, csp: bool = True) -> str:
         """A complete standalone HTML document (UTF-8, no external resources). ``csp=False`` omits
         the Content-Security-Policy meta (only for tests that check the content on its own)."""
-        head = [f"<title>{escape(self.title)}</title>", f"<style>{CSS}</style>"]
-        if self.needs_bundle:
-            head.append(f"<script>{bundle_js()}</script>")
-        head.append('</head><body class="tlb-page">')
-        rest = "\n".join(head) + "\n" + _body(self.figures, title=self.title, include_bundle=False,
-                                               include_css=False) + "\n</body></html>\n"
+        body, scripts = _body(self.figures, title=self.title, include_css=False)
+        own = ([bundle_js()] if self.needs_bundle else []) + scripts  # every script we emit, in order
         top = ["<!DOCTYPE html>", '<html lang="en"><head>', '<meta charset="utf-8">']
         if csp:
-            top.append(_csp_meta(rest))
+            top.append(_csp_meta(own))  # from our own scripts, before any content is placed
         top.append('<meta name="viewport" content="width=device-width, initial-scale=1">')
-        return "\n".join(top) + "\n" + rest
+        top += [f"<title>{escape(self.title)}</title>", f"<style>{CSS}</style>"]
+        if self.needs_bundle:
+            top.append(f"<script>{own[0]}</script>")
+        top.append('</head><body class="tlb-page">')
+        return "\n".join(top) + "\n" + body + "\n</body></html>\n"
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write :meth:`to_html` to ``path`` (parent dirs created) and return the Path."""
@@ -354,30 +376,117 @@ def page(*figures: Figure | Page, title: str = "tl_backward") -> Page:
     return Page(figures, title=title)
 
 
-def _body(figs: tuple[Figure, ...], *, title: str | None, include_bundle: bool,
-          include_css: bool = True) -> str:
-    """Figures as an HTML fragment; with ``include_bundle`` it stands alone (notebook output)."""
+def _body(figs: tuple[Figure, ...], *, title: str | None, include_css: bool = True,
+          bundle: bool = False) -> tuple[str, list[str]]:
+    """Figures as an HTML fragment (with the bundle first if ``bundle``), and the script sources
+    placed in it, bundle excluded."""
     uid = "tlb-" + uuid.uuid4().hex[:12]
-    parts = []
+    parts, scripts = [], []
     if include_css:
         parts.append(f"<style>{CSS}</style>")
-    if include_bundle and any(f.needs_bundle for f in figs):
+    if bundle:
         parts.append(f"<script>{bundle_js()}</script>")
     if title:
         parts.append(f'<h1 class="tlb-h1">{escape(title)}</h1>')
-    parts.extend(f.fragment(f"{uid}-{i}") for i, f in enumerate(figs))
-    return f'<div class="tlb-root" id="{uid}">' + "\n".join(parts) + "</div>"
+    for i, f in enumerate(figs):
+        html, js = f._assemble(f"{uid}-{i}")
+        parts.append(html)
+        scripts += js
+    return f'<div class="tlb-root" id="{uid}">' + "\n".join(parts) + "</div>", scripts
 
 
-def _mount_script(mount_id: str, component: str, props_json: str) -> str:
+# ---------------------------------------------------------------------------------------- notebooks
+NOTEBOOK_MODES = ("once", "always")
+# mode: None = automatic; sent: (cell id or None, execute_request msg_id) of the output that carried
+# the bundle in this kernel process (resets with the kernel).
+_notebook: dict[str, Any] = {"mode": None, "sent": None}
+
+
+def notebook_bundle(mode: str | None = None) -> str:
+    """Get (``mode=None``) or set how notebook outputs carry circuitsvis's 1.3 MB bundle; returns the
+    mode in force.
+
+    * ``"once"`` (default, except in Colab): the first figure displayed in a kernel session carries
+      the bundle (a classic script defining ``window.CircuitsVis``); later figures only mount and
+      reuse it -- JupyterLab, Notebook 7, VS Code and nbconvert's HTML put a notebook's outputs in
+      one document. It is sent again after a kernel restart, when the cell that carried it is
+      re-executed (its output is replaced; needs the cell id JupyterLab and VS Code send with each
+      execution), and after ``notebook_bundle("once")``.
+    * ``"always"``: every output carries its own copy. The default in Colab (``google.colab``
+      imported), which puts each output in its own iframe; use it for any frontend that does.
+
+    The tradeoff of ``"once"``: later figures depend on the output that carried the bundle. They
+    wait for it, so render order does not matter; if it is not on the page (cleared or deleted),
+    they show a note saying how to re-send it rather than a blank box. Outside a running kernel
+    (e.g. a script writing ``_repr_html_()`` to a file) every output is self-contained. Saved pages
+    (``save``/``to_html``) always hold the bundle once. Setting a mode forgets that it was sent.
+    """
+    if mode is not None:
+        if mode not in NOTEBOOK_MODES:
+            raise TLBackwardError(f"mode must be one of {NOTEBOOK_MODES} (or None to read it), got {mode!r}",
+                                  argument="mode")
+        _notebook.update(mode=mode, sent=None)
+    if _notebook["mode"] is not None:
+        return _notebook["mode"]
+    return "always" if "google.colab" in sys.modules else "once"
+
+
+def _kernel_request() -> tuple[str | None, str] | None:
+    """``(cell id, msg id)`` of the execute request a kernel is running now, None outside a kernel."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:
+        return None
+    try:
+        parent = kernel.get_parent()
+    except Exception:  # older ipykernel: the shell keeps the parent header
+        parent = {"header": getattr(shell, "parent_header", {}).get("header", {}),
+                  "metadata": getattr(shell, "parent_header", {}).get("metadata", {})}
+    cell = (parent.get("metadata") or {}).get("cellId")
+    return (str(cell) if cell else None), str((parent.get("header") or {}).get("msg_id", ""))
+
+
+def _send_bundle_now() -> bool:
+    """Whether this notebook output must carry the bundle (and note that it did)."""
+    request = _kernel_request()
+    if request is None or notebook_bundle() == "always":
+        return True
+    sent = _notebook["sent"]
+    if sent is None or (request[0] is not None and request[0] == sent[0] and request[1] != sent[1]):
+        _notebook["sent"] = request  # first time, or the carrying cell re-executed (output replaced)
+        return True
+    return False
+
+
+def _notebook_html(figs: tuple[Figure, ...], *, title: str | None) -> str:
+    needs = any(f.needs_bundle for f in figs)
+    return _body(figs, title=title, bundle=needs and _send_bundle_now())[0]
+
+
+# Shown while a mount waits for a bundle sent with another notebook output (notebook_bundle "once").
+_WAIT_NOTE = ("circuitsvis's code was sent once, with the first tl_backward figure of this notebook's kernel "
+              "session, and that output is not on this page (cleared, deleted, or not rendered yet). To show "
+              "this figure: run tl_backward.render.notebook_bundle('once') and re-run this cell (or restart "
+              "the kernel and run all).")
+
+
+def _mount_js(mount_id: str, component: str, props_json: str) -> str:
+    """The mount script. Without ``window.CircuitsVis`` yet (its notebook output not rendered yet, or
+    missing) it queues itself on ``window.tlbPending`` -- :func:`bundle_js` runs the queue -- and shows
+    :data:`_WAIT_NOTE` until then. Errors show as text instead of a blank box."""
     # ids are [a-z0-9-] (generated), component is validated against CV_COMPONENTS; props_json comes
-    # from script_json. On failure the figure shows the error as text instead of staying blank.
+    # from script_json.
     return (
-        "<script>(function(){var id=" + script_json(mount_id) + ";try{"
-        "if(!window.CircuitsVis)throw new Error('circuitsvis bundle not loaded');"
+        "(function(){var id=" + script_json(mount_id) + ",el=document.getElementById(id);"
+        "function say(cls,t){var p=document.createElement('div');p.className=cls;p.textContent=t;"
+        "if(el)el.appendChild(p);return p;}"
+        "var wait=null;function go(){try{if(wait&&wait.parentNode)wait.parentNode.removeChild(wait);"
         "CircuitsVis.render(id,CircuitsVis[" + script_json(component) + "]," + props_json + ");"
-        "}catch(e){var el=document.getElementById(id);if(el){var p=document.createElement('div');"
-        "p.className='tlb-error';p.textContent='circuitsvis failed: '+e;el.appendChild(p);}}})();</script>"
+        "}catch(e){say('tlb-error','circuitsvis failed: '+e);}}"
+        "if(window.CircuitsVis){go();return;}"
+        "(window.tlbPending=window.tlbPending||[]).push(go);"
+        "wait=say('tlb-note tlb-wait'," + script_json(_WAIT_NOTE) + ");})();"
     )
 
 
@@ -411,9 +520,28 @@ def _escape_strings(obj: Any) -> Any:
     return obj
 
 
-def html_figure(html: str, *, title: str | None = None) -> Figure:
+def html_figure(html: str, *, title: str | None = None, scripts: Iterable[str] = ()) -> Figure:
     """Wrap project-owned HTML/SVG (the caller has already escaped every untrusted string with
-    :func:`escape`). Must not contain external references; use inline styles/SVG only."""
+    :func:`escape`). Must not contain external references; use inline styles/SVG only.
+
+    ``scripts``: JavaScript sources run after the HTML (each in its own ``<script>``, inside the
+    figure's div, so ``document.currentScript.parentNode`` is the figure). They are the only scripts
+    of the figure a saved page's CSP allows; ``html`` itself must hold none.
+    """
     if not isinstance(html, str):
-        raise TypeError(f"html must be a str, got {type(html).__name__}")
-    return Figure(html=html, title=title)
+        raise TLBackwardError(f"html must be a str, got {type(html).__name__}", argument="html")
+    if re.search(r"<script", html, re.I):
+        raise TLBackwardError("html contains a <script> tag: pass the JavaScript source as "
+                              "html_figure(html, scripts=[source]) so the page's CSP can allow it",
+                              argument="html")
+    if isinstance(scripts, str):
+        raise TLBackwardError("scripts must be a list of JavaScript sources, got one str: wrap it "
+                              "in a list", argument="scripts")
+    js = tuple(scripts)
+    for src in js:
+        if not isinstance(src, str):
+            raise TLBackwardError(f"scripts must hold str sources, got {type(src).__name__}", argument="scripts")
+        if re.search(r"</script|<!--", src, re.I):  # would end the block early / change its parsing
+            raise TLBackwardError("a script contains '</script' or '<!--'; write them as '<\\/script' "
+                                  "and '<\\!--' inside JavaScript strings", argument="scripts")
+    return Figure(html=html, title=title, scripts=js)
