@@ -106,6 +106,7 @@ def test_edit_shifts_mlp_out_by_eta_x2_e_and_undo_is_exact(family, layer):
     before, logits0 = mlp_out_last(model, L, tokens)
     t = other_target(model, PROMPT)
     snap = snapshot(model)
+    W0 = ad.W_out(L)  # TL layout, a copy taken before the edit
     eta = 0.3
     edit = forward_pass_shift(model, PROMPT, t, layer=layer, eta=eta)
     assert edit.applied and edit.active and edit.layer == L and edit.target_id == t
@@ -120,7 +121,6 @@ def test_edit_shifts_mlp_out_by_eta_x2_e_and_undo_is_exact(family, layer):
     assert_close_fp32(after - before, expected, n_terms=ad.d_mlp, scale=size, what="mlp_out change")
     assert_close_fp32(edit.mlp_out_change, expected, n_terms=ad.d_mlp)  # ‖x‖² over d_mlp
     # (W + Δ) − W is rounded at the size of W, not of Δ
-    W0 = snap_W_out(snap, model, L)
     assert_close_fp32(ad.W_out(L) - W0, edit.delta, n_terms=2, scale=float(W0.abs().max()), what="ΔW_out")
     assert float(logits1[t] - logits0[t]) > 0  # the target's logit rises
     edit.undo()
