@@ -79,7 +79,7 @@ class GradientCache(Mapping):
 
     def __repr__(self) -> str:
         B, T = self.tokens.shape
-        return f"GradientCache({len(self)} hooks, batch {B} × {T} tokens, metric {float(self.metric):.4f})"
+        return f"GradientCache({len(self)} hooks, batch {B} × {T} tokens, metric {float(self.metric):.4g})"
 
     # ------------------------------------------------------------------ mapping (ActivationCache-like)
     def __getitem__(self, key: Any) -> Tensor:
