@@ -64,6 +64,10 @@ class Batch:
     mask: Bool[Tensor, "batch pos"]
     last: Int[Tensor, " batch"]
 
+    def __repr__(self) -> str:
+        B, T = self.tokens.shape
+        return f"Batch({B} × {T} tokens, {int(self.mask.sum())} real)"
+
     @classmethod
     def from_rows(cls, rows: Sequence[Tensor], pad_id: int) -> "Batch":
         """Right-pad a list of 1-D token rows into one batch."""

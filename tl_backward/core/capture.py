@@ -2,37 +2,65 @@
 
 Built on :func:`tl_backward.core.stream.stream` (the single forward + backward with frozen
 weights and leaves at the embeddings); this module decides *which* hooks to read for a requested
-name and copies what they carry into a :class:`GradientCache`.
+name and copies what they carry into a :class:`GradientCache`, which is read like TransformerLens's
+``ActivationCache`` (same key forms, resolved with TransformerLens's own ``get_act_name``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.model_bridge.bridge_core import build_alias_to_canonical_map
+from transformer_lens.utilities import get_act_name
+
+from tl_backward.errors import TLBackwardError
 
 from .adapter import ModelAdapter, get_adapter
 from .stream import stream
 
-Names = Sequence[str] | Callable[[str], bool]
+Names = Sequence[str] | Callable[[str], bool] | None
 # Hook points TransformerLens only provides after a set_use_* flag; filters skip them.
 _GATED = re.compile(r"hook_(result|q_input|k_input|v_input|attn_in|mlp_in)$")
 _RESID_MID = re.compile(r"^blocks\.(\d+)\.hook_resid_mid$")
+# The LayerNorm scales TransformerLens's LN helpers divide by (see GradientCache.gradient_cache).
+_LN_SCALE = re.compile(r"(^|\.)hook_scale$")
+_KEY_FORMS = ("a hook name ('blocks.0.attn.hook_pattern'), a TransformerLens shorthand ('pattern0'), "
+              "or a tuple (name, layer[, layer_type]) like ('pattern', 0); add '_grad' to the name "
+              "for the gradient")
 
 
-@dataclass(frozen=True)
-class GradientCache:
-    """Activations and metric gradients from one :func:`capture`, keyed by the requested names.
+@dataclass(frozen=True, repr=False)
+class GradientCache(Mapping):
+    """Activations and metric gradients from one :func:`capture`, read like TransformerLens's
+    ``ActivationCache``.
 
-    Mirrors TransformerLens's ``ActivationCache``: ``cache[name]`` is the activation,
-    ``cache[name + "_grad"]`` (or ``cache.gradients[name]``) is ∂metric/∂activation. Tensors are
-    detached and fp32 (upcast from bf16/fp16 models); like ``ActivationCache``, fp32 activations
-    are the forward tensors themselves (not copies), gradients are copies. ``last_logits`` holds the model's logits at
-    each row's last prompt position (its prediction there), ``last`` those positions.
+    Keys are the hook names as requested (legacy like ``blocks.0.attn.hook_pattern`` or canonical
+    like ``blocks.0.hook_in``); ``len``, iteration, ``keys()``, ``values()`` and ``items()`` run
+    over them and their activations. Lookups accept TransformerLens's key forms, resolved with
+    ``transformer_lens.utilities.get_act_name``, and any other name of the same hook point:
+
+    * ``cache["blocks.0.attn.hook_pattern"]``, ``cache["pattern", 0]``, ``cache["q", 1, "attn"]``,
+      ``cache["resid_pre", -1]`` (negative layers count from the end), ``cache["k1"]``:
+      the activation ``a``;
+    * the same key with ``_grad`` on the name (``cache["pattern_grad", 0]``,
+      ``cache["blocks.0.attn.hook_pattern_grad"]``, TransformerLens's ``incl_bwd`` spelling), or
+      ``cache.grad("pattern", 0)``: ``∂metric/∂a``, same shape as ``a``.
+
+    :meth:`activation_cache` / :meth:`gradient_cache` give real ``ActivationCache`` objects for
+    TransformerLens's utilities (``stack_activation``, ``accumulated_resid``, ``decompose_resid``,
+    ``apply_ln_to_stack``, ``logit_attrs``, …).
+
+    Tensors are detached and fp32 (upcast from bf16/fp16 models); like ``ActivationCache``, fp32
+    activations are the forward tensors themselves (not copies), gradients are copies.
+    ``last_logits`` holds the model's logits at each row's last prompt position (its prediction
+    there), ``last`` those positions.
     """
 
     activations: dict[str, Tensor]
@@ -43,35 +71,115 @@ class GradientCache:
     last: Int[Tensor, " batch"]
     str_tokens: list[list[str]]
     last_logits: Float[Tensor, "batch d_vocab"] | None = None
-    canonical: dict[str, str] = field(default_factory=dict, repr=False)
+    # Every hook name of the model that reads a captured hook point -> the captured key serving it
+    # (for activations, and for gradients: hook_resid_mid's gradient differs from ln2.hook_in's).
+    act_names: dict[str, str] = field(default_factory=dict, compare=False)
+    grad_names: dict[str, str] = field(default_factory=dict, compare=False)
+    model: Any = field(default=None, compare=False)
 
-    def __getitem__(self, name: str) -> Tensor:
-        if name in self.activations:
-            return self.activations[name]
-        if name.endswith("_grad") and name[: -len("_grad")] in self.gradients:
-            return self.gradients[name[: -len("_grad")]]
-        raise KeyError(f"{name!r} was not captured; captured: {sorted(self.activations)}")
+    def __repr__(self) -> str:
+        B, T = self.tokens.shape
+        return f"GradientCache({len(self)} hooks, batch {B} × {T} tokens, metric {float(self.metric):.4g})"
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.activations
+    # ------------------------------------------------------------------ mapping (ActivationCache-like)
+    def __getitem__(self, key: Any) -> Tensor:
+        name, want_grad = self._resolve(key)
+        return self.gradients[name] if want_grad else self.activations[name]
 
-    def keys(self) -> list[str]:
-        return list(self.activations)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.activations)
 
-    def grad(self, name: str) -> Tensor:
-        """∂metric/∂(activation at ``name``)."""
-        return self[name + "_grad"]
+    def __len__(self) -> int:
+        return len(self.activations)
 
+    def keys(self):
+        """The captured hook names, as requested."""
+        return self.activations.keys()
+
+    def values(self):
+        """The activations, in :meth:`keys` order."""
+        return self.activations.values()
+
+    def items(self):
+        """``(name, activation)`` pairs; ``self.gradients.items()`` gives the gradients."""
+        return self.activations.items()
+
+    def grad(self, name: Any, layer: int | None = None, layer_type: str | None = None) -> Tensor:
+        """∂metric/∂(activation): ``cache.grad("blocks.0.attn.hook_pattern")``, ``cache.grad("pattern", 0)``."""
+        key = name if layer is None and layer_type is None else (name, layer, layer_type)
+        resolved, _ = self._resolve(key, grad=True)
+        return self.gradients[resolved]
+
+    def _resolve(self, key: Any, grad: bool = False) -> tuple[str, bool]:
+        """(captured key, whether the gradient is meant) for any accepted key form."""
+        if isinstance(key, str):
+            base, grad = _strip_grad(key, grad)
+            name = base if base in self.activations else _act_name(key, (base,))
+        elif isinstance(key, tuple) and key and isinstance(key[0], str):
+            base, grad = _strip_grad(key[0], grad)
+            rest = list(key[1:])
+            if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool) and rest[0] < 0:
+                rest[0] += self._n_layers(key)
+            name = _act_name(key, (base, *rest))
+        else:
+            raise KeyError(f"cache keys are {_KEY_FORMS}; got {key!r}")
+        served = (self.grad_names if grad else self.act_names).get(name, name)
+        if served not in self.activations:
+            raise KeyError(f"{key!r} (= {name!r}) was not captured; captured: {list(self.activations)}. "
+                           "Add it to capture(names=...), or pass names=None for every hook point")
+        return served, grad
+
+    def _n_layers(self, key: Any) -> int:
+        if self.model is None:
+            raise KeyError(f"{key!r}: negative layers need the model, which this cache does not hold")
+        return int(self.model.cfg.n_layers)
+
+    # ------------------------------------------------------------------ TransformerLens caches
+    def activation_cache(self) -> ActivationCache:
+        """The activations as a TransformerLens ``ActivationCache`` (batch dim kept).
+
+        Holds every hook name of a captured hook point (legacy and canonical, as
+        ``model.run_with_cache`` does), so ``cache["resid_pre", 0]``, ``stack_activation``,
+        ``accumulated_resid``, ``decompose_resid``, ``apply_ln_to_stack`` and ``logit_attrs`` work as
+        on ``run_with_cache``'s cache, given the hooks they read were captured. Tensors are shared.
+        """
+        return ActivationCache(self._tl_dict(self.act_names, self.activations), self._tl_model())
+
+    def gradient_cache(self) -> ActivationCache:
+        """The gradients as a TransformerLens ``ActivationCache``: each hook name maps to
+        ``∂metric/∂(activation)``, so its utilities stack and decompose gradients
+        (``stack_activation("pattern")`` → ``[layer, batch, head, q, k]`` pattern gradients,
+        ``accumulated_resid()`` → residual gradients per layer, ``decompose_resid()`` → the
+        gradient reaching each component's output).
+
+        One exception, kept so that the LayerNorm helpers stay meaningful: ``*.hook_scale`` holds
+        the *forward* LN scale, which ``apply_ln_to_stack`` (and ``logit_attrs``, ``apply_ln=True``)
+        divide by. With the scale held fixed the LN is the symmetric linear map ``x ↦ (x − mean x)/s``,
+        so applying it to a stack of gradients at the LN's output gives their pull-back to its input
+        (before γ). The scale's own gradient stays at ``GradientCache.grad("scale", l, "ln1")``.
+        """
+        grads = self._tl_dict(self.grad_names, self.gradients)
+        scales = self._tl_dict(self.act_names, self.activations)
+        grads.update({n: scales[n] for n in grads if _LN_SCALE.search(n) and n in scales})
+        return ActivationCache(grads, self._tl_model())
+
+    def _tl_dict(self, names: dict[str, str], store: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = dict(store)
+        out.update({alias: store[key] for alias, key in names.items() if key in store})
+        return out
+
+    def _tl_model(self) -> Any:
+        if self.model is None:
+            raise TLBackwardError("this GradientCache holds no model; build it with capture()", argument="model")
+        return self.model
+
+    # ------------------------------------------------------------------ other
     def to(self, device: str | torch.device) -> "GradientCache":
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        logits = None if self.last_logits is None else self.last_logits.to(device)
         return GradientCache(move(self.activations), move(self.gradients), self.metric.to(device),
                              self.tokens.to(device), self.mask.to(device), self.last.to(device),
-                             self.str_tokens, self.last_logits.to(device), self.canonical)
-
-    def _find(self, legacy: str, canonical: str) -> str | None:
-        if legacy in self.gradients:
-            return legacy
-        return next((k for k, c in self.canonical.items() if c == canonical and k in self.gradients), None)
+                             self.str_tokens, logits, self.act_names, self.grad_names, self.model)
 
     def resid_grads(self, kind: str = "pre", model: Any = None) -> Float[Tensor, "layer batch pos d_model"]:
         """Stacked residual-stream gradients for ``kind`` in {"pre", "mid", "post"}, all layers."""
@@ -90,6 +198,19 @@ class GradientCache:
         return torch.stack([self.gradients[k] for _, k in found])
 
 
+def _strip_grad(name: str, grad: bool) -> tuple[str, bool]:
+    if name.endswith("_grad"):
+        return name[: -len("_grad")], True
+    return name, grad
+
+
+def _act_name(key: Any, parts: tuple) -> str:
+    try:
+        return get_act_name(*parts)
+    except Exception as err:  # get_act_name has no input checks of its own
+        raise KeyError(f"cache keys are {_KEY_FORMS}; got {key!r}") from err
+
+
 @dataclass(frozen=True)
 class _Request:
     name: str  # as the caller wrote it
@@ -102,7 +223,8 @@ def capture(
     input: Any,
     metric: Any,
     *,
-    names: Names,
+    names: Names = None,
+    names_filter: Names = None,
     prepend_bos: bool | None = None,
 ) -> GradientCache:
     """Run one forward and one backward pass and keep, for each hook in ``names``, the
@@ -114,8 +236,14 @@ def capture(
             real token) or token ids ``[batch, pos]``.
         metric: ``tl_backward.metrics.target_nll(...)``/``logit_diff(...)`` or any callable
             ``(logits [batch, pos, vocab], tokens [batch, pos]) -> scalar``. Batches are summed.
-        names: hook names (legacy aliases like ``blocks.0.hook_resid_mid`` or canonical names) or
-            a filter ``name -> bool`` over ``model.hook_dict``. Only these are cached.
+        names: a hook name or a list of them (legacy aliases like ``blocks.0.hook_resid_mid`` or
+            canonical names; each must receive a gradient), a filter ``name -> bool`` over
+            ``model.hook_dict``, or None (default) for every hook point, as ``run_with_cache``.
+            Filters and None skip gated hook points (``hook_result``, ``hook_q_input``, … need a
+            ``set_use_*`` flag) and hook points that carry no gradient (token/position ids, hooks
+            that never fire). Cost: memory ≈ one activation + one gradient per distinct hook point
+            (a legacy alias shares its canonical hook's tensors), about twice ``run_with_cache``.
+        names_filter: TransformerLens's spelling of ``names``; pass one or the other.
         prepend_bos: None uses the model's default.
 
     ``blocks.L.hook_resid_mid`` reports the *full* residual gradient (TransformerLens's alias,
@@ -125,8 +253,15 @@ def capture(
     The model is left as found: parameters' ``requires_grad``, train/eval mode and hooks are
     restored (also on error), and no parameter ``.grad`` is written.
     """
+    argument = "names"
+    if names_filter is not None:
+        if names is not None:
+            raise TLBackwardError("pass names= or names_filter= (the same thing, TransformerLens's "
+                                  "spelling), not both", argument="names_filter")
+        names, argument = names_filter, "names_filter"
     adapter = get_adapter(model)
-    requests = _plan(adapter, names)
+    aliases = build_alias_to_canonical_map(model.hook_dict)
+    requests, strict = _plan(adapter, aliases, names, argument)
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
     last_logits: list[Tensor] = []
@@ -154,12 +289,16 @@ def capture(
     for key, g in run.leaf_grads.items():
         # The hook at a leaf itself may not fire (caveat 3 of the spec); backfill it.
         grads.setdefault(key, g.detach().float())
-    missing = [r.name for r in requests if r.bwd not in grads]
-    if missing:
+    missing = [r.name for r in requests if r.bwd not in grads or r.fwd not in acts]
+    if missing and strict:
         raise ValueError(
             f"no gradient reached {missing}: these hook points are not on the autograd path from the "
             "embeddings to the metric"
         )
+    requests = [r for r in requests if r.name not in missing]
+    if not requests:
+        raise TLBackwardError(f"no hook point chosen by {argument} received a gradient: choose hook points "
+                              "between the embeddings and the logits", argument=argument)
     batch = run.batch
     return GradientCache(
         activations={r.name: acts[r.fwd] for r in requests},
@@ -170,36 +309,60 @@ def capture(
         last=batch.last,
         str_tokens=run.str_tokens,
         last_logits=last_logits[0],
-        canonical={r.name: r.fwd for r in requests},
+        **_served_names(model.hook_dict, aliases, requests),
+        model=model,
     )
 
 
-def _plan(adapter: ModelAdapter, names: Names) -> list[_Request]:
-    """Resolve requested names to (forward hook, backward hook) pairs on canonical names."""
-    from transformer_lens.model_bridge.bridge_core import build_alias_to_canonical_map
+def _point(aliases: dict[str, str], name: str) -> _Request:
+    """The (forward hook, backward hook) pair, on canonical names, that ``name`` reads."""
+    canonical = aliases.get(name, name)
+    bwd = canonical
+    mid = _RESID_MID.match(name)
+    if mid:
+        # resid_mid = resid_pre + attn_out feeds both LN2 and the skip connection; the
+        # gradient at attn_out is the full one (the alias's backward hook sees LN2 only).
+        attn_out = f"blocks.{mid.group(1)}.hook_attn_out"
+        bwd = aliases.get(attn_out, attn_out)
+    return _Request(name=name, fwd=canonical, bwd=bwd)
 
+
+def _served_names(hook_dict: Any, aliases: dict[str, str], requests: list[_Request]) -> dict[str, dict[str, str]]:
+    """For every hook name of the model, the captured key holding the same activation / gradient."""
+    by_fwd = {r.fwd: r.name for r in reversed(requests)}
+    by_pair = {(r.fwd, r.bwd): r.name for r in reversed(requests)}
+    act_names, grad_names = {}, {}
+    for name in hook_dict:
+        point = _point(aliases, name)
+        if point.fwd in by_fwd:
+            act_names[name] = by_fwd[point.fwd]
+        if (point.fwd, point.bwd) in by_pair:
+            grad_names[name] = by_pair[(point.fwd, point.bwd)]
+    return dict(act_names=act_names, grad_names=grad_names)
+
+
+def _plan(adapter: ModelAdapter, aliases: dict[str, str], names: Names, argument: str) -> tuple[list[_Request], bool]:
+    """Resolve requested names to (forward hook, backward hook) pairs on canonical names; the flag
+    says whether every name must receive a gradient (explicit names) or may be skipped (filters)."""
     hook_dict = adapter.model.hook_dict
-    if callable(names) and not isinstance(names, str):
-        chosen = [n for n in hook_dict if not _GATED.search(n) and names(n)]
+    if names is None or (callable(names) and not isinstance(names, str)):
+        keep = names or (lambda n: True)
+        chosen = [n for n in hook_dict if not _GATED.search(n) and keep(n)]
         if not chosen:
-            raise ValueError("the names filter matched no hook point")
-    elif isinstance(names, str):
+            raise TLBackwardError(f"the {argument} filter matched no hook point: check it against "
+                                  "model.hook_dict, or pass None for every hook point", argument=argument)
+        return [_point(aliases, n) for n in chosen], False
+    if isinstance(names, str):
         chosen = [names]
-    else:
+    elif isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
         chosen = list(names)
-        if not chosen:
-            raise ValueError("names is empty: list the hook points to capture")
-    alias = build_alias_to_canonical_map(hook_dict)
-    requests = []
+    else:
+        raise TLBackwardError(
+            f"{argument} must be a hook name, a list of hook names, a filter name -> bool, or None (every "
+            f"hook point); got {type(names).__name__} {names!r:.60}", argument=argument)
+    if not chosen:
+        raise TLBackwardError(f"{argument} is empty: list the hook points to capture, or pass None for "
+                              "every hook point", argument=argument)
     for name in chosen:
         adapter.resolve_hook(name)
-        canonical = alias.get(name, name)
-        bwd = canonical
-        mid = _RESID_MID.match(name)
-        if mid:
-            # resid_mid = resid_pre + attn_out feeds both LN2 and the skip connection; the
-            # gradient at attn_out is the full one (the alias's backward hook sees LN2 only).
-            attn_out = f"blocks.{mid.group(1)}.hook_attn_out"
-            bwd = alias.get(attn_out, attn_out)
-        requests.append(_Request(name=name, fwd=canonical, bwd=bwd))
-    return requests
+    return [_point(aliases, n) for n in chosen], True

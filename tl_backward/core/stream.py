@@ -42,6 +42,11 @@ class Streamed:
     fired: frozenset[str]  # hook names whose gradient callback fired
     leaf_grads: dict[str, Tensor]  # ∂metric/∂(embedding outputs), keyed by LEAF_HOOKS name
 
+    def __repr__(self) -> str:
+        B, T = self.batch.tokens.shape
+        return (f"Streamed(batch {B} × {T} tokens, metric {float(self.metric):.4g}, {len(self.fired)} gradient "
+                f"hooks fired, leaves {', '.join(self.leaf_grads)})")
+
 
 def stream(
     model: Any,

@@ -38,6 +38,10 @@ class QA:
     prompt: str
     answer: str
 
+    def __repr__(self) -> str:
+        head = self.prompt if len(self.prompt) <= 60 else self.prompt[:30] + " … " + self.prompt[-27:]
+        return f"QA({head!r}, answer={self.answer!r:.30})"
+
 
 _ENTITIES = ("cat", "dog", "mat")
 _ATTRIBUTES = ("red", "blue", "green", "big", "small", "hot", "cold", "good", "bad")

@@ -109,6 +109,10 @@ class LNFilter:
     entropy: dict[str, float]
     vocab: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        return (f"LNFilter(layer {self.layer} {self.which}, {self.n_prompts} prompts: top-{self.k} overlap "
+                f"{self.overlap:.3f} (random {self.overlap_random:.3f}))")
+
     def top_gain(self, n: int = 10, random: bool = False) -> list[tuple[str, float]]:
         """Tokens whose probability LN raises most (mean Δprob)."""
         d = self.delta_random if random else self.delta
@@ -198,6 +202,10 @@ class RegNeuron:
     outlier_ratio: float
     top_tokens: tuple[str, ...]
 
+    def __repr__(self) -> str:
+        return (f"RegNeuron(L{self.layer} n{self.neuron}: signed {self.freq_signed:.0%}, |h| {self.freq_abs:.0%}, "
+                f"entropy {self.entropy:.2f} bits (median {self.layer_median_entropy:.2f}), top {list(self.top_tokens[:3])!r:.40})")
+
 
 @dataclass(frozen=True)
 class RegularisationNeurons:
@@ -212,6 +220,12 @@ class RegularisationNeurons:
     freq_signed: Float[Tensor, "layer d_mlp"]
     freq_abs: Float[Tensor, "layer d_mlp"]
     candidates: tuple[RegNeuron, ...]
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"L{c.layer}n{c.neuron}" for c in self.candidates[:4])
+        more = ", …" if len(self.candidates) > 4 else ""
+        return (f"RegularisationNeurons(layers {list(self.layers)!r:.30}, top {self.top} in > {self.min_fraction:.0%} of "
+                f"{self.n_prompts} prompts: {len(self.candidates)} candidates{': ' + names + more if names else ''})")
 
     def summary(self) -> str:
         lines = [f"regularisation neurons: top-{self.top} activations in > {self.min_fraction:.0%} of "

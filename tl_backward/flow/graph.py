@@ -62,6 +62,9 @@ class Node:
     title: str = ""
     vector: Tensor | None = field(default=None, repr=False, compare=False)
 
+    def __repr__(self) -> str:
+        return f"Node({self.id!r}, {self.kind}, layer {self.layer}, label {self.label!r:.30}, value {self.value:.4g})"
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "vector"}
         out["top"] = [list(t) for t in self.top]

@@ -43,6 +43,10 @@ class Projection:
     bottom_rank: Int[Tensor, " n"]
     entropy: Float[Tensor, " n"]
 
+    def __repr__(self) -> str:
+        ranks = f", target rank {int(self.rank.min())}–{int(self.rank.max())}" if self.rank.numel() else ""
+        return f"Projection({self.top_ids.shape[0]} vectors, top/bottom {self.top_ids.shape[1]}{ranks})"
+
 
 def normalize_rows(v: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     """L2-normalise rows (zero rows stay zero): the normalised lens for tiny gradient vectors,

@@ -57,6 +57,11 @@ class LensReadout:
     pred_rank: Int[Tensor, "layer tokens"]
     norm: Float[Tensor, "layer tokens"]
 
+    def __repr__(self) -> str:
+        L, T, k = self.top_ids.shape
+        return (f"LensReadout({self.module}: {self.side} read from the {self.read}, {L} layers × {T} tokens, "
+                f"top/bottom {k})")
+
     @property
     def read_ids(self) -> Int[Tensor, "layer tokens k"]:
         """The ids in the paper's reading order (top-k for x, bottom-k for δ)."""
@@ -82,6 +87,10 @@ class ImprintShift:
     imprint: Float[Tensor, "layer d_mlp"] | None
     shift: Float[Tensor, "layer d_model"] | None
 
+    def __repr__(self) -> str:
+        parts = [f"{n} {list(t.shape)}" for n, t in (("imprint", self.imprint), ("shift", self.shift)) if t is not None]
+        return f"ImprintShift(token {self.token} at {self.position}, lr {self.lr:g}, {len(self.layers)} layers; {', '.join(parts)})"
+
 
 @dataclass(frozen=True)
 class BackwardLens:
@@ -99,6 +108,12 @@ class BackwardLens:
     normalize: bool
     d_vocab: int
     tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        n = len(self.target_ids)
+        target = repr(self.decode(self.target_ids[:1])[0])[:24] if n == 1 else f"{n} targets"
+        return (f"BackwardLens({', '.join(self.modules)}; {len(self.layers)} layers × {self.factors.n_tokens} "
+                f"tokens; target {target}; top_k {self.top_k}; metric {float(self.factors.metric):.4g})")
 
     def __getitem__(self, module: str) -> LensReadout:
         if module not in self.readouts:

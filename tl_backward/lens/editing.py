@@ -116,6 +116,10 @@ class Edit:
     _undone: bool = field(default=False, repr=False)
     _entered: bool = field(default=False, repr=False)
 
+    def __repr__(self) -> str:
+        state = ("active" if self.active else "undone") if self.applied else "skipped: already predicted"
+        return f"Edit(FPS layer {self.layer}, eta {self.eta:g}, target id {self.target_id}, {state})"
+
     @property
     def active(self) -> bool:
         """True while the edit is in the model's weights."""
@@ -232,6 +236,9 @@ class EditEvaluation:
     applied: Bool[Tensor, " n"]
     layer: int | None
     eta: float | None
+
+    def __repr__(self) -> str:
+        return f"EditEvaluation({self})"
 
     def summary(self) -> dict[str, float]:
         """Means over requests (fractions), plus the number of requests and of applied edits."""

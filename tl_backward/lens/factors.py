@@ -47,6 +47,11 @@ class FactorNorms:
     term: Float[Tensor, "*head tokens"]
     grad: Float[Tensor, "*head"]
 
+    def __repr__(self) -> str:
+        g = self.grad.reshape(-1)
+        what = f"‖∂L/∂W‖_F {float(g[0]):.4g}" if g.numel() == 1 else f"‖∂L/∂W‖_F per head, max {float(g.max()):.4g}"
+        return f"FactorNorms({self.x.shape[-1]} tokens, {what})"
+
 
 @dataclass(frozen=True)
 class FactorSVD:
@@ -56,6 +61,10 @@ class FactorSVD:
     U: Float[Tensor, "*head d_in k"]
     S: Float[Tensor, "*head k"]
     V: Float[Tensor, "*head d_out k"]
+
+    def __repr__(self) -> str:
+        smax = f", σ_max {float(self.S.max()):.4g}" if self.S.numel() else ""
+        return f"FactorSVD(k={self.S.shape[-1]}, U {list(self.U.shape)}, V {list(self.V.shape)}{smax})"
 
     def reconstruct(self) -> Float[Tensor, "*head d_in d_out"]:
         return torch.einsum("...ik,...k,...ok->...io", self.U, self.S, self.V)
@@ -75,6 +84,10 @@ class Factor:
     module: str
     x: Float[Tensor, "*head tokens d_in"]
     delta: Float[Tensor, "*head tokens d_out"]
+
+    def __repr__(self) -> str:
+        return (f"Factor(layer {self.layer} {self.module}: ∂L/∂{self.weight_name} {list(self.shape)} "
+                f"from {self.n_tokens} tokens)")
 
     @property
     def weight_name(self) -> str:
@@ -182,6 +195,12 @@ class GradientFactors:
     str_tokens: list[list[str]]
     metric: Float[Tensor, ""]
     gated_mlp: bool = field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        B, T = self.tokens.shape
+        return (f"GradientFactors({len(self.factors)} factors: {len(self.layers)} layers × "
+                f"{', '.join(self.modules)}; batch {B} × {T} tokens ({self.n_tokens} real), "
+                f"metric {float(self.metric):.4g})")
 
     def __getitem__(self, key: tuple) -> Factor:
         if not isinstance(key, tuple) or len(key) not in (2, 3):

@@ -37,6 +37,9 @@ class VocabReadout:
     bottom_logits: Float[Tensor, "rows k"]
     ranks: Int[Tensor, "rows m"]
 
+    def __repr__(self) -> str:
+        return f"VocabReadout({self.top_ids.shape[0]} rows, top/bottom {self.top_ids.shape[1]}, ranks of {self.ranks.shape[1]} ids)"
+
 
 def l2_normalize(v: Float[Tensor, "... d"], eps: float = 1e-12) -> Float[Tensor, "... d"]:
     """``v / ‖v‖`` (the paper's normalised lens); zero vectors stay zero."""

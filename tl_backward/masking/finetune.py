@@ -43,6 +43,11 @@ class FinetuneResult:
     seed: int
     lora: bool
 
+    def __repr__(self) -> str:
+        loss = f", loss {float(self.losses[0]):.4g} → {float(self.losses[-1]):.4g}" if self.losses.numel() else ""
+        return (f"FinetuneResult({self.mask}, {self.steps} steps / {self.epochs} epochs{loss}, lr {self.lr:g}, "
+                f"batch {self.batch_size}, seed {self.seed}{', LoRA' if self.lora else ''})")
+
 
 def snapshot_weights(model: Any) -> dict[str, Tensor]:
     """A detached copy of every weight (``model.state_dict()``), to undo a fine-tune later."""

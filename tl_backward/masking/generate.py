@@ -38,6 +38,11 @@ class Generation:
     new_tokens: Int[Tensor, "batch new"]
     new_valid: Bool[Tensor, "batch new"]
 
+    def __repr__(self) -> str:
+        B, N = self.new_tokens.shape
+        return (f"Generation({B} rows, prompt {self.prompt.tokens.shape[1]} tokens, {N} decoding steps, "
+                f"{int(self.new_valid.sum())} new tokens kept)")
+
     @property
     def full(self) -> Segments:
         """Prompt plus generated tokens (causal, padding after EOS masked) as one Segments."""

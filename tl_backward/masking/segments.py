@@ -57,6 +57,12 @@ class Segments:
     valid: Bool[Tensor, "batch pos"]
     target: Bool[Tensor, "batch pos"]
 
+    def __repr__(self) -> str:
+        B, T = self.tokens.shape
+        blocks = int(self.segment_ids.max()) + 1 if self.segment_ids.numel() else 0
+        return (f"Segments(batch {B} × {T} tokens, {int(self.valid.sum())} real, up to {blocks} blocks per row, "
+                f"{int(self.target.sum())} target tokens)")
+
     def __post_init__(self) -> None:
         _validate(self.tokens, self.segment_ids, self.valid, self.target)
 
