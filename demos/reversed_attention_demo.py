@@ -36,8 +36,8 @@ import torch  # noqa: E402
 
 import tl_backward as tlb  # noqa: E402
 from tl_backward.attention import reversed_attention  # noqa: E402
-from tl_backward.experiments.icl import PAPER_ETAS, PAPER_SHOTS, icl_patching, world_pairs  # noqa: E402
-from tl_backward.experiments.perturbation import icl_perturbation  # noqa: E402
+from tl_backward.attention.icl import PAPER_ETAS, PAPER_SHOTS, icl_patching, world_pairs  # noqa: E402
+from tl_backward.attention.perturbation import icl_perturbation  # noqa: E402
 from tl_backward.zoo.world import ICL_TASKS, World  # noqa: E402
 
 OUT = ROOT / "demos"

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Layers, lowest first. A module may import from its own folder and from any layer below its own.
 LAYERS: dict[str, int] = {
-    "errors": 0,
+    "errors": 0, "zoo": 0,           # zoo is data: shipped models, their tokenizer and world
     "core": 1, "render": 1,
-    "attention": 2, "lens": 2, "flow": 2, "masking": 2, "zoo": 2,
+    "attention": 2, "lens": 2, "flow": 2, "masking": 2,
     "report": 3,
     "cli": 4, "__init__": 4,
 }
@@ -140,7 +140,7 @@ def upward(imports: list[Import]) -> list[Import]:
     bad = []
     for imp in imports:
         src, tgt = folder(imp.source), folder(imp.target)
-        if src == tgt or tgt == "__init__" and imp.target == PACKAGE and src == "__init__":
+        if src == tgt or (src == "cli" and imp.target == PACKAGE):  # the CLI uses the public face
             continue
         if LAYERS.get(tgt, 99) >= LAYERS.get(src, 99):
             bad.append(imp)

@@ -13,7 +13,7 @@ from tests.reference import assert_no_hooks, assert_untouched, hf_activation_gra
 from tests.tolerance import MODEL_TERMS, assert_close_fp32, fp32_rtol
 from tl_backward.attention import reversed_attention
 from tl_backward.core.adapter import get_adapter
-from tl_backward.experiments.report import Progress, Report, build_report
+from tl_backward.report import Progress, Report, build_report
 from tl_backward.render.page import Page
 from tl_backward.zoo.tiny import tiny_hf_model
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import dom_after_scripts, network_requests, parse_dom, require_chromium, screenshot
-from tl_backward.experiments.report import build_report
+from tl_backward.report import build_report
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

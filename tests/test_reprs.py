@@ -14,8 +14,8 @@ import torch
 import tl_backward as tlb
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.stream import stream
-from tl_backward.experiments.mas import world_task, qa_segments
-from tl_backward.experiments.report import build_report
+from tl_backward.masking.experiment import world_task, qa_segments
+from tl_backward.report import build_report
 from tl_backward.flow.findings import ln_filter, regularisation_neurons
 from tl_backward.flow.project import project
 from tl_backward.lens.projection import vocab_readout

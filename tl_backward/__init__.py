@@ -10,8 +10,10 @@ A tiny public API; every function takes the model (a ``TransformerBridge``) firs
 - MAS: ``segments``, :func:`segment_mask`, :func:`mas_generate`, :func:`mas_finetune`,
   :func:`causal_finetune`
 
-Submodules (``tl_backward.attention``, ``.lens``, ``.flow``, ``.masking``, ``.render``,
-``.experiments``, ``.zoo``) hold the rest.
+Each paper is one subpackage holding its math, result types, pictures (``render.py``) and
+experiments: ``tl_backward.attention`` (Reversed Attention), ``.lens`` (Backward Lens), ``.flow``
+(VISIT), ``.masking`` (MAS). ``.core`` is the model plumbing, ``.render`` the generic HTML,
+``.report`` the one-prompt report, ``.zoo`` the embedded models.
 """
 
 from .attention import HeadRanking, ReversedAttention, patch_attention, rank_heads, reversed_attention, zero_heads

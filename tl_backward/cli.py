@@ -1,5 +1,5 @@
 """``tl-backward``: the command line. Thin: parses arguments, loads the model, calls
-:func:`tl_backward.experiments.report.build_report`, prints, saves.
+:func:`tl_backward.report.build_report`, prints, saves.
 
 Errors a user can make (unknown model, empty prompt, bad layer or target, unwritable --out) end
 with one line ``tl-backward: error: ...`` on stderr and exit code 2, before any analysis runs. A
@@ -18,7 +18,7 @@ from . import __version__, zoo
 from .core import loading
 from .core.adapter import get_adapter
 from .errors import TLBackwardError
-from .experiments.report import Progress, build_report, lower_case_helps
+from .report import Progress, build_report, lower_case_helps
 
 PROG = "tl-backward"
 DEFAULT_PROMPT = "the capital of france is"
@@ -223,7 +223,7 @@ def _check_writable(out: Path) -> None:
 
 def _check_against_model(model: Any, args: argparse.Namespace) -> None:
     """--layers and --target against the loaded model, before the analysis; the lower-case hint is
-    the one the report gives for prompts (:func:`tl_backward.experiments.report.lower_case_helps`)."""
+    the one the report gives for prompts (:func:`tl_backward.report.lower_case_helps`)."""
     ad = get_adapter(model)
     if args.layers is not None:
         try:

@@ -8,9 +8,9 @@ from tests.reference import assert_no_hooks, assert_untouched
 from tests.tolerance import MODEL_TERMS, fp32_rtol
 from tl_backward.attention import mean_over, patch_attention, rank_heads, zero_heads
 from tl_backward.core.adapter import get_adapter
-from tl_backward.experiments.icl import (answer_ids, constant_length_pairs, evaluate, icl_patching,
+from tl_backward.attention.icl import (answer_ids, constant_length_pairs, evaluate, icl_patching,
                                          icl_prompt, icl_prompts, topk_hits)
-from tl_backward.experiments.perturbation import PAPER_FRACTIONS, head_perturbation, icl_perturbation
+from tl_backward.attention.perturbation import PAPER_FRACTIONS, head_perturbation, icl_perturbation
 
 WORDS = [("hot", "cold"), ("big", "small"), ("good", "bad"), ("up", "down"), ("yes", "no"),
          ("one", "two"), ("three", "four"), ("five", "six"), ("seven", "eight"), ("nine", "ten")]

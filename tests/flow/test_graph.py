@@ -124,7 +124,7 @@ def test_like_reuses_another_graphs_nodes(model):
     bwd = flow_graph(model, TOKENS, layer=[0, 1], backward=True, like=fwd)
     assert [n.id for n in bwd.nodes] == [n.id for n in fwd.nodes]
     assert [(e.source, e.target) for e in bwd.edges] == [(e.source, e.target) for e in fwd.edges]
-    from tl_backward.render.graph_html import layout
+    from tl_backward.flow.render import layout
 
     assert layout(bwd) == layout(fwd)                     # identical drawing, side by side
     own = flow_graph(model, TOKENS, layer=1, backward=True)

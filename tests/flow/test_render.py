@@ -8,7 +8,7 @@ import pytest
 
 from tests.flow.conftest import TOKENS
 from tl_backward.flow import flow_graph
-from tl_backward.render.graph_html import COL_W, layout
+from tl_backward.flow.render import COL_W, layout
 from tl_backward.render.page import Figure, Page
 
 XSS = "<img src=x onerror=alert(1)>"

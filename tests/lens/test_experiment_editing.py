@@ -1,9 +1,9 @@
-"""The FPS editing experiment (tl_backward.experiments.editing) on a tiny model and toy requests."""
+"""The FPS editing experiment (tl_backward.lens.experiment) on a tiny model and toy requests."""
 
 import pytest
 import torch
 
-from tl_backward.experiments.editing import format_report, harmonic_score, run
+from tl_backward.lens.experiment import format_report, harmonic_score, run
 from tl_backward.lens.editing import evaluate_edits
 
 REQUESTS = [

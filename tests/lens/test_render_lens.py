@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tl_backward.lens import backward_lens
-from tl_backward.render.lens import lens_table, norm_tokens, render_backward_lens, target_rank_plot
+from tl_backward.lens.render import lens_table, norm_tokens, render_backward_lens, target_rank_plot
 
 EVIL = "<img/src=x/onerror=alert(1)>"
 

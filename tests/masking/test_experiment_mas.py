@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tl_backward.experiments.mas import (answer_accuracy, format_table, mas_comparison, qa_segments,
+from tl_backward.masking.experiment import (answer_accuracy, format_table, mas_comparison, qa_segments,
                                          synthetic_task)
 from tl_backward.masking import segment_mask
 from tl_backward.masking import segments as S

@@ -8,7 +8,8 @@ import torch
 
 from tl_backward.masking import attention_patterns, segment_mask
 from tl_backward.masking import segments as S
-from tl_backward.render.masks import mas_page, mask_figure, patterns_figure, segment_tokens
+from tl_backward.masking.experiment import mas_page
+from tl_backward.masking.render import mask_figure, patterns_figure, segment_tokens
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
 
 XSS = "<img src=x onerror=alert(1)>"

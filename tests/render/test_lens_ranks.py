@@ -9,8 +9,8 @@ import torch
 
 from tl_backward.core.adapter import get_adapter
 from tl_backward.errors import TLBackwardError
-from tl_backward.experiments.report import build_report
-from tl_backward.render.lens import ZERO_MARK, lens_table, rank_as_read, target_rank_plot
+from tl_backward.report import build_report
+from tl_backward.lens.render import ZERO_MARK, lens_table, rank_as_read, target_rank_plot
 
 PROMPT = "the capital of france is"
 

@@ -18,88 +18,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .reversed import ReversedAttention, reversed_attention
+from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, reversed_attention
 from .targets import batch_target, check_prompts
 
 __all__ = ["MeanAccumulator", "mean_over", "aligned"]
-
-ALIGNS = ("exact", "end")
-
-
-def check_align(align: str) -> str:
-    if align not in ALIGNS:
-        raise ValueError(f"align must be 'exact' (same-length prompts) or 'end' (count positions from "
-                         f"the last token, crop to the shortest prompt), got {align!r}")
-    return align
-
-
-def aligned(x: Tensor, lengths: Tensor, n: int) -> Tensor:
-    """``x [..., batch, head, q, k]`` (batch at dim -4) cropped per row to the ``n × n`` block that
-    ends at the row's last real token (``lengths[b]`` real tokens)."""
-    rows = [x[..., b, :, int(l) - n:int(l), int(l) - n:int(l)] for b, l in enumerate(lengths)]
-    return torch.stack(rows, dim=-4)
-
-
-class MeanAccumulator:
-    """Running element-wise sums of RA maps and patterns over results added with :meth:`add`."""
-
-    def __init__(self, align: str = "exact"):
-        self.align = check_align(align)
-        self.n = 0
-        self.length: int | None = None
-        self.sum_maps: Tensor | None = None
-        self.sum_patterns: Tensor | None = None
-        self.metric = 0.0
-        self.first: tuple[Tensor, list[str], Tensor] | None = None  # tokens, str_tokens, lengths of row 0
-        self.layers: tuple[int, ...] | None = None
-        self.scales: tuple[float, ...] | None = None
-
-    def add(self, ra: ReversedAttention) -> None:
-        if ra.align is not None:
-            raise ValueError("add per-prompt results, not means (this result is already averaged)")
-        if self.layers is None:
-            self.layers, self.scales = ra.layers, ra.scales
-        elif ra.layers != self.layers:
-            raise ValueError(f"results cover different layers: {list(ra.layers)} vs {list(self.layers)}")
-        lengths = ra.mask.sum(1)
-        if self.align == "exact":
-            lens = sorted({int(l) for l in lengths} | ({self.length} if self.length else set()))
-            if len(lens) > 1:
-                raise ValueError(
-                    f"align='exact' needs prompts of one token length, got lengths {lens}: use prompts "
-                    "with the same layout, or align='end' to count positions from the last token")
-            n = lens[0]
-            maps, pats = ra.maps[..., :n, :n], ra.patterns[..., :n, :n]
-        else:
-            n = min(int(lengths.min()), self.length or 10**9)
-            maps, pats = aligned(ra.maps, lengths, n), aligned(ra.patterns, lengths, n)
-        maps, pats = maps.sum(1, keepdim=True), pats.sum(1, keepdim=True)
-        if self.sum_maps is None:
-            self.sum_maps, self.sum_patterns = maps, pats
-            self.first = (ra.tokens[0], ra.str_tokens[0], lengths[0])
-        else:
-            if n < self.length:  # a shorter prompt arrived: keep the last n positions of the sums
-                self.sum_maps = self.sum_maps[..., -n:, -n:]
-                self.sum_patterns = self.sum_patterns[..., -n:, -n:]
-            self.sum_maps = self.sum_maps + maps
-            self.sum_patterns = self.sum_patterns + pats
-        self.length = n
-        self.n += ra.maps.shape[1]
-        self.metric += float(ra.metric)
-
-    def result(self) -> ReversedAttention:
-        if self.n == 0:
-            raise ValueError("nothing to average: add at least one result")
-        n = self.length
-        tokens, str_tokens, length = self.first
-        start = int(length) - n  # exact: 0 (all prompts share the length)
-        return ReversedAttention(
-            maps=self.sum_maps / self.n, patterns=self.sum_patterns / self.n, layers=self.layers,
-            scales=self.scales, tokens=tokens[start:start + n][None].clone(),
-            mask=torch.ones(1, n, dtype=torch.bool), last=torch.tensor([n - 1]),
-            str_tokens=[list(str_tokens[start:start + n])], metric=torch.tensor(self.metric / self.n),
-            n_examples=self.n, align=self.align,
-        )
 
 
 def mean_over(

@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .render import head_ranking_page
 from .reversed import frobenius, reversed_attention
 from .targets import batch_target, check_prompts
 
@@ -84,8 +85,6 @@ class HeadRanking:
 
     def render(self, *, title: str | None = None):
         """Page of layer × head heatmaps: mean and std of ‖RA‖_F (purples) and ‖P‖_F (greens)."""
-        from tl_backward.render.attention import head_ranking_page
-
         return head_ranking_page(self, title=title)
 
 

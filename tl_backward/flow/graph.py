@@ -3,7 +3,7 @@
 A :class:`FlowGraph` is what :func:`tl_backward.flow_graph` returns: the nodes and edges of one
 (or several chained) transformer block(s) at one position, each node labelled by its logit-lens
 projection. It exports to JSON, to networkx, and to a self-contained HTML page
-(:meth:`FlowGraph.render` / :meth:`FlowGraph.save`, drawn by ``tl_backward.render.graph_html``).
+(:meth:`FlowGraph.render` / :meth:`FlowGraph.save`, drawn by :mod:`tl_backward.flow.render`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Union
 
 from torch import Tensor
+
+from .render import graph_figure
 
 # Node kinds, in VISIT's left-to-right order. "resid" covers block_in / resid_mid / block_out.
 NODE_KINDS = (
@@ -174,8 +176,6 @@ class FlowGraph:
     # --------------------------------------------------------------------------------- render
     def render(self, *, title: str | None = None):
         """A :class:`~tl_backward.render.page.Figure` (inline SVG + a little plain JS)."""
-        from tl_backward.render.graph_html import graph_figure
-
         return graph_figure(self, title=title)
 
     def save(self, path: Union[str, Path], *, title: str | None = None) -> Path:

@@ -28,6 +28,7 @@ from tl_backward.core.metrics import bind_metric, target_nll
 
 from .factors import GradientFactors, _finite, gradient_factors
 from .projection import l2_normalize, vocab_readout
+from .render import render_backward_lens
 
 # module -> (projected side, reading direction)
 READING = {
@@ -185,8 +186,6 @@ class BackwardLens:
     def render(self, modules: str | Sequence[str] | None = None, row: int = 0):
         """The paper's table (layers × tokens, ``top1 \\ bottom1``, colour = factor norm) per
         module, a target-rank-per-layer plot and per-layer norms, for batch row ``row``."""
-        from tl_backward.render.lens import render_backward_lens
-
         return render_backward_lens(self, modules=modules, row=row)
 
 

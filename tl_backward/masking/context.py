@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.adapter import get_adapter
 from ..core.lock import model_lock
 from .segments import Segments
 
@@ -137,8 +138,6 @@ def attention_patterns(
 ) -> Float[Tensor, "layer batch head query_pos key_pos"]:
     """Attention patterns of ``segments`` under the MAS mask (``mask="mas"``) or plain causal
     attention with the same padding and positions (``mask="causal"``), fp32, no grad."""
-    from ..core.adapter import get_adapter
-
     if mask not in ("mas", "causal"):
         raise ValueError(f"mask must be 'mas' or 'causal', got {mask!r}")
     ad = get_adapter(model)

@@ -28,6 +28,7 @@ from torch import Tensor
 from .rule import position_ids as _position_ids
 from .rule import row_end as _row_end
 from .rule import staircase_mask
+from .render import mask_figure, segment_tokens
 
 __all__ = [
     "Segments",
@@ -149,8 +150,6 @@ class Segments:
     def render(self, model: Any, row: int = 0) -> Any:
         """Figure of one row: the blocks (coloured tokens) and the keep-mask. ``model`` gives the
         token strings (or pass a list of strings)."""
-        from ..render.masks import mask_figure, segment_tokens
-
         return segment_tokens(self, model, row=row) + mask_figure(self, model, row=row)
 
     def str_tokens(self, model: Any, row: int = 0) -> list[str]:

@@ -1,4 +1,6 @@
-"""Rendering: offline-safe HTML pages of circuitsvis components and project-owned HTML/SVG.
+"""Rendering, generic only: offline-safe HTML pages of circuitsvis components and project-owned
+HTML/SVG. It knows no method: each paper's pictures live in its own folder (``attention/render.py``,
+``lens/render.py``, ``flow/render.py``, ``masking/render.py``) and use these building blocks.
 
 Import is light: submodules load on first attribute access (``from tl_backward.render import page``
 or ``tl_backward.render.attention_heads``). See :mod:`tl_backward.render.page` for the Figure/Page

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tl_backward.zoo.tokenizer import SPECIALS  # re-exported: ids <pad>=0 <bos>=1 <eos>=2 <unk>=3
+from tl_backward.zoo.tokenizer import SPECIALS, build_tokenizer  # re-exported: ids <pad>=0 <bos>=1 <eos>=2 <unk>=3
 
 FAMILIES = ("gpt2", "neox", "llama", "qwen2")
 
@@ -32,8 +32,6 @@ def word_tokenizer(words: tuple[str, ...] | list[str] = TINY_WORDS, *, name: str
     ``name_or_path`` and ``add_bos_token`` are set because TL's BOS handling reads them.
     Built by :func:`tl_backward.zoo.tokenizer.build_tokenizer` (``"###"`` stays one token).
     """
-    from tl_backward.zoo.tokenizer import build_tokenizer
-
     return build_tokenizer(words, name=name)
 
 

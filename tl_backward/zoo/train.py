@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tl_backward.zoo.evaluate import evaluate, fact_recall
 from tl_backward.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 from tl_backward.zoo.world import World
 
@@ -124,8 +125,6 @@ def train(name: str, out: Path, *, smoke: bool = False, steps: int | None = None
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from tl_backward.zoo.evaluate import evaluate, fact_recall
-
     if name not in CONFIGS:
         raise ValueError(f"model must be one of {sorted(CONFIGS)}, got {name!r}")
     cfg = CONFIGS[name]
@@ -201,8 +200,6 @@ def rescore(out: Path, *, notes: str | None = None) -> dict:
     """Re-evaluate a saved model directory with the current world/evaluation code and rewrite its
     card (training facts are kept from the existing ``card.json``)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from tl_backward.zoo.evaluate import evaluate, fact_recall
 
     card = json.loads((out / "card.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()

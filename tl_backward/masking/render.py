@@ -1,7 +1,7 @@
 """Pictures of MAS: which tokens form blocks, the keep-mask, and the attention it produces.
 
-Inputs are tensors and token strings (no model code except in :func:`mas_page`, which asks
-:func:`tl_backward.masking.attention_patterns` for the patterns). Every token is escaped.
+Inputs are tensors and token strings, never a model run (the page that runs the model is
+:func:`tl_backward.masking.experiment.mas_page`). Every token is escaped.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .figures import attention_heads, attention_pattern
-from .page import Figure, Page, escape, html_figure
+from ..render.figures import attention_heads, attention_pattern
+from ..render.page import Figure, escape, html_figure
 
-__all__ = ["segment_tokens", "mask_figure", "patterns_figure", "mas_page"]
+__all__ = ["mask_figure", "patterns_figure", "row_tokens", "segment_tokens"]
 
 # Block colours (cycled); causal tokens are grey, padding is not shown.
 _BLOCK_COLOURS = ("#cfe2ff", "#ffe0b3", "#d4f0d4", "#f3d1f4", "#fff3b0", "#d1ecf1")
@@ -27,7 +27,7 @@ def _row(segments: Any, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     return valid, segments.segment_ids[row].cpu()
 
 
-def _tokens(segments: Any, tokens: Any, row: int) -> list[str]:
+def row_tokens(segments: Any, tokens: Any, row: int) -> list[str]:
     """Token strings of the real tokens of ``row`` (``tokens``: a model or a list of strings)."""
     valid = segments.valid[row].cpu()
     if isinstance(tokens, (list, tuple)):
@@ -43,7 +43,7 @@ def _tokens(segments: Any, tokens: Any, row: int) -> list[str]:
 def segment_tokens(segments: Any, tokens: Any, *, row: int = 0, title: str | None = "MAS segments") -> Figure:
     """The prompt with each block on its own background colour (causal tokens grey)."""
     valid, ids = _row(segments, row)
-    toks = _tokens(segments, tokens, row)
+    toks = row_tokens(segments, tokens, row)
     spans = []
     for tok, sid in zip(toks, ids[valid].tolist()):
         colour = _CAUSAL if sid < 0 else _BLOCK_COLOURS[sid % len(_BLOCK_COLOURS)]
@@ -61,24 +61,10 @@ def mask_figure(segments: Any, tokens: Any, *, row: int = 0, title: str | None =
     """The keep-mask of one row over its real tokens (1 = may attend), upper triangle shown."""
     valid, _ = _row(segments, row)
     keep = segments.mask()[row, 0].cpu()[valid][:, valid].float()
-    return attention_pattern(keep, _tokens(segments, tokens, row), mask_upper_tri=False, title=title)
+    return attention_pattern(keep, row_tokens(segments, tokens, row), mask_upper_tri=False, title=title)
 
 
 def patterns_figure(patterns: Any, tokens: Sequence[str], *, title: str | None = None,
                     head_names: Sequence[str] | None = None) -> Figure:
     """Attention patterns ``Float[head, query_pos, key_pos]`` with the future triangle visible."""
     return attention_heads(patterns, list(tokens), head_names=head_names, mask_upper_tri=False, title=title)
-
-
-def mas_page(model: Any, segments: Any, *, layer: int = 0, row: int = 0, compare_causal: bool = True) -> Page:
-    """Segments, the mask, and layer ``layer``'s attention under MAS (and under causal attention)."""
-    from ..masking.context import attention_patterns
-
-    valid = segments.valid[row].cpu()
-    toks = _tokens(segments, model, row)
-    figs = [segment_tokens(segments, toks, row=row), mask_figure(segments, toks, row=row)]
-    arms = ("mas", "causal") if compare_causal else ("mas",)
-    for arm in arms:
-        pat = attention_patterns(model, segments, layers=layer, mask=arm)[0, row][:, valid][:, :, valid]
-        figs.append(patterns_figure(pat, toks, title=f"layer {layer} attention, {arm} mask"))
-    return Page(figs, title="Segment-based attention masking")

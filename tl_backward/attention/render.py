@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .figures import attention_heads, heatmap_table
-from .page import Figure, Page, escape
+from ..render.figures import attention_heads, heatmap_table
+from ..render.page import Figure, Page, escape
 
 __all__ = ["norms_figure", "top_heads_figures", "reversed_attention_page", "head_ranking_page"]
 

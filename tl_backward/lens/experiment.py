@@ -16,7 +16,13 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from ..lens.editing import EditEvaluation, evaluate_edits
+import torch
+
+from ..core.adapter import get_adapter
+from ..core.loading import load_model
+from ..zoo import model_card
+from ..zoo.world import World
+from .editing import EditEvaluation, evaluate_edits
 
 # η scales with ‖x_n‖²‖e_t‖², and ‖x_n‖² differs by ~35x across facts-gpt2's layers: a wide grid.
 DEFAULT_ETAS = (0.05, 0.1, 0.14, 0.2, 0.28, 0.4, 0.8, 1.6, 3.2, 6.4)
@@ -57,8 +63,6 @@ def run(
     """
     if threads is None:
         return _run(model, requests, n_requests, n_tune, layers, etas, seed, prepend_bos, progress)
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -68,18 +72,11 @@ def run(
 
 
 def _run(model, requests, n_requests, n_tune, layers, etas, seed, prepend_bos, progress) -> dict:
-    from ..core.adapter import get_adapter
-
     start = time.perf_counter()
     if model is None:
-        from ..core.loading import load_model
-
         model = load_model("facts-gpt2")
     ad = get_adapter(model)
     if requests is None:
-        from ..zoo import model_card
-        from ..zoo.world import World
-
         try:
             world_seed = int(model_card("facts-gpt2")["train_config"]["world_seed"])
         except (KeyError, ValueError, FileNotFoundError):

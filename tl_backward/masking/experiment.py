@@ -18,16 +18,27 @@ Tasks:
 
 from __future__ import annotations
 
+import argparse
+import html
+import json
 import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..masking.finetune import finetune, preserving_weights, snapshot_weights
-from ..masking.segments import Segments, from_delimiter
+from .. import zoo
+from ..core.loading import load_model
+from ..render.page import Page, html_figure
+from ..zoo.tiny import tiny_model
+from ..zoo.world import World
+from .context import attention_patterns
+from .finetune import finetune, preserving_weights, restore_weights, snapshot_weights
+from .render import mask_figure, patterns_figure, row_tokens, segment_tokens
+from .segments import Segments, from_delimiter
 
 
 @dataclass(frozen=True)
@@ -66,8 +77,6 @@ def synthetic_task(n: int, *, split: str = "train", seed: int = 0) -> list[QA]:
 def world_task(n: int, *, split: str = "train", world_seed: int = 0, mixed: bool = False) -> list[QA]:
     """``n`` segment-QA examples of the embedded models' world (``mixed``: the harder variant whose
     contexts mix home and job sentences)."""
-    from ..zoo.world import World
-
     return [QA(e.prompt, e.answer) for e in World(world_seed).segment_examples(n, split, mixed=mixed)]
 
 
@@ -98,16 +107,10 @@ def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_
 
 
 def _default_setup(task: str) -> tuple[Any, str]:
-    from .. import zoo
-
     if task in ("auto", "world") and "facts-gpt2" in zoo.list_models():
-        from ..core.loading import load_model
-
         return load_model("facts-gpt2"), "world"
     if task == "world":
         raise ValueError("task='world' needs the embedded facts-gpt2 model, which is not shipped here")
-    from ..zoo.tiny import tiny_model
-
     return tiny_model("gpt2", seed=0, n_layers=2, d_model=64, n_heads=4, n_ctx=64), "synthetic"
 
 
@@ -211,21 +214,25 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def mas_page(model: Any, segments: Any, *, layer: int = 0, row: int = 0, compare_causal: bool = True) -> Page:
+    """Segments, the mask, and layer ``layer``'s attention under MAS (and under causal attention)."""
+    valid = segments.valid[row].cpu()
+    toks = row_tokens(segments, model, row)
+    figs = [segment_tokens(segments, toks, row=row), mask_figure(segments, toks, row=row)]
+    arms = ("mas", "causal") if compare_causal else ("mas",)
+    for arm in arms:
+        pat = attention_patterns(model, segments, layers=layer, mask=arm)[0, row][:, valid][:, :, valid]
+        figs.append(patterns_figure(pat, toks, title=f"layer {layer} attention, {arm} mask"))
+    return Page(figs, title="Segment-based attention masking")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """``python -m tl_backward.experiments.mas [--out DIR] [--n-train N] [--seeds 0 1 2] ...``
+    """``python -m tl_backward.masking.experiment [--out DIR] [--n-train N] [--seeds 0 1 2] ...``
 
     Runs :func:`mas_comparison` on the embedded model (or the synthetic fallback), prints the table
     and writes ``mas_comparison.json``, ``mas_comparison.md`` and ``mas.html`` (segments, mask and
     attention of the MAS-fine-tuned model under MAS vs the causal one) to ``--out``.
     """
-    import argparse
-    import json
-    from pathlib import Path
-
-    from ..render.masks import mask_figure, patterns_figure, segment_tokens
-    from ..render.page import Page, html_figure
-    from ..masking.context import attention_patterns
-    from ..masking.finetune import restore_weights
 
     ap = argparse.ArgumentParser(description="causal vs MAS fine-tuning on segment QA")
     ap.add_argument("--out", default="demos/out/mas")
@@ -253,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     make = world_task if res["task"] == "world" else synthetic_task
     example = qa_segments(model, make(1, split="test"))
     toks = [t for t, v in zip(example.str_tokens(model), example.valid[0].tolist()) if v]
-    figs = [html_figure("<pre>" + __import__("html").escape(table) + "</pre>", title="Measured comparison"),
+    figs = [html_figure("<pre>" + html.escape(table) + "</pre>", title="Measured comparison"),
             segment_tokens(example, toks), mask_figure(example, toks)]
     for arm in ("mas", "causal"):
         with preserving_weights(model):
@@ -267,3 +274,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+

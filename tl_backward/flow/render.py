@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import TYPE_CHECKING
+from typing import Any
 
-from .page import Figure, escape, html_figure, script_json
+from ..render.page import Figure, escape, html_figure, script_json
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tl_backward.flow.graph import FlowGraph, Node
+# Duck-typed: a graph has .nodes/.edges/.layers/.backward (tl_backward/flow/graph.py); no import of it,
+# so the picture never depends on the builder.
+FlowGraph = Node = Any
 
 COLUMNS = ("block_in", "attn_in", "qkv", "query", "key", "value", "head", "concat", "wo", "attn_out",
            "resid_mid", "mlp_in", "mlp_key", "mlp_value", "mlp_out", "block_out")

@@ -5,7 +5,7 @@
   (white -> purple for δ, white -> blue for x, from 0); hover lists k of each, ranks and norm.
 * :func:`target_rank_plot` -- target rank per layer, one line per token, counted in the module's
   reading direction (:func:`rank_as_read`: from the top for x, from the bottom for δ; 0 = strongest,
-  drawn at the top) -- the convention of the CLI summary (``experiments/report.py``).
+  drawn at the top) -- the convention of the CLI summary (``report/text.py``).
 * :func:`norm_tokens` -- per-layer factor norms over the prompt (circuitsvis ColoredTokensMulti).
 
 All strings (tokens, vocabulary entries) go through the shared escaping of
@@ -18,10 +18,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .figures import colored_tokens_multi, heatmap_table, line_plot
-from tl_backward.errors import TLBackwardError
+from ..render.figures import colored_tokens_multi, heatmap_table, line_plot
+from ..errors import TLBackwardError
 
-from .page import Figure, Page
+from ..render.page import Figure, Page
 
 _WEIGHT = {"mlp_in": "W_in (FF1)", "mlp_gate": "W_gate", "mlp_out": "W_out (FF2)", "q": "W_Q", "k": "W_K",
            "v": "W_V", "o": "W_O"}

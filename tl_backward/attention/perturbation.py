@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..attention import HeadRanking, rank_heads, zero_heads
-from .icl import PAPER_SHOTS, Pair, _scores, answer_ids, icl_prompts, topk_hits
+from .patching import zero_heads
+from .ranking import HeadRanking, rank_heads
+from .icl import PAPER_SHOTS, Pair, topk_scores, answer_ids, icl_prompts, topk_hits
 
 __all__ = ["PAPER_FRACTIONS", "head_perturbation", "icl_perturbation", "format_perturbation_table"]
 
@@ -66,7 +67,7 @@ def head_perturbation(
             n_kept = round(float(f) * len(all_heads))
             with zero_heads(model, order[n_kept:]):
                 hits = topk_hits(model, list(test_prompts), answers, batch_size=batch_size, prepend_bos=prepend_bos)
-            rows.append({"ranking": name, "fraction": float(f), "n_kept": n_kept, **_scores(hits)})
+            rows.append({"ranking": name, "fraction": float(f), "n_kept": n_kept, **topk_scores(hits)})
     result = {"rows": rows, "ranking": ranking, "n_heads": len(all_heads), "n_test": len(test_prompts),
               "n_train": len(train_prompts), "seed": seed}
     if verbose:
@@ -87,7 +88,7 @@ def icl_perturbation(
     **kwargs: Any,
 ) -> dict:
     """:func:`head_perturbation` on k-shot ICL prompts built from (x, y) pairs (template and
-    demonstration sampling as in :mod:`tl_backward.experiments.icl`), one run per ``n_shots``. The
+    demonstration sampling as in :mod:`tl_backward.attention.icl`), one run per ``n_shots``. The
     heads are ranked on the first ``n_train`` of ``fit_queries`` (default: of ``train``).
     Returns ``{n_shots: result}``."""
     queries = list(train if fit_queries is None else fit_queries)[:n_train]

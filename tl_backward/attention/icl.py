@@ -22,8 +22,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..attention import mean_over, patch_attention
+from .aggregate import mean_over
+from .patching import patch_attention
 from ..core.adapter import get_adapter
+from ..zoo.world import World
 
 __all__ = ["PAPER_ETAS", "PAPER_SHOTS", "icl_prompt", "icl_prompts", "answer_ids", "topk_hits", "evaluate",
            "constant_length_pairs", "world_pairs", "icl_patching", "format_icl_table", "to_frame"]
@@ -116,13 +118,11 @@ def constant_length_pairs(model: Any, pairs: Sequence[Pair], *, prepend_bos: boo
 
 def world_pairs(task: str = "antonym", *, world_seed: int = 0) -> tuple[list[Pair], list[Pair]]:
     """(train, test) pairs of an ICL task of the embedded models' synthetic world."""
-    from ..zoo.world import World
-
     world = World(world_seed)
     return world.icl_pairs(task, "train"), world.icl_pairs(task, "test")
 
 
-def _scores(hits: torch.Tensor, nll: torch.Tensor | None = None) -> dict[str, float]:
+def topk_scores(hits: torch.Tensor, nll: torch.Tensor | None = None) -> dict[str, float]:
     out = {f"top{k}": 100.0 * float(hits[:, j].float().mean()) for j, k in enumerate(KS)}
     if nll is not None:
         out["nll"] = float(nll.mean())
@@ -186,14 +186,14 @@ def icl_patching(
         base = dict(n_shots=k, n_test=len(evals), prompt_len=lengths.pop())
         fit_loss[k] = float(mean.metric)
         rows.append({**base, "method": "none", "eta": 0.0,
-                     **_scores(*evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos))})
+                     **topk_scores(*evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos))})
         for eta in etas:
             if eta == 0:
                 continue
             for method, delta in (("reversed", mean), ("forward", mean.patterns)):
                 with patch_attention(model, delta, eta=eta, layers=list(mean.layers)):
                     scored = evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos)
-                rows.append({**base, "method": method, "eta": eta, **_scores(*scored)})
+                rows.append({**base, "method": method, "eta": eta, **topk_scores(*scored)})
     result = {"rows": rows, "n_train": n_train, "n_test": len(test), "seed": seed, "fit_loss": fit_loss,
               "fit_source": "train" if fit_queries is None else "fit_queries",
               "model": getattr(model.cfg, "model_name", type(model.original_model).__name__)}
