@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tl_backward.errors import TLBackwardError
+from tl_backward.render import notebook as N
 from tl_backward.render import page as P
 from tl_backward.render.figures import colored_tokens
 
@@ -21,11 +22,11 @@ def kernel(monkeypatch):
     class Kernel:
         request = ("cell-a", "msg-1")
 
-    monkeypatch.setattr(P, "_kernel_request", lambda: Kernel.request)
+    monkeypatch.setattr(N, "_kernel_request", lambda: Kernel.request)
     monkeypatch.delitem(sys.modules, "google.colab", raising=False)
-    P._notebook.update(mode=None, sent=None)
+    N._notebook.update(mode=None, sent=None)
     yield Kernel
-    P._notebook.update(mode=None, sent=None)
+    N._notebook.update(mode=None, sent=None)
 
 
 def _carries_bundle(fig) -> bool:
@@ -67,13 +68,13 @@ def test_always_mode_colab_and_outside_a_kernel_are_self_contained(kernel, monke
     f = colored_tokens(["a"], [1.0])
     assert P.notebook_bundle("always") == "always"
     assert _carries_bundle(f) and _carries_bundle(f)
-    P._notebook.update(mode=None, sent=None)
+    N._notebook.update(mode=None, sent=None)
     monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
     assert P.notebook_bundle() == "always"  # Colab: every output is its own iframe
     assert _carries_bundle(f) and _carries_bundle(f)
     monkeypatch.delitem(sys.modules, "google.colab")
     assert P.notebook_bundle() == "once"
-    monkeypatch.setattr(P, "_kernel_request", lambda: None)  # a script, not a kernel
+    monkeypatch.setattr(N, "_kernel_request", lambda: None)  # a script, not a kernel
     assert _carries_bundle(f) and _carries_bundle(f)
 
 
@@ -90,7 +91,7 @@ def test_notebook_bundle_validates():
 
 
 def test_kernel_request_outside_a_kernel_is_none():
-    assert P._kernel_request() is None  # pytest is not an IPython kernel
+    assert N._kernel_request() is None  # pytest is not an IPython kernel
 
 
 # ------------------------------------------------------------------ a real notebook (nbclient)

@@ -11,8 +11,8 @@ re-exported here because ``tl_backward.render.page`` is the submodule; use ``Pag
 from importlib import import_module
 
 _EXPORTS = {
-    "escape": "page", "script_json": "page", "jsonable": "page", "Figure": "page", "Page": "page",
-    "cv_figure": "page", "html_figure": "page", "notebook_bundle": "page",
+    "escape": "escaping", "script_json": "escaping", "jsonable": "escaping", "Figure": "page", "Page": "page",
+    "cv_figure": "page", "html_figure": "page", "notebook_bundle": "notebook",
     "attention_heads": "figures", "attention_pattern": "figures", "colored_tokens": "figures",
     "colored_tokens_multi": "figures", "heatmap_table": "figures", "line_plot": "figures",
 }

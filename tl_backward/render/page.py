@@ -27,7 +27,7 @@ Untrusted strings (tokens, prompts): circuitsvis draws some on canvas but inject
 wrappers. :func:`cv_figure` HTML-escapes exactly those props (:data:`HTML_STRING_PROPS`), so pass raw
 strings to it. Saved pages also carry a CSP that allows no fetch and only our own (hashed) scripts.
 
-Writing a feature renderer (``render/<feature>.py``)::
+Writing a paper's pictures (``<paper>/render.py``, e.g. ``attention/render.py``)::
 
     from tl_backward.render.page import Figure, Page, cv_figure, html_figure, escape
     from tl_backward.render.figures import attention_heads, heatmap_table, line_plot
@@ -45,18 +45,16 @@ never by reading the finished page -- so markup smuggled into content cannot run
 
 from __future__ import annotations
 
-import html as _html
-import json
-import math
 import re
-import sys
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Union
 
-from tl_backward.errors import TLBackwardError
+from ..errors import TLBackwardError
+from .escaping import escape, jsonable, script_json
+from .notebook import NOTEBOOK_MODES, notebook_bundle, send_bundle_now
 
 __all__ = [
     "escape",
@@ -92,82 +90,6 @@ HTML_STRING_PROPS = {
     "TextNeuronActivations": ("tokens",), "TopkSamples": ("tokens",), "TopkTokens": ("tokens",),
     "TokenLogProbs": ("prompt", "topKTokens"), "AttentionPatterns": ("tokens",),
 }
-
-# Values this large are masking sentinels (finfo.min / finfo.max of fp32, bf16, fp64), not data.
-_SENTINEL = 1e30
-# Array floats are rounded to this many significant digits for display (hover shows the value).
-_SIG_DIGITS = 6
-
-
-# ----------------------------------------------------------------------------------------- escaping
-def escape(text: Any) -> str:
-    """HTML-escape ``text`` (``str()`` of it) for element content AND quoted attribute values.
-
-    Escapes ``& < > " '``. Use on every token, label or title placed in project-owned HTML/SVG.
-    """
-    return _html.escape(str(text), quote=True)
-
-
-_SCRIPT_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-_SCRIPT_UNSAFE_RE = re.compile("[<>&\u2028\u2029]")
-
-
-def script_json(obj: Any) -> str:
-    """Encode ``obj`` as JSON that is safe to inline inside ``<script>`` (as a JS expression).
-
-    ``< > &`` become ``\\u003c \\u003e \\u0026`` so no string can form ``</script>`` or ``<!--``;
-    U+2028/2029 are escaped so the JSON is also valid JavaScript. These characters only occur inside
-    JSON strings, where the escapes decode to the same text. ``obj`` is first passed through
-    :func:`jsonable` (tensors/arrays -> lists, NaN/inf -> 0).
-    """
-    text = json.dumps(jsonable(obj), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return _SCRIPT_UNSAFE_RE.sub(lambda m: _SCRIPT_UNSAFE[m.group(0)], text)
-
-
-def _clean_float(x: float) -> float:
-    return 0.0 if (math.isnan(x) or math.isinf(x) or abs(x) >= _SENTINEL) else x
-
-
-def _round_floats(a: "np.ndarray", sig: int = _SIG_DIGITS) -> "np.ndarray":
-    """Zero NaN/inf/sentinels and round to ``sig`` significant digits (vectorised), so JSON holds
-    ``0.0149671`` instead of float32 noise like ``0.014967052266001701`` -- 3x smaller pages."""
-    import numpy as np
-
-    a = np.where(np.isfinite(a) & (np.abs(a) < _SENTINEL), a, 0.0)
-    with np.errstate(divide="ignore"):
-        exp = np.floor(np.log10(np.abs(a), where=a != 0, out=np.zeros_like(a)))
-    scale = 10.0 ** (sig - 1 - exp)
-    return np.round(a * scale) / scale
-
-
-def jsonable(obj: Any) -> Any:
-    """Convert props to plain JSON types: tensors/numpy -> nested lists (floats as float64),
-    numpy scalars -> Python scalars, tuples -> lists; NaN, +-inf and masking sentinels
-    (|x| >= 1e30, e.g. ``finfo.min``) -> 0; array floats rounded to 6 significant digits. Dict keys become strings; ``None`` stays ``None``."""
-    if obj is None or isinstance(obj, (bool, str, int)):
-        return obj
-    if isinstance(obj, float):
-        return _clean_float(obj)
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    mod = type(obj).__module__
-    if mod.startswith("torch"):
-        t = obj.detach().cpu()
-        if t.is_floating_point():
-            return _round_floats(t.double().numpy()).tolist()
-        return t.tolist()
-    if mod.startswith("numpy"):
-        import numpy as np
-
-        a = np.asarray(obj)
-        if a.dtype.kind == "f":
-            a = _round_floats(a.astype(np.float64))
-        return a.tolist() if a.ndim else a.item()
-    raise TypeError(f"cannot encode {type(obj).__name__!r} as a figure prop; pass lists, numbers, "
-                    "strings, dicts, numpy arrays or torch tensors")
-
 
 # -------------------------------------------------------------------------------------- bundle + css
 @lru_cache(maxsize=1)
@@ -395,73 +317,9 @@ def _body(figs: tuple[Figure, ...], *, title: str | None, include_css: bool = Tr
     return f'<div class="tlb-root" id="{uid}">' + "\n".join(parts) + "</div>", scripts
 
 
-# ---------------------------------------------------------------------------------------- notebooks
-NOTEBOOK_MODES = ("once", "always")
-# mode: None = automatic; sent: (cell id or None, execute_request msg_id) of the output that carried
-# the bundle in this kernel process (resets with the kernel).
-_notebook: dict[str, Any] = {"mode": None, "sent": None}
-
-
-def notebook_bundle(mode: str | None = None) -> str:
-    """Get (``mode=None``) or set how notebook outputs carry circuitsvis's 1.3 MB bundle; returns the
-    mode in force.
-
-    * ``"once"`` (default, except in Colab): the first figure displayed in a kernel session carries
-      the bundle (a classic script defining ``window.CircuitsVis``); later figures only mount and
-      reuse it -- JupyterLab, Notebook 7, VS Code and nbconvert's HTML put a notebook's outputs in
-      one document. It is sent again after a kernel restart, when the cell that carried it is
-      re-executed (its output is replaced; needs the cell id JupyterLab and VS Code send with each
-      execution), and after ``notebook_bundle("once")``.
-    * ``"always"``: every output carries its own copy. The default in Colab (``google.colab``
-      imported), which puts each output in its own iframe; use it for any frontend that does.
-
-    The tradeoff of ``"once"``: later figures depend on the output that carried the bundle. They
-    wait for it, so render order does not matter; if it is not on the page (cleared or deleted),
-    they show a note saying how to re-send it rather than a blank box. Outside a running kernel
-    (e.g. a script writing ``_repr_html_()`` to a file) every output is self-contained. Saved pages
-    (``save``/``to_html``) always hold the bundle once. Setting a mode forgets that it was sent.
-    """
-    if mode is not None:
-        if mode not in NOTEBOOK_MODES:
-            raise TLBackwardError(f"mode must be one of {NOTEBOOK_MODES} (or None to read it), got {mode!r}",
-                                  argument="mode")
-        _notebook.update(mode=mode, sent=None)
-    if _notebook["mode"] is not None:
-        return _notebook["mode"]
-    return "always" if "google.colab" in sys.modules else "once"
-
-
-def _kernel_request() -> tuple[str | None, str] | None:
-    """``(cell id, msg id)`` of the execute request a kernel is running now, None outside a kernel."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    kernel = getattr(shell, "kernel", None)
-    if kernel is None:
-        return None
-    try:
-        parent = kernel.get_parent()
-    except Exception:  # older ipykernel: the shell keeps the parent header
-        parent = {"header": getattr(shell, "parent_header", {}).get("header", {}),
-                  "metadata": getattr(shell, "parent_header", {}).get("metadata", {})}
-    cell = (parent.get("metadata") or {}).get("cellId")
-    return (str(cell) if cell else None), str((parent.get("header") or {}).get("msg_id", ""))
-
-
-def _send_bundle_now() -> bool:
-    """Whether this notebook output must carry the bundle (and note that it did)."""
-    request = _kernel_request()
-    if request is None or notebook_bundle() == "always":
-        return True
-    sent = _notebook["sent"]
-    if sent is None or (request[0] is not None and request[0] == sent[0] and request[1] != sent[1]):
-        _notebook["sent"] = request  # first time, or the carrying cell re-executed (output replaced)
-        return True
-    return False
-
-
 def _notebook_html(figs: tuple[Figure, ...], *, title: str | None) -> str:
     needs = any(f.needs_bundle for f in figs)
-    return _body(figs, title=title, bundle=needs and _send_bundle_now())[0]
+    return _body(figs, title=title, bundle=needs and send_bundle_now())[0]
 
 
 # Shown while a mount waits for a bundle sent with another notebook output (notebook_bundle "once").
