@@ -7,6 +7,7 @@ Used by ``tests/test_layout.py`` and runnable as a script to print the counts qu
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,33 @@ def function_lengths(path: Path) -> list[tuple[str, int]]:
     return out
 
 
+def private_imports() -> list[str]:
+    """``from module import _name`` across module boundaries (private names stay in their file)."""
+    out = []
+    for mod, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(mod, path.name == "__init__.py", node)
+                if target.split(".")[0] != PACKAGE:
+                    continue
+                out += [f"{mod} imports {target}.{a.name} (line {node.lineno})" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+SPEC_WORDS = re.compile(r"\bspec\b(?!ial)|spec §|\w+\.md §|transformerlens4\.md|circuitsvis\.md")
+
+
+def spec_citations() -> list[str]:
+    """Docstrings or comments citing the external spec files, which are not in this repository."""
+    out = []
+    for mod, path in modules().items():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if SPEC_WORDS.search(line) and "format spec" not in line:
+                out.append(f"{mod}:{i}: {line.strip()[:90]}")
+    return out
+
+
 def summary() -> dict[str, object]:
     imps = all_imports()
     mods = modules()
@@ -180,6 +208,8 @@ def summary() -> dict[str, object]:
         "circles": cycles(imps),
         "upward": [f"{i.source} -> {i.target} (line {i.line})" for i in upward(imps)],
         "function_local": [f"{i.source} -> {i.target} (line {i.line})" for i in imps if i.local],
+        "private_imports": private_imports(),
+        "spec_citations": spec_citations(),
         "longest_file": longest_file,
         "longest_function": longest_func,
     }

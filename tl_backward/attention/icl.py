@@ -1,4 +1,4 @@
-"""In-context-learning attention patching (Reversed Attention paper; spec reversed_attention.md §3).
+"""In-context-learning attention patching (Katz & Wolf, NAACL 2025, §5; docs/reversed_attention.md).
 
 For each n_shots: average RA (and the forward patterns) over ``n_train`` k-shot training prompts,
 then, on every test query, add ``η·RĀ`` (or the control ``η·P̄``) to every head's post-softmax
@@ -30,7 +30,7 @@ from ..zoo.world import World
 __all__ = ["PAPER_ETAS", "PAPER_SHOTS", "icl_prompt", "icl_prompts", "answer_ids", "topk_hits", "evaluate",
            "constant_length_pairs", "world_pairs", "icl_patching", "format_icl_table", "to_frame"]
 
-# The paper's η grid, in its order (spec §3.5); negative η is the descent direction.
+# The paper's η grid, in its order (Katz & Wolf 2025, ICL experiments); negative η is the descent direction.
 PAPER_ETAS = (3, 2, 1, 0.5, 0, -0.1, 0.25, -0.5, -1, -2, -4, -6, -8, -10, -15, -20, -25, -30, -35,
               -40, -60, -80, -100, -120)
 PAPER_SHOTS = (0, 1, 5, 10)

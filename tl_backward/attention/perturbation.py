@@ -1,4 +1,4 @@
-"""Head perturbation study (spec reversed_attention.md §5): keep the top fraction f of heads under a
+"""Head perturbation study (Katz & Wolf, NAACL 2025; docs/reversed_attention.md): keep the top fraction f of heads under a
 ranking, zero-ablate the rest (``hook_z`` zeroed per head, b_O kept; weights untouched), and score
 top-1/2/3 accuracy on test prompts, for f in {0, 0.1, ..., 1}.
 

@@ -1,4 +1,4 @@
-"""Head ranking by Reversed Attention norm, streamed over a dataset (paper §4 of the spec).
+"""Head ranking by Reversed Attention norm, streamed over a dataset (Katz & Wolf, NAACL 2025; docs/reversed_attention.md).
 
 score(l, h) = mean over examples of ‖RA_{l,h}‖_F (the whole T×T map, sign ignored); the baseline
 is ‖P_{l,h}‖_F of the forward pattern. Standard deviations are kept too. Cost: one forward and one

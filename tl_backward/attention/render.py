@@ -1,6 +1,6 @@
 """Pictures of Reversed Attention: layer × head norm heatmaps and the top heads' maps.
 
-Conventions (spec reversed_attention.md §6, circuitsvis.md §2): layers on x, heads on y; ‖RA‖_F in
+Conventions (docs/reversed_attention.md; circuitsvis's AttentionHeads): layers on x, heads on y; ‖RA‖_F in
 purples, ‖P‖_F in greens, raw values. RA maps on a diverging scale centred at 0 with a symmetric
 range ±max|RA| over the heads shown (negative = helpful edge = red, positive = harmful = blue);
 forward patterns on 0..1; the future triangle greyed. Every token is escaped by the figures.

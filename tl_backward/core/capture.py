@@ -287,7 +287,7 @@ def capture(
         on_gradient={bwd: keep(grads, bwd, True) for bwd in dict.fromkeys(r.bwd for r in requests)},
     )
     for key, g in run.leaf_grads.items():
-        # The hook at a leaf itself may not fire (caveat 3 of the spec); backfill it.
+        # The hook at a leaf itself may not fire (TransformerLens does not fire a leaf's own backward hook); backfill it.
         grads.setdefault(key, g.detach().float())
     missing = [r.name for r in requests if r.bwd not in grads or r.fwd not in acts]
     if missing and strict:

@@ -1,7 +1,7 @@
 """The one forward + backward pass every analysis runs, with callbacks instead of caches.
 
 This is the only place in tl_backward that registers backward hooks. The recipe
-(transformerlens4.md §5): freeze every parameter, turn the embedding outputs into fresh
+(checked in tests/core/test_stream.py): freeze every parameter, turn the embedding outputs into fresh
 leaves, run forward and ``torch.autograd.grad`` inside ``model.hooks(...)``, and restore the
 model in ``finally``. No weight gradient is computed and no parameter ``.grad`` is written.
 

@@ -1,4 +1,4 @@
-"""Forward Pass Shift editing on the embedded model's CounterFact-style requests (spec §5).
+"""Forward Pass Shift editing on the embedded model's CounterFact-style requests (Katz et al., EMNLP 2024, §5; docs/backward_lens.md).
 
 Protocol (the paper's, scaled down): requests come from the synthetic world
 (:meth:`tl_backward.zoo.world.World.edit_requests`: a prompt, a true and a new one-word target,

@@ -1,4 +1,4 @@
-"""Backward Lens figures (spec backward_lens.md §7).
+"""Backward Lens figures (Katz et al., EMNLP 2024; docs/backward_lens.md).
 
 * :func:`lens_table` -- the paper's table: rows = layers (last on top), columns = prompt tokens,
   each cell ``top1 \\ bottom1`` of the logit lens of the factor, colour = factor norm

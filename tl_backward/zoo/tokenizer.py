@@ -4,8 +4,8 @@ One token per whitespace-separated word, with every punctuation character split 
 (``"paris."`` -> ``paris`` ``.``), except the MAS delimiter ``"###"``, which is an added token
 and stays whole. Ids: ``<pad>``=0, ``<bos>``=1, ``<eos>``=2, ``<unk>``=3, then the words in the
 order given. The tokenizer itself adds no special tokens; ``add_bos_token=True`` and
-``name_or_path`` are set because TransformerLens reads them to prepend BOS (see
-transformerlens4.md §11), so ``bridge.to_tokens(text)`` is ``[<bos>] + tokenizer(text)``.
+``name_or_path`` are set because TransformerLens 4.x reads them to decide whether to prepend
+BOS, so ``bridge.to_tokens(text)`` is ``[<bos>] + tokenizer(text)``.
 """
 
 from __future__ import annotations
