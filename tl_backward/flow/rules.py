@@ -282,8 +282,8 @@ class BackwardRules(Rules):
     skeleton_weight_hooks = dict(ln1="ln1_in", ln2="ln2_in", attn_residual="attn_out",
                                  mlp_residual="resid_post", skip_pre="attn_out", skip_mid="resid_post")
     parallel_weight_hooks = dict(skip_pre="resid_post")
-    # The full resid_mid gradient is grad(hook_attn_out); capture returns only the LN2 branch at
-    # hook_resid_mid (see docs/flow_graphs.md).
+    # resid_mid = resid_pre + attn_out, so its full gradient is grad(hook_attn_out) (capture reports
+    # the same tensor for hook_resid_mid; the alias ln2.hook_in sees only the LN2 branch).
     skeleton_vector_hooks = dict(resid_mid="attn_out")
     # Backward skeleton nodes that are bitwise the same vector as other nodes (b_O, b_out).
     skeleton_shares = dict(attn_out="g_attn_out+", resid_mid="g_attn_out+", mlp_out="g_mlp_out+")
