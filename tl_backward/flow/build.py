@@ -1,9 +1,10 @@
 """Build VISIT flow graphs (forward) and their backward twins from one pass over the model.
 
-The tensor formulas live in :mod:`tl_backward.flow.vectors`; this module gathers the tensors
-(one ``run_with_cache`` under ``no_grad`` for a forward graph, one :func:`~tl_backward.core.capture.capture`
-for a backward graph), prunes, projects every node vector in one batched logit-lens pass
-(:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow.graph.FlowGraph`.
+This module gathers the tensors (one ``run_with_cache`` under ``no_grad`` for a forward graph, one
+:func:`~tl_backward.core.capture.capture` for a backward graph), has :mod:`tl_backward.flow.topology`
+lay out and prune each layer with the direction's rule table (:mod:`tl_backward.flow.rules`; tensor
+formulas in :mod:`tl_backward.flow.vectors`), projects every node vector in one batched logit-lens
+pass (:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow.graph.FlowGraph`.
 """
 
 from __future__ import annotations
