@@ -13,6 +13,7 @@ from tl_backward.core.capture import capture
 from tl_backward.flow import flow_graph
 from tl_backward.flow import vectors as V
 from tl_backward.flow.build import _gather, _rotary
+from tl_backward.flow.colors import PALETTE
 
 
 def close(a, b, *, n_terms=MODEL_TERMS, scale=None):
@@ -193,8 +194,6 @@ def test_backward_pruning_labels_and_colours(model):
 
 
 def _palette(i):
-    from tl_backward.flow.specs import PALETTE
-
     return PALETTE[i]
 
 

@@ -14,7 +14,7 @@ from tl_backward.core.adapter import get_adapter
 from tl_backward.flow import flow_graph
 from tl_backward.flow import vectors as V
 from tl_backward.flow.build import _rotary
-from tl_backward.flow.specs import PALETTE, attention_color, entropy_grey
+from tl_backward.flow.colors import PALETTE, attention_color, entropy_grey
 
 
 def close(a, b):

@@ -1,9 +1,10 @@
 """Build VISIT flow graphs (forward) and their backward twins from one pass over the model.
 
-The tensor formulas live in :mod:`tl_backward.flow.vectors`; this module gathers the tensors
-(one ``run_with_cache`` under ``no_grad`` for a forward graph, one :func:`~tl_backward.core.capture.capture`
-for a backward graph), prunes, projects every node vector in one batched logit-lens pass
-(:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow.graph.FlowGraph`.
+This module gathers the tensors (one ``run_with_cache`` under ``no_grad`` for a forward graph, one
+:func:`~tl_backward.core.capture.capture` for a backward graph), has :mod:`tl_backward.flow.topology`
+lay out and prune each layer with the direction's rule table (:mod:`tl_backward.flow.rules`; tensor
+formulas in :mod:`tl_backward.flow.vectors`), projects every node vector in one batched logit-lens
+pass (:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow.graph.FlowGraph`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import torch
 from torch import Tensor
 
 from tl_backward.core.adapter import ModelAdapter, get_adapter
+from tl_backward.core.capture import capture
 from tl_backward.core.stream import device_of
 
+from .colors import BIAS_COLOR, entropy_grey, rank_color
 from .graph import Edge, FlowGraph, Node, merge
 from .project import project
-from .specs import BIAS_COLOR, EdgeSpec, LayerData, NodeSpec, _norm, entropy_grey, layer_specs, rank_color
+from .specs import EdgeSpec, LayerData, NodeSpec, norm_of
+from .topology import layer_specs
 
 GATED_NOTE = ("gated MLP: the key node is W_in (the up projection) only; the gate is ignored "
               "(an approximation, as in VISIT's Llama support)")
@@ -67,8 +71,6 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
     model = ad.model
     chosen: dict[str, int] = {}
     if backward:
-        from tl_backward.core.capture import capture
-
         def loss(logits: Tensor, toks: Tensor) -> Tensor:
             row = logits[0, p].float()
             chosen["t"] = int(row.argmax()) if target is None else target
@@ -150,7 +152,7 @@ def _assemble(ad: ModelAdapter, specs: list[NodeSpec], espec: list[EdgeSpec], ta
         from_bottom = backward or s.negative
         label = bottom[0][0] if from_bottom else top[0][0]
         color = BIAS_COLOR if s.bias else rank_color((brank if from_bottom else rank) - 1, n_vocab)
-        norm = _norm(s.vector)
+        norm = norm_of(s.vector)
         if backward:
             lines = [f"{head} (gradient): bottom-{k} {_fmt_list(bottom)}", f"top-{k} {_fmt_list(top)}",
                      f"target {target_str!r}: rank {brank} from the bottom of {n_vocab} (p={tprob:.3g})",
@@ -213,50 +215,18 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
                backward: bool = False, metric: Any = None, bias_nodes: bool = True,
                normalize: bool | None = None, k: int = 5, prepend_bos: bool | None = None,
                like: FlowGraph | None = None) -> FlowGraph:
-    """VISIT's information-flow graph of ``layer`` (an int, or several layers chained) at token
-    ``position`` of one prompt, forward or (``backward=True``) backward.
+    """VISIT's information-flow graph (Katz & Belinkov 2023) of ``layer`` at token ``position`` of
+    one prompt, forward or (``backward=True``) backward.
 
-    **Forward** (Katz & Belinkov 2023, VISIT). Skeleton nodes block_in (resid_pre), attn_in (LN1
-    output, post-affine), attn_out, resid_mid, mlp_in (LN2 output), mlp_out, block_out (resid_post);
-    per kept head j: qkv_j / q_j = W_K[j]q_j, memory key i = W_Q[j]k'_{j,i} and value i =
-    v_{j,i}W_O[j] (k, v from kv head j // group under GQA; k' is the key as the query at p sees it,
-    R_p⁻¹R_i k_i under RoPE), head output A_j = z_jW_O[j], an unprojected ``concat`` node, W_O
-    neurons (rows of W_O as [h·d_head, d_model]) and b_O; MLP key/value neurons W_in[:, i] /
-    W_out[i] and the bias nodes b_in@W_out, b_out. Edge weights: LN steps and skips ‖input‖,
-    attn_out→resid_mid ‖attn_out‖, mlp_out→block_out ‖mlp_out‖, attn_in→qkv ‖attn_in‖,
-    qkv→q 0.2‖W_K q‖, q→k and k→v max(10a, .51) with a = attention of p to i, v→A max(1.3a‖vW_O‖, .51),
-    A→concat 1.8‖zW_O‖, concat→neuron 7, neuron r→attn_out |z_r‖W_O[r]‖|, mlp_in→key 7,
-    key→value 1.5|h_i|, value→mlp_out |h_i‖W_out[i]‖|, bias in 7 / out ‖bias vector‖.
-    Pruning: the ``n_heads`` heads with the largest ‖z_jW_O[j]‖ (VISIT's reference ranks by ‖z_j‖),
-    the ``n_memory`` key positions with the largest attention, the ``n_top_neurons`` largest and
-    ``n_bottom_neurons`` smallest **signed** scores z_r‖W_O[r]‖ and h_i‖W_out[i]‖ (−1 keeps all).
-
-    **Backward** (tl_backward's extension). One :func:`~tl_backward.core.capture.capture` of the
-    loss L (default: −log p(target) at ``position``; or ``metric(logits, tokens)``). Same topology;
-    every activation node carries g = ∂L/∂activation at p — block_in/out grad(resid_pre/post),
-    attn_out and resid_mid grad(hook_attn_out) (the full residual gradient), attn_in/mlp_in
-    grad(ln1.hook_out)/grad(mlp.hook_in), mlp_out grad(mlp_out) — and the others:
-    q_j = W_K[j]g_q, memory key = W_Q[j](RA_j[p,i]·q_{p,j}), memory value = (P_j[p,i]·g_z)W_O[j],
-    A_j = g_zW_O[j], qkv_j = W_Q[j]g_q + W_K[j]g_k⁽ʲ⁾ + W_V[j]g_v⁽ʲ⁾ (what attn_in[p] receives through
-    head j; these sum to grad attn_in[p]), W_O row r = z_p[r]·g_attn_out[p], MLP key i =
-    δ_pre[p,i]·mlp_in[p] (δ at hook_pre_linear when gated), value i = h_p[i]·g_mlp_out[p] (the
-    Backward Lens weight gradients restricted to p), b_O → g_attn_out, b_out → g_mlp_out,
-    b_in@W_out → δ_pre@W_out. RA = ∂L/∂scores / attn_scale. Edge weights = gradient flow: LN steps
-    ‖grad(ln1.hook_in)‖ / ‖grad(ln2.hook_in)‖ (the LN-branch gradients), skips and residual edges
-    ‖g‖ of the node they feed, attn_in→qkv_j ‖qkv_j‖, qkv→q ‖W_Q[j]g_q‖, q→k max(10|RA|/max|RA|, .51)
-    (blue when −RA > 0: attending more would lower L), k→v max(10a, .51), v→A ‖value node‖,
-    A→concat ‖g_zW_O[j]‖, neuron and MLP key→value/value→out edges |act·∂L/∂act| (blue when
-    −act·grad > 0, i.e. the neuron lowers L), fixed-weight edges stay 7. Pruning: heads by
-    ‖g_zW_O[j]‖, memories by |RA_j[p,i]|, neurons by the signed −act·grad (top and bottom).
-    Labels are the **bottom** token of LL(vector) (a descent step adds −g) and colours use the
-    target's rank from the bottom, so green = the update pushes toward the target.
-
-    **Projection** LL(v) = softmax(ln_final(v)·W_U + b_U) with the real final norm (gain and
-    bias). ``normalize`` (default: True for backward graphs, False for forward) L2-normalises v
-    first, because tiny gradient vectors otherwise fall under the norm's eps and all project
-    like the zero vector (Backward Lens appendix). Colour: VISIT's 70-stop palette indexed by
-    floor((rank−1)/|V|·70) of the target (from the bottom for negative-score forward neurons);
-    bias nodes pink, concat white. Edge grey = entropy of the source/neuron projection (bits/30).
+    Each node carries a d_model vector v (``Node.vector``, ``Float[Tensor, "d_model"]``) labelled by
+    its logit lens LL(v) = softmax(ln_final(v)·W_U + b_U) (v L2-normalised first when ``normalize``).
+    Forward, v is an activation at p or a weight row (W_O[r], W_in[:, i], W_out[i]) and an edge's
+    weight is VISIT's width, e.g. ‖input‖ or max(10·a, 0.51) for attention a. Backward, v is
+    g = ∂L/∂activation at p or a Backward Lens weight-gradient factor restricted to p (W_O row r:
+    z_p[r]·g_attn_out[p]), L = −log p(target) at ``position`` (or ``metric(logits, tokens)``), and
+    an edge's weight is the gradient flowing along it. Every node, edge weight, pruning rule and
+    colour: docs/flow_graphs.md; the code: :mod:`tl_backward.flow.topology` (which nodes and edges)
+    and :mod:`tl_backward.flow.rules` (their vectors and weights in each direction).
 
     Args:
         model: a reconstructing TransformerBridge in raw mode (compatibility mode is refused:
@@ -266,13 +236,18 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         target: token whose probability/rank colours the nodes (a string uses its first
             sub-token; mind the leading space) — default the model's argmax at ``position``.
         position: the token position (default the last).
+        n_heads, n_memory, n_top_neurons, n_bottom_neurons: how many heads, memories per head and
+            top/bottom neurons to keep (−1 keeps all).
+        backward: build the backward graph.
         metric: backward only — a callable (logits, tokens) -> scalar to differentiate instead of
             the target NLL.
         bias_nodes: draw the (non-zero) bias nodes.
+        normalize: L2-normalise vectors before the lens (default: True backward, False forward).
+        k: number of tokens in the hover lists.
+        prepend_bos: for a string prompt, whether to prepend BOS (default: the model's setting).
         like: keep exactly the heads, memories and neurons of another graph of the same layers
             (e.g. the forward graph, so a backward graph has identical nodes and layout); the
             n_* pruning arguments are then ignored.
-        k: number of tokens in the hover lists.
 
     Returns: a :class:`FlowGraph` (``nodes``, ``edges``, ``to_json()``, ``to_networkx()``,
     ``render()``, ``save(path)``; displays itself in Jupyter/Colab).

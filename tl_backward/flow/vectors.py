@@ -76,11 +76,6 @@ def through_key(W_K: Float[Tensor, "head d e"], x: Float[Tensor, "head e"]) -> F
     return torch.einsum("hde,he->hd", W_K, x)
 
 
-def memory_keys(W_Q: Float[Tensor, "head d e"], keys: Float[Tensor, "n e"], heads: Tensor) -> Float[Tensor, "n d"]:
-    """W_Q[j_n] @ keys_n for (head, key) pairs n."""
-    return torch.einsum("nde,ne->nd", W_Q[heads], keys)
-
-
 def through_out(W_O: Float[Tensor, "head e d"], x: Float[Tensor, "n e"], heads: Tensor) -> Float[Tensor, "n d"]:
     """x_n @ W_O[j_n] (memory values, head outputs)."""
     return torch.einsum("ne,ned->nd", x, W_O[heads])
