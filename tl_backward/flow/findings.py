@@ -1,4 +1,4 @@
-"""VISIT's findings as checks you can run on any model (Katz & Belinkov 2023, §6 of the spec).
+"""VISIT's findings as checks you can run on any model (Katz & Belinkov, Findings of EMNLP 2023).
 
 * :func:`ln_filter` — layer norm as a semantic filter: how LN1/LN2 move the logit-lens
   distribution, Δprob = LL(ln(x)) − LL(x) over the vocabulary, against random vectors of the same

@@ -1,4 +1,5 @@
-"""Backward Lens: gradient factors read through the final norm and the unembedding (spec §3-4).
+"""Backward Lens (Katz et al., EMNLP 2024): gradient factors read through the final norm and the
+unembedding (docs/backward_lens.md).
 
 For each layer, token and weight matrix, the factor that lives in ``d_model`` is projected with
 the logit lens ``LL(v) = ln_final(v) @ W_U + b_U`` (the real final norm, bias included):
@@ -166,7 +167,7 @@ class BackwardLens:
         return self.decode(ids)
 
     def imprint_shift(self, token_index: int | tuple[int, int], lr: float) -> ImprintShift:
-        """Imprint (FF1) and shift (FF2) of a one-token SGD step at ``token_index`` (spec §4)."""
+        """Imprint (FF1) and shift (FF2) of a one-token SGD step at ``token_index`` (Katz et al., EMNLP 2024)."""
         t = self.token_index(token_index)
         lr = _finite(lr, "lr")
         have = [m for m in ("mlp_in", "mlp_out") if m in self.factors.modules]

@@ -1,4 +1,4 @@
-"""Low-rank factors of weight gradients (Backward Lens, Katz et al. 2024, §1-2 of the spec).
+"""Low-rank factors of weight gradients (Backward Lens, Katz et al., EMNLP 2024; docs/backward_lens.md).
 
 For a token-wise linear map ``z_i = x_i W`` (TransformerLens layout, ``W: [d_in, d_out]``) with
 ``δ_i = ∂L/∂z_i``::
@@ -160,7 +160,7 @@ class Factor:
         """Exact change of this module's output at every token after the one-token SGD step
         ``W ← W − lr·x_t ⊗ δ_t`` (all other weights fixed, same input): ``−lr (x_j·x_t) δ_t``.
 
-        At ``j = t`` this is the spec's *imprint* (W_in) / *shift* (W_out): ``−lr‖x_t‖² δ_t``.
+        At ``j = t`` this is the paper's *imprint* (W_in) / *shift* (W_out): ``−lr‖x_t‖² δ_t``.
         """
         n = self.n_tokens
         if not isinstance(token, int) or isinstance(token, bool) or not -n <= token < n:
