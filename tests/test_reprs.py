@@ -27,10 +27,11 @@ PROMPT = "the capital of france is"
 
 # Dataclasses that are not analysis results, with the reason they need no short repr.
 NOT_RESULTS = {
-    "_Request": "private to capture", "_Recording": "private to backward_lens",
+    "_Request": "private to capture",
     "TargetNLL": "metric spec: its repr is its target", "LogitDiff": "metric spec: its repr is its tokens",
     "RowTargetNLL": "metric spec: its repr is its ids",
     "LayerData": "flow builder internals", "NodeSpec": "flow builder internals", "EdgeSpec": "flow builder internals",
+    "LayerIds": "flow builder internals", "LayerTensors": "flow builder internals",
     "Relation": "zoo world data", "SegmentExample": "zoo world data", "Fact": "zoo world data",
     "World": "zoo world data", "TrainConfig": "zoo training config",
 }
@@ -57,6 +58,8 @@ def results() -> dict[str, object]:
     x = torch.randn(3, ad.d_model, generator=torch.Generator().manual_seed(0))
     out["VocabReadout"] = vocab_readout(ad.ln_final(x), ad.W_U, ad.b_U, k=5, rank_ids=torch.zeros(3, 1, dtype=torch.long))
     out["Projection"] = project(ad, x, 5)
+    out["Unembed"] = ad.unembedding
+    out["Readout"] = ad.unembedding.readout(x, k=5, targets=5, softmax=True)
     with tlb.forward_pass_shift(model, PROMPT, " rome", layer=1, eta=3.2) as edit:
         out["Edit"] = edit
     out["EditEvaluation"] = tlb.evaluate_edits(model, World(0).edit_requests(3, seed=0), layer=1, eta=3.2, progress=False)

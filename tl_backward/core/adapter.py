@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from .readout import Unembed
+
 # Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path.
 RECONSTRUCTING_ATTENTION = (
     "JointQKVAttentionBridge",
@@ -275,10 +277,16 @@ class ModelAdapter:
         dtype = next(self.model.parameters()).dtype
         return norm(v.to(dtype)).float()
 
+    @property
+    def unembedding(self) -> Unembed:
+        """The readout ``v ↦ ln_final(v) @ W_U + b_U`` (:class:`tl_backward.core.readout.Unembed`:
+        full logits, probabilities, or chunked top/bottom-k, ranks and entropy for many vectors)."""
+        return Unembed.of(self)
+
     @torch.no_grad()
     def unembed(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
         """Logit lens: ``ln_final(v) @ W_U + b_U``; reproduces the model's logits at the last layer."""
-        return self.ln_final(v) @ self.W_U.to(v.device) + self.b_U.to(v.device)
+        return self.unembedding.logits(v)
 
     # ---------------------------------------------------------------- tokens
     @property
@@ -369,17 +377,27 @@ class ModelAdapter:
             return ids
         raise TypeError(f"target must be a string, an int token id or a sequence of ids, got {type(target).__name__}")
 
+    def decode_ids(self, ids: Sequence[int] | Tensor) -> list[str]:
+        """One display string per vocabulary id (see :func:`decode_ids`)."""
+        return decode_ids(getattr(self.model, "tokenizer", None), ids)
+
     def to_str_tokens(self, tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None) -> list[list[str]]:
         """Token strings per row (padding dropped when ``mask`` is given)."""
-        tok = getattr(self.model, "tokenizer", None)
-        out = []
-        for i, row in enumerate(tokens):
-            ids = row if mask is None else row[mask[i]]
-            if tok is None:
-                out.append([str(int(t)) for t in ids])
-            else:
-                out.append([tok.decode([int(t)]) for t in ids])
-        return out
+        return [self.decode_ids(row if mask is None else row[mask[i]]) for i, row in enumerate(tokens)]
+
+
+def decode_ids(tokenizer: Any, ids: Sequence[int] | Tensor) -> list[str]:
+    """The one token-id decoder: each id on its own, ``tokenizer.decode([id])`` (through
+    ``batch_decode`` when the tokenizer has it: one call for many ids), or ``str(id)`` without a
+    tokenizer. ``ids``: any shape of tensor (flattened) or a sequence of ints."""
+    flat = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids)]
+    if tokenizer is None:
+        return [str(i) for i in flat]
+    if not flat:
+        return []
+    if hasattr(tokenizer, "batch_decode"):
+        return list(tokenizer.batch_decode([[i] for i in flat]))
+    return [tokenizer.decode([i]) for i in flat]
 
 
 def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "batch pos rot"],

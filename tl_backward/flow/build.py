@@ -122,7 +122,7 @@ def _assemble(ad: ModelAdapter, specs: list[NodeSpec], espec: list[EdgeSpec], ta
     extra_row = [row(v, share, ("extra", n)) for n, (_, _, v, share) in enumerate(extra)]
     pr = project(ad, torch.stack(vecs), target, k=k, normalize=normalize)
     ids = torch.cat([pr.top_ids.reshape(-1), pr.bottom_ids.reshape(-1)]).unique().tolist()
-    decoded = dict(zip(ids, _decode(ad, ids)))
+    decoded = dict(zip(ids, ad.decode_ids(ids)))
     n_vocab = ad.d_vocab
 
     def pairs(idx: Tensor, probs: Tensor) -> tuple[tuple[str, float], ...]:
@@ -176,13 +176,6 @@ def _assemble(ad: ModelAdapter, specs: list[NodeSpec], espec: list[EdgeSpec], ta
             color = entropy_grey(entropy[e.entropy_of]) if e.entropy_of in entropy else None
         edges.append(Edge(e.source, e.target, e.kind, float(e.weight), color or "#9aa7b4"))
     return nodes, edges
-
-
-def _decode(ad: ModelAdapter, ids: list[int]) -> list[str]:
-    tok = getattr(ad.model, "tokenizer", None)
-    if tok is None:
-        return [str(i) for i in ids]
-    return list(tok.batch_decode([[i] for i in ids]))
 
 
 # ------------------------------------------------------------------------------------- public API
@@ -291,7 +284,7 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
     data, t, value = _gather(ad, tokens, layers, p, backward, metric, t)
     str_tokens = ad.to_str_tokens(tokens)[0]
     rot = _rotary(ad, n_pos)
-    target_str = _decode(ad, [t])[0]
+    target_str = ad.decode_ids([t])[0]
     graphs = []
     for l, d in zip(layers, data):
         specs, espec = layer_specs(ad, d, l, p, opts, backward, str_tokens, rot)

@@ -11,7 +11,6 @@ Both run forward passes only (``run_with_cache`` under ``no_grad``, caching just
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,9 +19,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_backward.core.adapter import ModelAdapter, get_adapter
+from tl_backward.core.readout import entropy_bits
 from tl_backward.core.stream import device_of
 
-from .project import CHUNK
+# Rows per full-distribution chunk: 64 x 50k fp32 probabilities = 13 MB.
+CHUNK = 64
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -67,23 +68,10 @@ def _collect(ad: ModelAdapter, prompts: list[str], names: list[str], position: i
     return {n: torch.cat(v) for n, v in out.items()}
 
 
-def _probs(ad: ModelAdapter, v: Float[Tensor, "n d"]) -> Float[Tensor, "n vocab"]:
-    return torch.cat([torch.softmax(ad.unembed(v[i:i + CHUNK]), -1) for i in range(0, len(v), CHUNK)])
-
-
-def _entropy_bits(p: Tensor) -> Tensor:
-    return -(p * p.clamp_min(1e-45).log()).sum(-1) / math.log(2)
-
-
 def _overlap(a: Tensor, b: Tensor, k: int) -> Tensor:
     """I_k = |top-k(a) ∩ top-k(b)| / k per row."""
     ta, tb = a.topk(k, -1).indices, b.topk(k, -1).indices
     return (ta[:, :, None] == tb[:, None, :]).any(-1).float().sum(-1) / k
-
-
-def _decode(ad: ModelAdapter, ids: Sequence[int]) -> list[str]:
-    tok = getattr(ad.model, "tokenizer", None)
-    return [str(i) for i in ids] if tok is None else list(tok.batch_decode([[int(i)] for i in ids]))
 
 
 # ------------------------------------------------------------------------------------- LN filter
@@ -174,14 +162,14 @@ def ln_filter(model: Any, prompts: Sequence[str] | str, *, layer: int, which: st
     dtype = next(model.parameters()).dtype
     with torch.no_grad():
         ln_r = norm(r.to(dtype).to(device_of(model))).float().cpu()
-    px, py, pr, plr = (_probs(ad, v) for v in (x, y, r, ln_r))
+    px, py, pr, plr = (ad.unembedding.probs(v, CHUNK).cpu() for v in (x, y, r, ln_r))
     ids = list(range(ad.d_vocab))
     return LNFilter(
         layer=layer, which=which, n_prompts=len(prompts), delta=(py - px).mean(0), delta_random=(plr - pr).mean(0),
         overlap=float(_overlap(px, py, k).mean()), overlap_random=float(_overlap(pr, plr, k).mean()), k=k,
-        entropy={"x": float(_entropy_bits(px).mean()), "ln_x": float(_entropy_bits(py).mean()),
-                 "r": float(_entropy_bits(pr).mean()), "ln_r": float(_entropy_bits(plr).mean())},
-        vocab=tuple(_decode(ad, ids)),
+        entropy={"x": float(entropy_bits(px).mean()), "ln_x": float(entropy_bits(py).mean()),
+                 "r": float(entropy_bits(pr).mean()), "ln_r": float(entropy_bits(plr).mean())},
+        vocab=tuple(ad.decode_ids(ids)),
     )
 
 
@@ -278,10 +266,10 @@ def regularisation_neurons(model: Any, prompts: Sequence[str] | str, *, layers: 
         W_out = ad.W_out(l)
         norms = W_out.norm(dim=-1)
         sample = torch.randperm(ad.d_mlp, generator=gen)[: min(baseline, ad.d_mlp)]
-        base_ent = _entropy_bits(_probs(ad, W_out[sample]))
-        probs = _probs(ad, W_out[chosen])
-        ents = _entropy_bits(probs)
-        tops = probs.topk(min(k, ad.d_vocab), -1).indices
+        unembed = ad.unembedding
+        base_ent = unembed.readout(W_out[sample], k=1, softmax=True).entropy.cpu()
+        lens = unembed.readout(W_out[chosen], k=min(k, ad.d_vocab), softmax=True).to("cpu")
+        ents, tops = lens.entropy, lens.top_ids
         rms = W_out[chosen].pow(2).mean(-1).sqrt()
         outlier = W_out[chosen].abs().max(-1).values / rms.clamp_min(1e-30)
         for c, i in enumerate(chosen):
@@ -289,7 +277,7 @@ def regularisation_neurons(model: Any, prompts: Sequence[str] | str, *, layers: 
                 layer=l, neuron=i, freq_signed=float(freq_s[li, i]), freq_abs=float(freq_a[li, i]),
                 entropy=float(ents[c]), layer_median_entropy=float(base_ent.median()), norm=float(norms[i]),
                 norm_percentile=float((norms < norms[i]).float().mean() * 100), outlier_ratio=float(outlier[c]),
-                top_tokens=tuple(_decode(ad, tops[c].tolist()))))
+                top_tokens=tuple(ad.decode_ids(tops[c]))))
     found.sort(key=lambda c: -max(c.freq_signed, c.freq_abs))
     return RegularisationNeurons(layers=tuple(layer_list), top=top, min_fraction=float(min_fraction),
                                  n_prompts=len(prompts), freq_signed=freq_s, freq_abs=freq_a,

@@ -1,28 +1,21 @@
-"""Batched logit-lens statistics for many d_model vectors at once (pure tensor code + the model's
-final norm).
+"""The flow graphs' view of the readout: logit-lens statistics of many node vectors at once.
 
-LL(v) = softmax(ln_final(v) · W_U + b_U) with the real final norm (gain and bias). One chunked
-matmul over all node vectors gives, per vector: top-k and bottom-k tokens with probabilities, the
-entropy in bits, and the target's probability and ranks. No per-node Python loop touches the
-vocabulary.
+LL(v) = softmax(ln_final(v) · W_U + b_U) with the real final norm (gain and bias), computed by the
+one chunked readout of :mod:`tl_backward.core.readout`: per vector, top-k and bottom-k tokens with
+probabilities, the entropy in bits, and the target's probability and ranks. No per-node Python
+loop touches the vocabulary.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-# Rows per matmul chunk: 64 x 50k fp32 logits = 13 MB (the findings' vocabulary-wide passes).
-CHUNK = 64
-# project() sizes its chunks by elements instead: each [rows, vocab] fp32 temporary stays <= 64 MB,
-# so a whole layer's graph (~150 vectors at GPT-2's 50k vocabulary) is one pass over W_U -- the
-# matmul streams W_U from memory once per chunk, which dominates the cost.
-CHUNK_ELEMENTS = 1 << 24
-POST_ROWS = 32
+from tl_backward.core.readout import ROW_CHUNK, Unembed, normalize_rows
+from tl_backward.errors import TLBackwardError
 
 
 @dataclass(frozen=True)
@@ -48,45 +41,21 @@ class Projection:
         return f"Projection({self.top_ids.shape[0]} vectors, top/bottom {self.top_ids.shape[1]}{ranks})"
 
 
-def normalize_rows(v: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
-    """L2-normalise rows (zero rows stay zero): the normalised lens for tiny gradient vectors,
-    whose variance would otherwise fall below the norm's eps and project like the zero vector."""
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-
-
 @torch.no_grad()
-def project(adapter, vectors: Float[Tensor, "n d_model"], target: int, k: int = 5,
-            normalize: bool = False) -> Projection:
-    """Logit-lens statistics of each row of ``vectors`` (see :class:`Projection`)."""
-    if vectors.ndim != 2 or vectors.shape[-1] != adapter.d_model:
-        raise ValueError(f"vectors must be [n, d_model={adapter.d_model}], got {tuple(vectors.shape)}")
-    v = vectors.float()
-    if normalize:
-        v = normalize_rows(v)
-    k = min(k, adapter.d_vocab)
-    W_U, b_U = adapter.W_U, adapter.b_U
-    parts: list[tuple[Tensor, ...]] = []
-    rows = max(1, CHUNK_ELEMENTS // adapter.d_vocab)
-    for start in range(0, len(v), rows):
-        chunk = v[start:start + rows]
-        logits = torch.addmm(b_U.to(W_U.device), adapter.ln_final(chunk.to(W_U.device)), W_U)
-        # the vocabulary-wide reductions run on POST_ROWS rows at a time, which stay in cache
-        # (a third faster on CPU than full-chunk temporaries at a 50k vocabulary)
-        for sub in logits.split(POST_ROWS):
-            parts.append(_statistics(sub, target, k))
-    cat = [torch.cat([p[i] for p in parts]).cpu() for i in range(8)]
-    return Projection(*cat)
+def project(adapter, vectors: Float[Tensor, "n d_model"], target: int, k: int = 5, normalize: bool = False, *,
+            vocab_chunk: int | None = None, row_chunk: int = ROW_CHUNK) -> Projection:
+    """Logit-lens statistics of each row of ``vectors`` (see :class:`Projection`); ``k`` is capped
+    at the vocabulary size, ``normalize`` L2-normalises rows first
+    (:func:`~tl_backward.core.readout.normalize_rows`). Results are on the CPU."""
+    if not isinstance(vectors, Tensor) or vectors.ndim != 2 or vectors.shape[-1] != adapter.d_model:
+        shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+        raise TLBackwardError(f"vectors must be [n, d_model={adapter.d_model}], got {shape}", argument="vectors")
+    r = Unembed.of(adapter).readout(vectors, k=min(k, adapter.d_vocab), targets=target, softmax=True,
+                                    bottom_ranks=True, normalize=normalize, vocab_chunk=vocab_chunk,
+                                    row_chunk=row_chunk).to("cpu")
+    return Projection(top_ids=r.top_ids, top_probs=r.top_probs, bottom_ids=r.bottom_ids,
+                      bottom_probs=r.bottom_probs, target_prob=r.target_probs[:, 0], rank=r.ranks[:, 0],
+                      bottom_rank=r.bottom_ranks[:, 0], entropy=r.entropy)
 
 
-def _statistics(logits: Float[Tensor, "n vocab"], target: int, k: int) -> tuple[Tensor, ...]:
-    """The fields of :class:`Projection`, in order, for a block of logit rows."""
-    logp = torch.log_softmax(logits, dim=-1)
-    probs = logp.exp()
-    top_p, top_i = probs.topk(k, dim=-1)
-    bot_p, bot_i = probs.topk(k, dim=-1, largest=False)
-    t_logit = logits[:, target:target + 1]
-    # counts summed in fp32 (exact below 2**24 tokens): about twice as fast as summing bools
-    rank = (logits > t_logit).float().sum(-1).long()
-    bottom_rank = (logits < t_logit).float().sum(-1).long()
-    entropy = -(probs * logp).sum(-1) / math.log(2)
-    return top_i, top_p, bot_i, bot_p, probs[:, target], rank, bottom_rank, entropy
+__all__ = ["Projection", "project", "normalize_rows"]

@@ -1,4 +1,5 @@
-"""Backward Lens: gradient factors read through the final norm and the unembedding (Katz et al., EMNLP 2024, §3-4; docs/backward_lens.md).
+"""Backward Lens (Katz et al., EMNLP 2024): gradient factors read through the final norm and the
+unembedding (docs/backward_lens.md).
 
 For each layer, token and weight matrix, the factor that lives in ``d_model`` is projected with
 the logit lens ``LL(v) = ln_final(v) @ W_U + b_U`` (the real final norm, bias included):
@@ -23,11 +24,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_backward.core.adapter import get_adapter
-from tl_backward.core.metrics import bind_metric, target_nll
+from tl_backward.core.adapter import decode_ids, get_adapter
+from tl_backward.core.metrics import target_nll
+from tl_backward.core.readout import Unembed
 
 from .factors import GradientFactors, _finite, gradient_factors
-from .projection import l2_normalize, vocab_readout
 from .render import render_backward_lens
 
 # module -> (projected side, reading direction)
@@ -134,11 +135,8 @@ class BackwardLens:
         return self.factors.token_strs
 
     def decode(self, ids: Sequence[int] | Tensor) -> list[str]:
-        """Token strings of vocabulary ids."""
-        ids = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids)]
-        if self.tokenizer is None:
-            return [str(i) for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
+        """Token strings of vocabulary ids (:func:`tl_backward.core.adapter.decode_ids`)."""
+        return decode_ids(self.tokenizer, ids)
 
     def layer_index(self, layer: int) -> int:
         n = self.factors.n_layers
@@ -170,7 +168,7 @@ class BackwardLens:
         return self.decode(ids)
 
     def imprint_shift(self, token_index: int | tuple[int, int], lr: float) -> ImprintShift:
-        """Imprint (FF1) and shift (FF2) of a one-token SGD step at ``token_index`` (Katz et al. 2024, §4)."""
+        """Imprint (FF1) and shift (FF2) of a one-token SGD step at ``token_index`` (Katz et al., EMNLP 2024)."""
         t = self.token_index(token_index)
         lr = _finite(lr, "lr")
         have = [m for m in ("mlp_in", "mlp_out") if m in self.factors.modules]
@@ -221,11 +219,11 @@ def backward_lens(
         raise TypeError(f"normalize must be True or False, got {normalize!r}")
     if target is None:
         raise ValueError("target is None: pass the target word (e.g. ' Paris') or its token id")
-    recorder = _Recording(target_nll(target))
-    gf = gradient_factors(model, input, metric=recorder, modules=modules, layers=layers, prepend_bos=prepend_bos)
+    gf = gradient_factors(model, input, metric=target_nll(target), modules=modules, layers=layers,
+                          prepend_bos=prepend_bos)
     n_rows = gf.tokens.shape[0]
     target_ids = _row_targets(ad, target, n_rows)
-    pred_ids = recorder.pred[-1]
+    pred_ids = gf.last_logits.argmax(-1).cpu()  # the model's prediction, from the same forward pass
 
     readouts = project_factors(ad, gf, target_ids, pred_ids, top_k=top_k, normalize=normalize)
     return BackwardLens(factors=gf, readouts=readouts, target_ids=target_ids, pred_ids=pred_ids,
@@ -237,8 +235,8 @@ def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: 
                     normalize: bool, **chunks: int) -> dict[str, LensReadout]:
     """The projection step of :func:`backward_lens`: every distinct d_model-sized factor of ``gf``
     through ``ln_final`` and the unembedding in one chunked pass; ranks of each row's target and
-    prediction (``target_ids``/``pred_ids [batch]``). ``chunks``: ``vocab_chunk``/``row_chunk``
-    of :func:`~tl_backward.lens.projection.vocab_readout`."""
+    prediction (``target_ids``/``pred_ids [batch]``), by :meth:`tl_backward.core.readout.Unembed.readout`.
+    ``chunks``: its ``vocab_chunk``/``row_chunk``."""
     # One [layers, tokens, d_model] block per distinct projected tensor.
     blocks: list[Tensor] = []
     where: dict[str, int] = {}
@@ -258,11 +256,10 @@ def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: 
     stacked = torch.stack(blocks)  # [blocks, layer, tokens, d_model]
     norms = stacked.norm(dim=-1)
     flat = stacked.reshape(-1, ad.d_model)
-    h = ad.ln_final(l2_normalize(flat) if normalize else flat)
     rows_b = gf.positions[:, 0]
     ids = torch.stack([target_ids[rows_b], pred_ids[rows_b]], -1)  # [tokens, 2]
     ids = ids.expand(len(blocks) * len(gf.layers), *ids.shape).reshape(-1, 2)
-    r = vocab_readout(h, ad.W_U, ad.b_U, k=top_k, rank_ids=ids, **chunks)
+    r = Unembed.of(ad).readout(flat, k=top_k, targets=ids, normalize=normalize, **chunks)
     shape = (len(blocks), len(gf.layers), gf.n_tokens)
     parts = {name: getattr(r, name).reshape(*shape, -1) for name in
              ("top_ids", "top_logits", "bottom_ids", "bottom_logits", "ranks")}
@@ -276,26 +273,6 @@ def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: 
             target_rank=parts["ranks"][i][..., 0], pred_rank=parts["ranks"][i][..., 1], norm=norms[i],
         )
     return readouts
-
-
-@dataclass
-class _Recording:
-    """Wraps a metric to note the model's argmax at each row's loss position (no extra pass)."""
-
-    inner: Any
-    pred: list = field(default_factory=list)
-
-    def bind(self, adapter, batch):
-        bound, fn = bind_metric(self.inner, adapter, batch)
-        last = bound.last
-
-        def wrapped(logits: Tensor) -> Tensor:
-            with torch.no_grad():
-                rows = logits[torch.arange(len(last), device=logits.device), last.to(logits.device)]
-                self.pred.append(rows.argmax(-1).cpu())
-            return fn(logits)
-
-        return bound, wrapped
 
 
 def _row_targets(ad: Any, target: Any, n_rows: int) -> Int[Tensor, " batch"]:

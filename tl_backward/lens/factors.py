@@ -1,4 +1,4 @@
-"""Low-rank factors of weight gradients (Backward Lens, Katz et al., EMNLP 2024, §3; docs/backward_lens.md).
+"""Low-rank factors of weight gradients (Backward Lens, Katz et al., EMNLP 2024; docs/backward_lens.md).
 
 For a token-wise linear map ``z_i = x_i W`` (TransformerLens layout, ``W: [d_in, d_out]``) with
 ``δ_i = ∂L/∂z_i``::
@@ -182,6 +182,8 @@ class GradientFactors:
     ``gf[layer, module]`` -> :class:`Factor` (negative layers count from the end);
     ``gf[layer, module, head]`` -> that head's 2-D factor. The token axis of every factor runs over
     the non-padding (batch, position) pairs in row-major order: ``positions[i] = (b, p)``.
+    ``last_logits [batch, d_vocab]``: the model's logits at each row's last prompt position, from
+    the same forward pass (its prediction there).
     """
 
     factors: dict[tuple[int, str], Factor]
@@ -195,6 +197,7 @@ class GradientFactors:
     str_tokens: list[list[str]]
     metric: Float[Tensor, ""]
     gated_mlp: bool = field(default=False, repr=False)
+    last_logits: Float[Tensor, "batch d_vocab"] | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         B, T = self.tokens.shape
@@ -304,7 +307,7 @@ def gradient_factors(
     return GradientFactors(
         factors=factors, layers=tuple(lays), modules=mods, n_layers=ad.n_layers,
         tokens=cache.tokens, mask=mask, last=cache.last, positions=torch.stack([b_idx, p_idx], -1),
-        str_tokens=cache.str_tokens, metric=cache.metric, gated_mlp=ad.gated_mlp,
+        str_tokens=cache.str_tokens, metric=cache.metric, gated_mlp=ad.gated_mlp, last_logits=cache.last_logits,
     )
 
 

@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from tl_backward.core.adapter import decode_ids
+
 from .rule import position_ids as _position_ids
 from .rule import row_end as _row_end
 from .rule import staircase_mask
@@ -153,8 +155,7 @@ class Segments:
         return segment_tokens(self, model, row=row) + mask_figure(self, model, row=row)
 
     def str_tokens(self, model: Any, row: int = 0) -> list[str]:
-        tok = _tokenizer(model)
-        return [tok.decode([int(t)]) for t in self.tokens[row]]
+        return decode_ids(_tokenizer(model), self.tokens[row])
 
 
 # ------------------------------------------------------------------------------------------

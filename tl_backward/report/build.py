@@ -25,6 +25,7 @@ import torch
 
 from ..attention import reversed_attention
 from ..core.adapter import get_adapter
+from ..core.readout import logits_readout
 from ..errors import TLBackwardError
 from ..flow import flow_graph
 from ..lens import backward_lens
@@ -78,21 +79,22 @@ def build_report(
     target_ids = None if target is None else ad.target_tokens(target)  # bad targets fail before any pass
     with steps("forward pass"), torch.no_grad():
         logits = model(tokens.to(next(model.parameters()).device), return_type="logits")
-    probs = logits[0, -1].float().softmax(-1).cpu()
-    top_p, top_i = probs.topk(min(5, probs.numel()))
-    decode = lambda ids: ad.to_str_tokens(torch.tensor([list(ids)]))[0]  # noqa: E731
-    preds = tuple(Prediction(int(i), s, float(p)) for i, s, p in zip(top_i, decode(top_i.tolist()), top_p))
+    # the model's own distribution at the last position, read by the one readout (core/readout.py)
+    first = None if target_ids is None else int(target_ids[0])
+    read = logits_readout(logits[0, -1:].cpu(), k=min(5, ad.d_vocab), targets=first)
+    top_i = read.top_ids[0]
+    preds = tuple(Prediction(int(i), s, float(p)) for i, s, p in zip(top_i, ad.decode_ids(top_i), read.top_probs[0]))
     notes += _unknown_word_note(ad, tokens, prompt)
 
-    if target_ids is None:
-        tid = preds[0].id
+    if first is None:  # the prediction itself: nothing is more probable
+        tgt, rank = preds[0], 0
     else:
-        tid = int(target_ids[0])
         if len(target_ids) > 1:
             notes.append(f"the target {target!r} is {len(target_ids)} tokens; the report scores its first token "
-                         f"{decode([tid])[0]!r} at the last prompt position")
-    tgt = Prediction(tid, decode([tid])[0], float(probs[tid]))
-    rank = int((probs > probs[tid]).sum())
+                         f"{ad.decode_ids([first])[0]!r} at the last prompt position")
+        tgt = Prediction(first, ad.decode_ids([first])[0], float(read.target_probs[0, 0]))
+        rank = int(read.ranks[0, 0])
+    tid = tgt.id
     loss = -math.log(max(tgt.prob, 1e-45))
 
     # 2-3. The two backward passes.
