@@ -82,8 +82,8 @@ def run_patching(model, tasks, seeds):
                 for split, queries in (("select", selq), ("test", evalq)):
                     res = icl_patching(model, train, queries, n_train=N_TRAIN, fit_queries=fitq, seed=seed,
                                        verbose=False)
-                    rows += [{**r, "task": task, "seed": seed, "variant": variant, "fold": fold, "split": split,
-                              "fit_loss": res["fit_loss"][r["n_shots"]]} for r in res["rows"]]
+                    rows += [{**r.to_dict(), "task": task, "seed": seed, "variant": variant, "fold": fold,
+                              "split": split, "fit_loss": res.fit_loss[r.n_shots]} for r in res.rows]
         print(f"  patching {task}: done", flush=True)
     return rows
 
@@ -151,8 +151,8 @@ def run_perturbation(model, tasks, seeds):
         train, test = world_pairs(task)
         for seed in seeds:
             res = icl_perturbation(model, train, test, n_train=N_TRAIN, seed=seed, verbose=False)
-            for k, r in res.items():
-                rows += [{**row, "task": task, "seed": seed, "n_shots": k} for row in r["rows"]]
+            for k, run in res.items():
+                rows += [{**row.to_dict(), "task": task, "seed": seed, "n_shots": k} for row in run.rows]
         print(f"  perturbation {task}: done")
     return rows
 

@@ -14,7 +14,10 @@ import torch
 import tl_backward as tlb
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.stream import stream
-from tl_backward.masking.experiment import world_task, qa_segments
+from tl_backward.attention.icl import icl_patching, world_pairs
+from tl_backward.attention.perturbation import icl_perturbation
+from tl_backward.lens.experiment import run as editing_run
+from tl_backward.masking.experiment import mas_comparison, world_task, qa_segments
 from tl_backward.report import build_report
 from tl_backward.flow.findings import ln_filter, regularisation_neurons
 from tl_backward.flow.project import project
@@ -80,7 +83,21 @@ def results() -> dict[str, object]:
     out["Figure"] = report.page.figures[0]
     out["Streamed"] = stream(model, PROMPT, nll)
     out["Batch"] = ad.tokenize(PROMPT)
+    out.update(_experiments(model))
     return out
+
+
+def _experiments(model) -> dict[str, object]:
+    """The four experiments' result types, from the smallest runs that fill them."""
+    train, test = world_pairs("country_capital")
+    icl = icl_patching(model, train, test[:4], n_shots=(0,), etas=(-10.0,), n_train=2, verbose=False)
+    pert = icl_perturbation(model, train, test[:4], n_shots=(0,), n_train=2, fractions=(0.0, 1.0),
+                            rankings=("reversed",), verbose=False)
+    edits = editing_run(model, World(0).edit_requests(3, seed=0), n_tune=1, layers=[1], etas=(3.2,), progress=False)
+    mas = mas_comparison(model, n_train=4, n_test=4, batch_size=4, seeds=(0,), progress=False, verbose=False)
+    return {"ICLPatching": icl, "ICLRow": icl.rows[-1], "ICLPerturbation": pert, "HeadPerturbation": pert[0],
+            "PerturbationRow": pert[0].rows[0], "EditingRun": edits, "GridPoint": edits.grid[0],
+            "EditScores": edits.edited, "MASComparison": mas, "ArmResult": mas.arms["mas"]}
 
 
 def test_every_result_repr_is_one_short_line(results):
@@ -112,3 +129,14 @@ def test_reprs_carry_the_headline_figures(results):
     assert f"{100 * ev.summary()['efficacy']:.1f}%" in repr(ev)
     f = results["Factor"]
     assert str(list(f.reconstruct().shape)) in repr(f)
+
+
+def test_experiment_reprs_carry_their_numbers(results):
+    icl, mas, edits = results["ICLPatching"], results["MASComparison"], results["EditingRun"]
+    row = results["ICLRow"]
+    assert f"{row.top1:.1f}/{row.top2:.1f}/{row.top3:.1f} %" in repr(row) and f"{icl.n_test} test queries" in repr(icl)
+    assert f"MAS {100 * mas.arms['mas'].mean:.1f} %" in repr(mas) and f"{100 * mas.delta_mas_minus_causal:+.1f}" in repr(mas)
+    assert f"layer {edits.chosen.layer}, η {edits.chosen.eta:g}" in repr(edits)
+    assert f"efficacy {100 * edits.edited.efficacy:.1f}%" in repr(edits)
+    pert = results["HeadPerturbation"]
+    assert f"{pert.n_heads} heads" in repr(pert) and f"{pert.rows[0].top1:.1f}" in repr(pert.rows[0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -25,10 +26,13 @@ import torch
 from .aggregate import mean_over
 from .patching import patch_attention
 from ..core.adapter import get_adapter
+from ..core.results import FrozenDict, Record
+from ..errors import TLBackwardError
 from ..zoo.world import World
 
 __all__ = ["PAPER_ETAS", "PAPER_SHOTS", "icl_prompt", "icl_prompts", "answer_ids", "topk_hits", "evaluate",
-           "constant_length_pairs", "world_pairs", "icl_patching", "format_icl_table", "to_frame"]
+           "constant_length_pairs", "world_pairs", "icl_patching", "ICLPatching", "ICLRow",
+           "format_icl_table", "to_frame"]
 
 # The paper's η grid, in its order (Katz & Wolf 2025, ICL experiments); negative η is the descent direction.
 PAPER_ETAS = (3, 2, 1, 0.5, 0, -0.1, 0.25, -0.5, -1, -2, -4, -6, -8, -10, -15, -20, -25, -30, -35,
@@ -129,6 +133,93 @@ def topk_scores(hits: torch.Tensor, nll: torch.Tensor | None = None) -> dict[str
     return out
 
 
+@dataclass(frozen=True)
+class ICLRow(Record):
+    """One (n_shots, method, η) cell of :func:`icl_patching`, scored on ``n_test`` test queries of
+    ``prompt_len`` tokens: top-1/2/3 accuracy (%) of the answer's first token at the last prompt
+    position and ``nll``, the mean answer NLL in nats. ``method``: ``"none"`` (η = 0, unpatched),
+    ``"reversed"`` (pattern ``P + η·RĀ``) or ``"forward"`` (the control ``P + η·P̄``)."""
+
+    n_shots: int
+    method: str
+    eta: float
+    top1: float
+    top2: float
+    top3: float
+    nll: float
+    n_test: int
+    prompt_len: int
+
+    def __repr__(self) -> str:
+        return (f"ICLRow({self.n_shots}-shot, {self.method}, η {self.eta:g}: top-1/2/3 "
+                f"{self.top1:.1f}/{self.top2:.1f}/{self.top3:.1f} %, NLL {self.nll:.3f})")
+
+
+@dataclass(frozen=True)
+class ICLPatching(Record):
+    """Result of :func:`icl_patching`: one :class:`ICLRow` per (n_shots, method, η), in run order.
+
+    ``fit_loss[n_shots]``: the mean training-prompt loss RĀ and P̄ come from (near 0 means near-zero
+    RA, hence small effects at the paper's η); ``fit_source``: ``"train"`` (the first ``n_train``
+    training queries) or ``"fit_queries"``; ``n_test``: test queries per row; ``model``: its name.
+    """
+
+    rows: tuple[ICLRow, ...]
+    n_train: int
+    n_test: int
+    seed: int
+    fit_loss: FrozenDict
+    fit_source: str
+    model: str
+
+    def __repr__(self) -> str:
+        shots = tuple(dict.fromkeys(r.n_shots for r in self.rows))
+        etas = {r.eta for r in self.rows if r.method != "none"}
+        return (f"ICLPatching({self.model}; shots {shots}, {len(etas)} η, {len(self.rows)} rows; maps over "
+                f"{self.n_train} {'train' if self.fit_source == 'train' else 'fit'} prompts, "
+                f"{self.n_test} test queries)")
+
+    def row(self, n_shots: int, method: str, eta: float = 0.0) -> ICLRow:
+        """The row of ``(n_shots, method, eta)`` (``method="none"`` is the η = 0 row)."""
+        eta = 0.0 if method == "none" else float(eta)
+        for r in self.rows:
+            if (r.n_shots, r.method, r.eta) == (n_shots, method, eta):
+                return r
+        shots = sorted({r.n_shots for r in self.rows})
+        etas = sorted({r.eta for r in self.rows if r.method != "none"})
+        if n_shots not in shots:
+            raise TLBackwardError(f"n_shots={n_shots!r} was not run; pass one of {shots}", argument="n_shots")
+        if method not in ("none", "reversed", "forward"):
+            raise TLBackwardError(f"method must be 'none', 'reversed' or 'forward', got {method!r}",
+                                  argument="method")
+        raise TLBackwardError(f"eta={eta!r} was not run; pass one of {etas}", argument="eta")
+
+    def table(self) -> str:
+        """Markdown table: one line per (n_shots, η); RA and control top-1/2/3 (NLL) side by side."""
+        lines = [f"ICL attention patching -- model {self.model}, RĀ/P̄ over {self.n_train} "
+                 f"{'train' if self.fit_source == 'train' else 'fit'} "
+                 f"prompts, {self.n_test} test queries; top-1/2/3 accuracy (%) of the answer's first token",
+                 "(and mean answer NLL in nats)", "",
+                 "| shots | η | RA patch top-1/2/3 (NLL) | forward-map control top-1/2/3 (NLL) |", "|---|---|---|---|"]
+        fmt = lambda r: f"{r.top1:.1f} / {r.top2:.1f} / {r.top3:.1f} ({r.nll:.3f})"  # noqa: E731
+        for k in dict.fromkeys(r.n_shots for r in self.rows):
+            none = self.row(k, "none")
+            fit = self.fit_loss.get(k)
+            extra = f" (train-prompt loss {fit:.3g})" if fit is not None else ""
+            lines.append(f"| {k}{extra} | 0 (no patch) | {fmt(none)} | {fmt(none)} |")
+            for eta in dict.fromkeys(r.eta for r in self.rows if r.n_shots == k and r.method != "none"):
+                lines.append(f"| {k} | {eta:g} | {fmt(self.row(k, 'reversed', eta))} | "
+                             f"{fmt(self.row(k, 'forward', eta))} |")
+        return "\n".join(lines)
+
+    def to_frame(self):
+        """The rows as a pandas DataFrame, one column per :class:`ICLRow` field (pandas is
+        optional: imported here only)."""
+        import pandas as pd
+
+        return pd.DataFrame([r.to_dict() for r in self.rows], columns=[*ICLRow.__dataclass_fields__])
+
+
 def icl_patching(
     model: Any,
     train: Sequence[Pair],
@@ -144,7 +235,7 @@ def icl_patching(
     prepend_bos: bool = True,
     progress: bool = False,
     verbose: bool = True,
-) -> dict:
+) -> ICLPatching:
     """Attention patching on ICL prompts: RA patching vs the forward-attention control vs no patch.
 
     ``train``/``test``: (x, y) pairs (e.g. :func:`world_pairs`). For each ``n_shots``: RĀ and P̄ are
@@ -156,10 +247,10 @@ def icl_patching(
     ``train``): needed when the model has memorised its training pairs, whose near-zero loss gives
     near-zero RA -- e.g. fit on one half of held-out pairs and evaluate on the other.
 
-    Returns ``{"rows": [{n_shots, method, eta, top1, top2, top3, nll, n_test, prompt_len}], ...}``
-    (accuracies in %, ``nll`` the mean answer NLL in nats -- it moves before the accuracies do) and
-    prints a table when ``verbose``. Also records ``fit_loss`` per n_shots: the mean training-prompt
-    loss the maps come from (near 0 means near-zero RA, hence small effects at the paper's η).
+    Returns an :class:`ICLPatching`: one :class:`ICLRow` per (n_shots, method, η) with top-1/2/3
+    (%) and ``nll``, the mean answer NLL in nats (it moves before the accuracies do), and
+    ``fit_loss`` per n_shots, the mean training-prompt loss the maps come from (near 0 means
+    near-zero RA, hence small effects at the paper's η). Prints its table when ``verbose``.
     """
     if len(train) < 2 or not test:
         raise ValueError("need at least 2 training pairs and 1 test pair")
@@ -185,46 +276,28 @@ def icl_patching(
                          prepend_bos=prepend_bos, progress=progress)
         base = dict(n_shots=k, n_test=len(evals), prompt_len=lengths.pop())
         fit_loss[k] = float(mean.metric)
-        rows.append({**base, "method": "none", "eta": 0.0,
-                     **topk_scores(*evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos))})
+        scored = evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos)
+        rows.append(ICLRow(**base, method="none", eta=0.0, **topk_scores(*scored)))
         for eta in etas:
             if eta == 0:
                 continue
             for method, delta in (("reversed", mean), ("forward", mean.patterns)):
                 with patch_attention(model, delta, eta=eta, layers=list(mean.layers)):
                     scored = evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos)
-                rows.append({**base, "method": method, "eta": eta, **topk_scores(*scored)})
-    result = {"rows": rows, "n_train": n_train, "n_test": len(test), "seed": seed, "fit_loss": fit_loss,
-              "fit_source": "train" if fit_queries is None else "fit_queries",
-              "model": getattr(model.cfg, "model_name", type(model.original_model).__name__)}
+                rows.append(ICLRow(**base, method=method, eta=eta, **topk_scores(*scored)))
+    result = ICLPatching(rows=tuple(rows), n_train=n_train, n_test=len(test), seed=seed,
+                         fit_loss=FrozenDict(fit_loss), fit_source="train" if fit_queries is None else "fit_queries",
+                         model=getattr(model.cfg, "model_name", type(model.original_model).__name__))
     if verbose:
-        print(format_icl_table(result))
+        print(result.table())
     return result
 
 
-def format_icl_table(result: dict) -> str:
-    """Markdown table: one row per (n_shots, η); RA and control top-1/2/3 side by side."""
-    rows = result["rows"]
-    lines = [f"ICL attention patching -- model {result['model']}, RĀ/P̄ over {result['n_train']} "
-             f"{'train' if result.get('fit_source', 'train') == 'train' else 'fit'} "
-             f"prompts, {result['n_test']} test queries; top-1/2/3 accuracy (%) of the answer's first token",
-             "(and mean answer NLL in nats)", "",
-             "| shots | η | RA patch top-1/2/3 (NLL) | forward-map control top-1/2/3 (NLL) |", "|---|---|---|---|"]
-    fmt = lambda r: f"{r['top1']:.1f} / {r['top2']:.1f} / {r['top3']:.1f} ({r['nll']:.3f})"  # noqa: E731
-    for k in dict.fromkeys(r["n_shots"] for r in rows):
-        none = next(r for r in rows if r["n_shots"] == k and r["method"] == "none")
-        fit = result.get("fit_loss", {}).get(k)
-        extra = f" (train-prompt loss {fit:.3g})" if fit is not None else ""
-        lines.append(f"| {k}{extra} | 0 (no patch) | {fmt(none)} | {fmt(none)} |")
-        for eta in dict.fromkeys(r["eta"] for r in rows if r["n_shots"] == k and r["method"] != "none"):
-            ra = next(r for r in rows if r["n_shots"] == k and r["eta"] == eta and r["method"] == "reversed")
-            fw = next(r for r in rows if r["n_shots"] == k and r["eta"] == eta and r["method"] == "forward")
-            lines.append(f"| {k} | {eta:g} | {fmt(ra)} | {fmt(fw)} |")
-    return "\n".join(lines)
+def format_icl_table(result: ICLPatching) -> str:
+    """``result.table()``: kept for code written when :func:`icl_patching` returned a dict."""
+    return result.table()
 
 
-def to_frame(result: dict):
-    """The result's rows as a pandas DataFrame (pandas is optional: imported here only)."""
-    import pandas as pd
-
-    return pd.DataFrame(result["rows"])
+def to_frame(result: ICLPatching):
+    """``result.to_frame()``: the rows as a pandas DataFrame (pandas is optional)."""
+    return result.to_frame()

@@ -10,15 +10,124 @@ reversal loses it fast.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 from .patching import zero_heads
 from .ranking import HeadRanking, rank_heads
 from .icl import PAPER_SHOTS, Pair, topk_scores, answer_ids, icl_prompts, topk_hits
+from ..core.results import Record
+from ..errors import TLBackwardError
 
-__all__ = ["PAPER_FRACTIONS", "head_perturbation", "icl_perturbation", "format_perturbation_table"]
+__all__ = ["PAPER_FRACTIONS", "head_perturbation", "icl_perturbation", "format_perturbation_table",
+           "HeadPerturbation", "PerturbationRow", "ICLPerturbation"]
 
 PAPER_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@dataclass(frozen=True)
+class PerturbationRow(Record):
+    """One (ranking, kept fraction) cell of :func:`head_perturbation`: the top ``n_kept`` heads of
+    ``ranking`` kept, the rest zero-ablated; top-1/2/3 accuracy (%) of the answer's first token."""
+
+    ranking: str
+    fraction: float
+    n_kept: int
+    top1: float
+    top2: float
+    top3: float
+
+    def __repr__(self) -> str:
+        return (f"PerturbationRow({self.ranking}, keep {self.fraction:.0%} ({self.n_kept} heads): "
+                f"top-1/2/3 {self.top1:.1f}/{self.top2:.1f}/{self.top3:.1f} %)")
+
+
+@dataclass(frozen=True)
+class HeadPerturbation(Record):
+    """Result of :func:`head_perturbation`: one :class:`PerturbationRow` per (ranking, fraction), in
+    run order, and the :class:`~tl_backward.attention.ranking.HeadRanking` the orders came from
+    (computed on ``n_train`` training prompts; scored on ``n_test`` test prompts; ``n_heads`` in all)."""
+
+    rows: tuple[PerturbationRow, ...]
+    ranking: HeadRanking = field(repr=False, compare=False)
+    n_heads: int
+    n_test: int
+    n_train: int
+    seed: int
+
+    def __repr__(self) -> str:
+        names = tuple(dict.fromkeys(r.ranking for r in self.rows))
+        n_f = len({r.fraction for r in self.rows})
+        return (f"HeadPerturbation({self.n_heads} heads; rankings {', '.join(names)} x {n_f} fractions; "
+                f"{self.n_train} train / {self.n_test} test prompts)")
+
+    def row(self, ranking: str, fraction: float) -> PerturbationRow:
+        """The row of ``ranking`` (e.g. ``"reversed_asc"``) at kept ``fraction``."""
+        for r in self.rows:
+            if r.ranking == ranking and r.fraction == float(fraction):
+                return r
+        names = list(dict.fromkeys(r.ranking for r in self.rows))
+        if ranking not in names:
+            raise TLBackwardError(f"ranking={ranking!r} was not run; pass one of {names}", argument="ranking")
+        raise TLBackwardError(f"fraction={fraction!r} was not run; pass one of "
+                              f"{sorted({r.fraction for r in self.rows})}", argument="fraction")
+
+    def table(self) -> str:
+        """Markdown table: top-1 accuracy (%) per kept fraction (rows) and ranking (columns)."""
+        names = list(dict.fromkeys(r.ranking for r in self.rows))
+        fractions = list(dict.fromkeys(r.fraction for r in self.rows))
+        lines = [f"Head perturbation -- keep the top fraction of {self.n_heads} heads, zero the rest; "
+                 f"top-1 accuracy (%) on {self.n_test} test prompts (top-1/2/3 in the returned rows)",
+                 "", "| kept | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for f in fractions:
+            cells = [self.row(n, f) for n in names]
+            lines.append(f"| {f:.0%} ({cells[0].n_kept}) | " + " | ".join(f"{c.top1:.1f}" for c in cells) + " |")
+        return "\n".join(lines)
+
+    def to_frame(self):
+        """The rows as a pandas DataFrame (pandas is optional: imported here only)."""
+        import pandas as pd
+
+        return pd.DataFrame([r.to_dict() for r in self.rows], columns=[*PerturbationRow.__dataclass_fields__])
+
+
+@dataclass(frozen=True)
+class ICLPerturbation(Record):
+    """Result of :func:`icl_perturbation`: one :class:`HeadPerturbation` per ``n_shots``.
+
+    Reads as the mapping ``{n_shots: HeadPerturbation}`` it used to be (``result[5]``,
+    ``result.items()``, ``sorted(result)``); ``runs[i]`` belongs to ``n_shots[i]``.
+    """
+
+    n_shots: tuple[int, ...]
+    runs: tuple[HeadPerturbation, ...]
+
+    def __repr__(self) -> str:
+        heads = self.runs[0].n_heads if self.runs else 0
+        return f"ICLPerturbation(shots {self.n_shots}; {heads} heads; {sum(len(r.rows) for r in self.runs)} rows)"
+
+    def __getitem__(self, n_shots: int) -> HeadPerturbation:
+        if n_shots not in self.n_shots:
+            raise KeyError(f"n_shots={n_shots!r} was not run; runs: {list(self.n_shots)}")
+        return self.runs[self.n_shots.index(n_shots)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.n_shots)
+
+    def __len__(self) -> int:
+        return len(self.n_shots)
+
+    def table(self) -> str:
+        """Each run's :meth:`HeadPerturbation.table` under a ``== k-shot ==`` heading."""
+        return "\n\n".join(f"== {k}-shot ==\n{run.table()}" for k, run in zip(self.n_shots, self.runs))
+
+    def to_frame(self):
+        """Every run's rows with an ``n_shots`` column, as a pandas DataFrame (pandas optional)."""
+        import pandas as pd
+
+        cols = ["n_shots", *PerturbationRow.__dataclass_fields__]
+        return pd.DataFrame([{"n_shots": k, **r.to_dict()} for k, run in zip(self.n_shots, self.runs)
+                             for r in run.rows], columns=cols)
 
 
 def head_perturbation(
@@ -37,13 +146,13 @@ def head_perturbation(
     prepend_bos: bool = True,
     progress: bool = False,
     verbose: bool = True,
-) -> dict:
+) -> HeadPerturbation:
     """Accuracy when only the top ``f`` of heads (by each ranking) are kept.
 
     Targets are strings (``" y"``); accuracy is scored on their first token. The head ranking is
     computed on the training prompts with :func:`tl_backward.rank_heads` unless ``ranking`` is given.
-    Returns ``{"rows": [{ranking, fraction, n_kept, top1, top2, top3}], "ranking": HeadRanking, ...}``
-    (accuracies in %) and prints a table when ``verbose``.
+    Returns a :class:`HeadPerturbation` (one :class:`PerturbationRow` per ranking and fraction,
+    accuracies in %, and the ranking used) and prints its table when ``verbose``.
     """
     for f in fractions:
         if not 0.0 <= float(f) <= 1.0:
@@ -67,11 +176,11 @@ def head_perturbation(
             n_kept = round(float(f) * len(all_heads))
             with zero_heads(model, order[n_kept:]):
                 hits = topk_hits(model, list(test_prompts), answers, batch_size=batch_size, prepend_bos=prepend_bos)
-            rows.append({"ranking": name, "fraction": float(f), "n_kept": n_kept, **topk_scores(hits)})
-    result = {"rows": rows, "ranking": ranking, "n_heads": len(all_heads), "n_test": len(test_prompts),
-              "n_train": len(train_prompts), "seed": seed}
+            rows.append(PerturbationRow(ranking=name, fraction=float(f), n_kept=n_kept, **topk_scores(hits)))
+    result = HeadPerturbation(rows=tuple(rows), ranking=ranking, n_heads=len(all_heads), n_test=len(test_prompts),
+                              n_train=len(train_prompts), seed=seed)
     if verbose:
-        print(format_perturbation_table(result))
+        print(result.table())
     return result
 
 
@@ -86,34 +195,25 @@ def icl_perturbation(
     seed: int = 0,
     verbose: bool = True,
     **kwargs: Any,
-) -> dict:
+) -> ICLPerturbation:
     """:func:`head_perturbation` on k-shot ICL prompts built from (x, y) pairs (template and
     demonstration sampling as in :mod:`tl_backward.attention.icl`), one run per ``n_shots``. The
     heads are ranked on the first ``n_train`` of ``fit_queries`` (default: of ``train``).
-    Returns ``{n_shots: result}``."""
+    Returns an :class:`ICLPerturbation`, which reads as ``{n_shots: HeadPerturbation}``."""
     queries = list(train if fit_queries is None else fit_queries)[:n_train]
     if not queries:
         raise ValueError("no queries to rank the heads on: pass non-empty train or fit_queries")
-    out = {}
+    runs = []
     for k in n_shots:
         fit = icl_prompts(train, queries, k, seed=seed)
         evals = icl_prompts(train, test, k, seed=seed + 1)
         if verbose:
             print(f"\n== {k}-shot ==")
-        out[k] = head_perturbation(model, [p for p, _ in fit], [t for _, t in fit], [p for p, _ in evals],
-                                   [t for _, t in evals], seed=seed, verbose=verbose, **kwargs)
-    return out
+        runs.append(head_perturbation(model, [p for p, _ in fit], [t for _, t in fit], [p for p, _ in evals],
+                                      [t for _, t in evals], seed=seed, verbose=verbose, **kwargs))
+    return ICLPerturbation(n_shots=tuple(n_shots), runs=tuple(runs))
 
 
-def format_perturbation_table(result: dict) -> str:
-    """Markdown table: top-1 accuracy (%) per kept fraction (rows) and ranking (columns)."""
-    rows = result["rows"]
-    names = list(dict.fromkeys(r["ranking"] for r in rows))
-    fractions = list(dict.fromkeys(r["fraction"] for r in rows))
-    lines = [f"Head perturbation -- keep the top fraction of {result['n_heads']} heads, zero the rest; "
-             f"top-1 accuracy (%) on {result['n_test']} test prompts (top-1/2/3 in the returned rows)",
-             "", "| kept | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for f in fractions:
-        cells = [next(r for r in rows if r["ranking"] == n and r["fraction"] == f) for n in names]
-        lines.append(f"| {f:.0%} ({cells[0]['n_kept']}) | " + " | ".join(f"{c['top1']:.1f}" for c in cells) + " |")
-    return "\n".join(lines)
+def format_perturbation_table(result: HeadPerturbation) -> str:
+    """``result.table()``: kept for code written when :func:`head_perturbation` returned a dict."""
+    return result.table()

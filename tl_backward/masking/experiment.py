@@ -24,7 +24,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +32,7 @@ import torch
 
 from .. import zoo
 from ..core.loading import load_model
+from ..core.results import NOT_IN_DICT, FrozenDict, Record
 from ..render.page import Page, html_figure
 from ..zoo.tiny import tiny_model
 from ..zoo.world import World
@@ -106,6 +107,82 @@ def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_
     return hits / len(segments)
 
 
+ARMS = ("causal", "mas")
+
+
+@dataclass(frozen=True)
+class ArmResult(Record):
+    """One arm of :func:`mas_comparison` (``arm``: "causal" or "mas"), one entry per seed:
+    held-out ``accuracy`` (fraction) under the arm's own mask, the mean of the last tenth of the
+    training losses, wall ``seconds``; ``mean`` and ``std`` (sample std, 0 for one seed) of the
+    accuracies; ``steps`` optimiser steps per run."""
+
+    arm: str
+    accuracy: tuple[float, ...]
+    mean: float
+    std: float
+    final_train_loss: tuple[float, ...]
+    seconds: tuple[float, ...] = field(compare=False)
+    steps: int
+
+    def __repr__(self) -> str:
+        n = len(self.accuracy)
+        return (f"ArmResult({self.arm}: {100 * self.mean:.1f} ± {100 * self.std:.1f} % over "
+                f"{n} seed{'s' * (n != 1)}, {self.steps} steps)")
+
+
+@dataclass(frozen=True)
+class MASComparison(Record):
+    """Result of :func:`mas_comparison`: the setup, the base model's held-out accuracy per mask
+    (``base_accuracy["causal"|"mas"]``), one :class:`ArmResult` per arm (``arms["causal"|"mas"]``)
+    and ``delta_mas_minus_causal``, the difference of their mean accuracies (fractions).
+
+    With ``keep_models=True``: ``weights[arm]``, the first seed's fine-tuned weights (a state dict,
+    loadable with :func:`tl_backward.masking.restore_weights`), and ``base_model``; both are left
+    out of :meth:`to_dict` and of ``==``.
+    """
+
+    task: str
+    model: str
+    n_train: int
+    n_test: int
+    epochs: int
+    lr: float
+    batch_size: int
+    seeds: tuple[int, ...]
+    lora: bool
+    base_accuracy: FrozenDict
+    arms: FrozenDict
+    delta_mas_minus_causal: float
+    weights: FrozenDict | None = field(default=None, repr=False, compare=False, metadata=NOT_IN_DICT)
+    base_model: Any = field(default=None, repr=False, compare=False, metadata=NOT_IN_DICT)
+
+    def __repr__(self) -> str:
+        c, m = self.arms["causal"], self.arms["mas"]
+        return (f"MASComparison({self.task}, {self.model}: causal {100 * c.mean:.1f} %, MAS {100 * m.mean:.1f} %, "
+                f"Δ {100 * self.delta_mas_minus_causal:+.1f} points; {len(self.seeds)} seed{'s' * (len(self.seeds) != 1)}, "
+                f"{c.steps} steps)")
+
+    def table(self) -> str:
+        """Markdown table: per arm the base accuracy, the fine-tuned mean ± std and every seed's."""
+        lines = [
+            f"MAS vs causal fine-tuning -- task {self.task}, model {self.model}, "
+            f"{self.n_train} train / {self.n_test} held-out examples, "
+            f"{self.arms['mas'].steps} steps, lr {self.lr}, {len(self.seeds)} seeds"
+            + (", LoRA" if self.lora else ", full fine-tuning"),
+            "",
+            "| arm | base model (no fine-tune) | fine-tuned accuracy (mean ± std) | per seed |",
+            "|---|---|---|---|",
+        ]
+        for arm in ARMS:
+            a = self.arms[arm]
+            per = ", ".join(f"{100 * x:.1f}" for x in a.accuracy)
+            lines.append(f"| {arm} | {100 * self.base_accuracy[arm]:.1f} % | "
+                         f"{100 * a.mean:.1f} ± {100 * a.std:.1f} % | {per} |")
+        lines += ["", f"Δ (MAS − causal) = {100 * self.delta_mas_minus_causal:+.1f} points"]
+        return "\n".join(lines)
+
+
 def _default_setup(task: str) -> tuple[Any, str]:
     if task in ("auto", "world") and "facts-gpt2" in zoo.list_models():
         return load_model("facts-gpt2"), "world"
@@ -128,15 +205,15 @@ def mas_comparison(
     progress: bool = True,
     verbose: bool = True,
     keep_models: bool = False,
-) -> dict:
+) -> MASComparison:
     """Fine-tune copies of ``model`` causally and with MAS (same data, steps, seeds); report held-out
-    accuracy mean ± std over ``seeds``. Prints a table (``verbose``) and returns a dict.
+    accuracy mean ± std over ``seeds``. Prints a table (``verbose``) and returns a :class:`MASComparison`.
 
     ``model=None`` loads the embedded ``facts-gpt2`` and its world task (``task="auto"``), or falls
     back to a random tiny GPT-2 on :func:`synthetic_task` when no embedded model is shipped.
     ``task`` = "world" | "synthetic" | "auto". The base model itself is not modified.
-    ``keep_models`` adds ``result["weights"][arm]``: the fine-tuned weights (state dict) of the first
-    seed, loadable with :func:`tl_backward.masking.restore_weights`; and ``result["base_model"]``.
+    ``keep_models`` fills ``result.weights[arm]``: the fine-tuned weights (state dict) of the first
+    seed, loadable with :func:`tl_backward.masking.restore_weights`; and ``result.base_model``.
     """
     if len(seeds) < 1:
         raise ValueError("seeds must list at least one seed (>= 3 for mean ± std)")
@@ -151,10 +228,10 @@ def mas_comparison(
     train = qa_segments(model, make(n_train, split="train"))
     test = qa_segments(model, make(n_test, split="test"))
 
-    base = {arm: answer_accuracy(model, test, mask=arm) for arm in ("causal", "mas")}
-    arms: dict[str, dict] = {}
+    base = {arm: answer_accuracy(model, test, mask=arm) for arm in ARMS}
+    arms: dict[str, ArmResult] = {}
     kept: dict[str, Any] = {}
-    for arm in ("causal", "mas"):
+    for arm in ARMS:
         accs, losses, secs = [], [], []
         for seed in seeds:
             # Every run starts from the base weights, restored exactly afterwards.
@@ -166,52 +243,24 @@ def mas_comparison(
                 accs.append(answer_accuracy(model, test, mask=arm))
                 losses.append(float(res.losses[-max(1, len(res.losses) // 10):].mean()))
                 if keep_models and arm not in kept:
-                    kept[arm] = snapshot_weights(model)
-        arms[arm] = {
-            "accuracy": accs,
-            "mean": statistics.fmean(accs),
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "final_train_loss": losses,
-            "seconds": secs,
-            "steps": res.steps,
-        }
-    result = {
-        "task": task,
-        "model": getattr(model.cfg, "model_name", type(model.original_model).__name__),
-        "n_train": n_train, "n_test": n_test, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "seeds": list(seeds), "lora": lora is not None,
-        "base_accuracy": base,
-        "arms": arms,
-        "delta_mas_minus_causal": arms["mas"]["mean"] - arms["causal"]["mean"],
-    }
+                    kept[arm] = FrozenDict(snapshot_weights(model))
+        arms[arm] = ArmResult(arm=arm, accuracy=tuple(accs), mean=statistics.fmean(accs),
+                              std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                              final_train_loss=tuple(losses), seconds=tuple(secs), steps=res.steps)
+    result = MASComparison(
+        task=task, model=getattr(model.cfg, "model_name", type(model.original_model).__name__),
+        n_train=n_train, n_test=n_test, epochs=epochs, lr=lr, batch_size=batch_size,
+        seeds=tuple(seeds), lora=lora is not None, base_accuracy=FrozenDict(base), arms=FrozenDict(arms),
+        delta_mas_minus_causal=arms["mas"].mean - arms["causal"].mean,
+        weights=FrozenDict(kept) if keep_models else None, base_model=model if keep_models else None)
     if verbose:
-        print(format_table(result))
-    if keep_models:
-        result["weights"] = kept
-        result["base_model"] = model
+        print(result.table())
     return result
 
 
-def format_table(result: dict) -> str:
-    """Markdown table of a :func:`mas_comparison` result."""
-    n = len(result["seeds"])
-    lines = [
-        f"MAS vs causal fine-tuning -- task {result['task']}, model {result['model']}, "
-        f"{result['n_train']} train / {result['n_test']} held-out examples, "
-        f"{result['arms']['mas']['steps']} steps, lr {result['lr']}, {n} seeds"
-        + (", LoRA" if result["lora"] else ", full fine-tuning"),
-        "",
-        "| arm | base model (no fine-tune) | fine-tuned accuracy (mean ± std) | per seed |",
-        "|---|---|---|---|",
-    ]
-    for arm in ("causal", "mas"):
-        a = result["arms"][arm]
-        per = ", ".join(f"{100 * x:.1f}" for x in a["accuracy"])
-        lines.append(f"| {arm} | {100 * result['base_accuracy'][arm]:.1f} % | "
-                     f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f} % | {per} |")
-    lines.append("")
-    lines.append(f"Δ (MAS − causal) = {100 * result['delta_mas_minus_causal']:+.1f} points")
-    return "\n".join(lines)
+def format_table(result: MASComparison) -> str:
+    """``result.table()``: kept for code written when :func:`mas_comparison` returned a dict."""
+    return result.table()
 
 
 def mas_page(model: Any, segments: Any, *, layer: int = 0, row: int = 0, compare_causal: bool = True) -> Page:
@@ -226,7 +275,7 @@ def mas_page(model: Any, segments: Any, *, layer: int = 0, row: int = 0, compare
     return Page(figs, title="Segment-based attention masking")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> MASComparison:
     """``python -m tl_backward.masking.experiment [--out DIR] [--n-train N] [--seeds 0 1 2] ...``
 
     Runs :func:`mas_comparison` on the embedded model (or the synthetic fallback), prints the table
@@ -252,12 +301,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          lr=args.lr, batch_size=args.batch_size, seeds=args.seeds, keep_models=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights, model = res.pop("weights"), res.pop("base_model")
-    (out / "mas_comparison.json").write_text(json.dumps(res, indent=2))
-    table = format_table(res)
+    weights, model = res.weights, res.base_model
+    (out / "mas_comparison.json").write_text(json.dumps(res.to_dict(), indent=2))
+    table = res.table()
     (out / "mas_comparison.md").write_text(table + "\n")
 
-    make = world_task if res["task"] == "world" else synthetic_task
+    make = world_task if res.task == "world" else synthetic_task
     example = qa_segments(model, make(1, split="test"))
     toks = [t for t, v in zip(example.str_tokens(model), example.valid[0].tolist()) if v]
     figs = [html_figure("<pre>" + html.escape(table) + "</pre>", title="Measured comparison"),
