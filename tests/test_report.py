@@ -13,6 +13,8 @@ from tests.reference import assert_no_hooks, assert_untouched, hf_activation_gra
 from tests.tolerance import MODEL_TERMS, assert_close_fp32, fp32_rtol
 from tl_backward.attention import reversed_attention
 from tl_backward.core.adapter import get_adapter
+from tl_backward.flow import flow_graph
+from tl_backward.lens import backward_lens
 from tl_backward.report import Progress, Report, build_report
 from tl_backward.render.page import Page
 from tl_backward.zoo.tiny import tiny_hf_model
@@ -121,16 +123,57 @@ def test_lens_rows_match_dense_projection_of_hf_gradients(reports, gpt2_model):
 
 
 def test_orchestrates_the_feature_apis(reports, gpt2_model):
+    # The report reads everything off one shared pass; each piece must equal the feature API run alone.
     r = reports["gpt2", " rome"]
     ra = reversed_attention(gpt2_model, PROMPT, " rome")
     assert_close_fp32(r.reversed_attention.maps, ra.maps, n_terms=MODEL_TERMS)  # two runs
-    assert r.top_heads(4) == ra.top_heads(4)
+    assert_close_fp32(r.reversed_attention.patterns, ra.patterns, n_terms=MODEL_TERMS)
+    assert [(l, h) for l, h, _ in r.top_heads(4)] == [(l, h) for l, h, _ in ra.top_heads(4)]
     assert r.lens.modules == ("mlp_in", "mlp_out")
+    alone = backward_lens(gpt2_model, PROMPT, " rome", modules=("mlp_in", "mlp_out"))
+    for layer in r.layers:
+        for module in ("mlp_in", "mlp_out"):
+            mine, ref = r.lens.factors[layer, module], alone.factors[layer, module]
+            assert_close_fp32(mine.x, ref.x, n_terms=MODEL_TERMS)
+            assert_close_fp32(mine.delta, ref.delta, n_terms=MODEL_TERMS)
+    assert torch.equal(r.lens.pred_ids, alone.pred_ids)
     fwd, bwd = r.flow
     assert (fwd.backward, bwd.backward) == (False, True)
     assert fwd.layers == bwd.layers == (r.flow_layer,)
     assert fwd.target == bwd.target == r.target.id
     assert {n.id for n in fwd.nodes} == {n.id for n in bwd.nodes}  # like=: same components
+    ref_fwd = flow_graph(gpt2_model, PROMPT, layer=r.flow_layer, target=r.target.id)
+    ref_bwd = flow_graph(gpt2_model, PROMPT, layer=r.flow_layer, target=r.target.id, backward=True, like=ref_fwd)
+    for mine, ref in ((fwd, ref_fwd), (bwd, ref_bwd)):
+        assert [n.id for n in mine.nodes] == [n.id for n in ref.nodes]
+        for a, b in zip(mine.nodes, ref.nodes):
+            if b.vector is not None:
+                assert_close_fp32(a.vector, b.vector, n_terms=MODEL_TERMS, what=b.id)
+    assert bwd.metric == pytest.approx(ref_bwd.metric, rel=fp32_rtol(MODEL_TERMS))
+
+
+def test_one_forward_and_one_backward(gpt2_model, monkeypatch):
+    """RA, Backward Lens and both flow graphs come from a single forward + backward pass."""
+    counts = {"forward": 0, "backward": 0}
+    grad, backward = torch.autograd.grad, torch.Tensor.backward
+
+    def counting_grad(*args, **kwargs):
+        counts["backward"] += 1
+        return grad(*args, **kwargs)
+
+    def counting_backward(self, *args, **kwargs):
+        counts["backward"] += 1
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    handle = gpt2_model.embed.register_forward_pre_hook(lambda *_: counts.__setitem__("forward", counts["forward"] + 1))
+    try:
+        r = build_report(gpt2_model, PROMPT, target=" rome")
+    finally:
+        handle.remove()
+    assert len(r.flow) == 2
+    assert counts == {"forward": 1, "backward": 1}
 
 
 # ------------------------------------------------------------------------- text and page
@@ -243,8 +286,7 @@ def test_progress_from_build_report(gpt2_model):
     lines = []
     build_report(gpt2_model, PROMPT, progress=Progress(True, after=0.0, sink=lines.append))
     steps = [line[:-4] for line in lines if line.endswith(" ...")]
-    assert steps[:3] == ["forward pass", "Reversed Attention (one backward pass)",
-                         "Backward Lens (one backward pass + vocabulary projection)"]
+    assert steps[:2] == ["one forward + backward pass", "Backward Lens (vocabulary projection)"]
     assert any(s.startswith("flow graphs of layer") for s in steps) and steps[-1] == "rendering the page"
     assert len([line for line in lines if ": done (" in line]) == len(steps)
 

@@ -26,10 +26,12 @@ from torch import Tensor
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
+from tl_backward.errors import TLBackwardError
 
 from .render import reversed_attention_page
 
-__all__ = ["ReversedAttention", "reversed_attention", "reversed_attention_from", "frobenius"]
+__all__ = ["ReversedAttention", "frobenius", "ra_hook_names", "reversed_attention", "reversed_attention_from",
+           "reversed_attention_from_cache"]
 
 
 def reversed_attention_from(
@@ -303,29 +305,70 @@ def reversed_attention(
         on_activation={adapter.hook_name("pattern", l): keep_pattern(i) for i, l in enumerate(layers)},
         on_gradient={adapter.hook_name("attn_scores", l): write_map(i) for i, l in enumerate(layers)},
     )
-    mask = run.batch.mask
-    B, T = run.batch.tokens.shape
-    shape = (len(layers), B, adapter.n_heads, T, T)
+    maps, patterns = _stack_layers(written, seen, len(layers), run.batch.mask, adapter.n_heads)
+    return ReversedAttention(
+        maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
+        tokens=run.batch.tokens, mask=run.batch.mask, last=run.batch.last, str_tokens=run.str_tokens,
+        metric=run.metric,
+    )
+
+
+def ra_hook_names(model: Any, layers: int | Sequence[int] | None = None) -> list[str]:
+    """The hook points :func:`reversed_attention_from_cache` reads: ``hook_pattern`` (activation)
+    and ``hook_attn_scores`` (gradient) of each layer -- pass them to ``capture(names=...)``."""
+    adapter = get_adapter(model)
+    return [adapter.hook_name(kind, l) for l in adapter.layers(layers) for kind in ("pattern", "attn_scores")]
+
+
+def reversed_attention_from_cache(model: Any, cache: Any, *,
+                                  layers: int | Sequence[int] | None = None) -> ReversedAttention:
+    """:func:`reversed_attention` read off a :func:`~tl_backward.capture` cache instead of its own pass.
+
+    RA_l = ``cache.grad(hook_attn_scores of l) / s_l``, patterns = ``cache[hook_pattern of l]``,
+    zeroed at padding exactly as :func:`reversed_attention` does; ``metric`` is the cache's. Lets
+    several analyses share one forward + backward (:func:`tl_backward.report.build_report`). The
+    cache must hold :func:`ra_hook_names` of ``layers``.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers(layers)
+    names = ra_hook_names(model, layers)
+    missing = [n for n in names if n not in getattr(cache, "activations", {})]
+    if missing:
+        raise TLBackwardError(f"cache holds no {missing[:2]}{' ...' if len(missing) > 2 else ''}: capture "
+                              "with names=ra_hook_names(model, layers)", argument="cache")
+    scales = [adapter.attn_scale(l) for l in layers]
+    written = {i: cache.grad(adapter.hook_name("attn_scores", l)).float() / scales[i] for i, l in enumerate(layers)}
+    seen = {i: cache[adapter.hook_name("pattern", l)] for i, l in enumerate(layers)}
+    maps, patterns = _stack_layers(written, seen, len(layers), cache.mask, adapter.n_heads)
+    return ReversedAttention(
+        maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
+        tokens=cache.tokens, mask=cache.mask, last=cache.last, str_tokens=cache.str_tokens, metric=cache.metric,
+    )
+
+
+def _stack_layers(written: dict[int, Tensor], seen: dict[int, Tensor], n_layers: int, mask: Tensor,
+                  n_heads: int) -> tuple[Tensor, Tensor]:
+    """``[layer, batch, head, q, k]`` fp32 maps and patterns from per-layer tensors, zero at padding.
+
+    Assembled layer by layer, dropping each source as it is copied, so at most one layer is doubled.
+    A layer without a map (the metric does not depend on it) gets ∂L/∂A = 0."""
+    B, T = mask.shape
+    shape = (n_layers, B, n_heads, T, T)
     device = seen[0].device
     # Padding: zero padded query rows and key columns (their RA is already 0; their patterns are not).
     drop = None if bool(mask.all()) else ~(mask[:, None, :, None] & mask[:, None, None, :]).to(device)
-    # Assemble layer by layer, dropping each source as it is copied, so at most one layer is doubled.
     maps = torch.empty(shape, dtype=torch.float32, device=device)
-    for i in range(len(layers)):
+    for i in range(n_layers):
         if i in written:
             maps[i] = written.pop(i)
         else:
-            maps[i].zero_()  # the metric does not depend on this layer: ∂L/∂A = 0
+            maps[i].zero_()
         if drop is not None:
             maps[i].masked_fill_(drop, 0.0)
     patterns = torch.empty(shape, dtype=torch.float32, device=device)
-    for i in range(len(layers)):
+    for i in range(n_layers):
         patterns[i] = seen.pop(i)
         if drop is not None:
             # compat mode: fully masked (padding) rows are NaN; they are zeroed with the padding.
             patterns[i].nan_to_num_(nan=0.0).masked_fill_(drop, 0.0)
-    return ReversedAttention(
-        maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
-        tokens=run.batch.tokens, mask=mask, last=run.batch.last, str_tokens=run.str_tokens,
-        metric=run.metric,
-    )
+    return maps, patterns

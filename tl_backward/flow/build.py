@@ -17,6 +17,7 @@ from torch import Tensor
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.capture import capture
 from tl_backward.core.stream import device_of
+from tl_backward.errors import TLBackwardError
 
 from .colors import BIAS_COLOR, entropy_grey, rank_color
 from .graph import Edge, FlowGraph, Node, merge
@@ -63,37 +64,77 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
     raise ValueError("this rotary model has no HF *RotaryEmbedding module to read cos/sin from")
 
 
+def flow_hook_names(model: Any, layer: int | Sequence[int], *, backward: bool = False) -> list[str]:
+    """The hook points a flow graph of ``layer`` reads, for ``capture(names=...)`` when the graph is
+    built from a shared cache (``flow_graph(..., cache=...)``); ``backward=True`` adds the ones only
+    the backward graph needs. A backward list serves the forward graph too."""
+    ad = get_adapter(model)
+    names = {l: _names(ad, l, backward) for l in sorted(set(ad.layers(layer)))}
+    return list(dict.fromkeys(n for d in names.values() for n in d.values()))
+
+
 def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backward: bool,
-            metric: Any, target: int | None) -> tuple[list[LayerData], int, float | None]:
-    """Run the model once; return per-layer data, the target id and the metric value."""
+            metric: Any, target: int | None, cache: Any = None) -> tuple[list[LayerData], int, float | None]:
+    """Run the model once (or read ``cache``); return per-layer data, the target id and the metric value."""
     names = {l: _names(ad, l, backward) for l in layers}
     flat = list(dict.fromkeys(n for d in names.values() for n in d.values()))
-    model = ad.model
-    chosen: dict[str, int] = {}
-    if backward:
-        def loss(logits: Tensor, toks: Tensor) -> Tensor:
-            row = logits[0, p].float()
-            chosen["t"] = int(row.argmax()) if target is None else target
-            if metric is not None:
-                return metric(logits, toks)
-            return -torch.log_softmax(row, -1)[chosen["t"]]
-
-        cache = capture(model, tokens, loss, names=flat)
-        acts = {n: t.cpu() for n, t in cache.activations.items()}
-        grads, value = {n: t.cpu() for n, t in cache.gradients.items()}, float(cache.metric)
+    if cache is not None:
+        acts, grads, t, value = _from_cache(cache, tokens, flat, p, backward, target)
+    elif backward:
+        acts, grads, t, value = _backward_pass(ad.model, tokens, flat, p, metric, target)
     else:
-        with torch.no_grad():
-            logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=flat)
-        chosen["t"] = int(logits[0, p].argmax()) if target is None else target
-        acts = {n: cache[n].detach().float().cpu() for n in flat}
-        grads, value = {}, None
-        del cache, logits
+        acts, grads, t, value = _forward_pass(ad.model, tokens, flat, p, target)
     out = []
     for l in layers:
         nm = names[l]
         out.append(LayerData(acts={k: acts[n][0] for k, n in nm.items()},
-                         grads={k: grads[n][0] for k, n in nm.items()} if backward else {}))
-    return out, chosen["t"], value
+                             grads={k: grads[n][0] for k, n in nm.items()} if backward else {}))
+    return out, t, value
+
+
+def _backward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, metric: Any, target: int | None):
+    chosen: dict[str, int] = {}
+
+    def loss(logits: Tensor, toks: Tensor) -> Tensor:
+        row = logits[0, p].float()
+        chosen["t"] = int(row.argmax()) if target is None else target
+        if metric is not None:
+            return metric(logits, toks)
+        return -torch.log_softmax(row, -1)[chosen["t"]]
+
+    cache = capture(model, tokens, loss, names=flat)
+    acts = {n: t.cpu() for n, t in cache.activations.items()}
+    grads = {n: t.cpu() for n, t in cache.gradients.items()}
+    return acts, grads, chosen["t"], float(cache.metric)
+
+
+def _forward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, target: int | None):
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=flat)
+    t = int(logits[0, p].argmax()) if target is None else target
+    return {n: cache[n].detach().float().cpu() for n in flat}, {}, t, None
+
+
+def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: bool, target: int | None):
+    """A shared :func:`~tl_backward.capture` cache of this very prompt stands in for the pass."""
+    if not hasattr(cache, "activations") or not hasattr(cache, "last_logits"):
+        raise TLBackwardError(f"cache must be a GradientCache from tl_backward.capture, got {type(cache).__name__}",
+                              argument="cache")
+    if tuple(cache.tokens.shape) != tuple(tokens.shape) or not torch.equal(cache.tokens.cpu(), tokens.cpu()):
+        raise TLBackwardError("cache was captured on other tokens than this prompt: capture the same input "
+                              "(with the same prepend_bos)", argument="cache")
+    missing = [n for n in flat if n not in cache.activations]
+    if missing:
+        raise TLBackwardError(f"cache holds no {missing[:2]}{' ...' if len(missing) > 2 else ''}: capture with "
+                              "names=flow_hook_names(model, layer, backward=True)", argument="cache")
+    if target is None:
+        if p != tokens.shape[1] - 1:
+            raise TLBackwardError("with cache= at a position other than the last, pass target= (the cache "
+                                  "keeps the model's logits at the last position only)", argument="target")
+        target = int(cache.last_logits[0].argmax())
+    acts = {n: cache[n].detach().float().cpu() for n in flat}
+    grads = {n: cache.grad(n).float().cpu() for n in flat} if backward else {}
+    return acts, grads, target, (float(cache.metric) if backward else None)
 
 
 # ------------------------------------------------------------------------------------- assembly
@@ -207,7 +248,7 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
                n_heads: int = 10, n_memory: int = 2, n_top_neurons: int = 18, n_bottom_neurons: int = 7,
                backward: bool = False, metric: Any = None, bias_nodes: bool = True,
                normalize: bool | None = None, k: int = 5, prepend_bos: bool | None = None,
-               like: FlowGraph | None = None) -> FlowGraph:
+               like: FlowGraph | None = None, cache: Any = None) -> FlowGraph:
     """VISIT's information-flow graph (Katz & Belinkov 2023) of ``layer`` at token ``position`` of
     one prompt, forward or (``backward=True``) backward.
 
@@ -241,6 +282,10 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         like: keep exactly the heads, memories and neurons of another graph of the same layers
             (e.g. the forward graph, so a backward graph has identical nodes and layout); the
             n_* pruning arguments are then ignored.
+        cache: a :func:`~tl_backward.capture` cache of this same prompt holding
+            :func:`flow_hook_names` (``backward=True`` for a backward graph): the graph is read off
+            it instead of running the model, so several analyses share one pass; a backward graph
+            then explains the cache's metric.
 
     Returns: a :class:`FlowGraph` (``nodes``, ``edges``, ``to_json()``, ``to_networkx()``,
     ``render()``, ``save(path)``; displays itself in Jupyter/Colab).
@@ -281,7 +326,10 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         raise ValueError(f"position {position} is out of range for a prompt of {n_pos} tokens")
     p = position % n_pos
     t = None if target is None else int(ad.target_tokens(target)[0])
-    data, t, value = _gather(ad, tokens, layers, p, backward, metric, t)
+    if cache is not None and metric is not None:
+        raise TLBackwardError("pass metric= or cache= (whose metric the backward graph then explains), not both",
+                              argument="metric")
+    data, t, value = _gather(ad, tokens, layers, p, backward, metric, t, cache)
     str_tokens = ad.to_str_tokens(tokens)[0]
     rot = _rotary(ad, n_pos)
     target_str = ad.decode_ids([t])[0]

@@ -27,6 +27,7 @@ from torch import Tensor
 from tl_backward.core.adapter import decode_ids, get_adapter
 from tl_backward.core.metrics import target_nll
 from tl_backward.core.readout import Unembed
+from tl_backward.errors import TLBackwardError
 
 from .factors import GradientFactors, _finite, gradient_factors
 from .render import render_backward_lens
@@ -212,23 +213,37 @@ def backward_lens(
         normalize: L2-normalise each factor before ``ln_final`` (the paper's appendix lens).
         prepend_bos: None uses the model's default.
     """
-    ad = get_adapter(model)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= ad.d_vocab:
-        raise ValueError(f"top_k must be an int in [1, {ad.d_vocab}] (the vocabulary size), got {top_k!r}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be True or False, got {normalize!r}")
-    if target is None:
-        raise ValueError("target is None: pass the target word (e.g. ' Paris') or its token id")
+    _check_lens_options(get_adapter(model), target, top_k, normalize)
     gf = gradient_factors(model, input, metric=target_nll(target), modules=modules, layers=layers,
                           prepend_bos=prepend_bos)
-    n_rows = gf.tokens.shape[0]
-    target_ids = _row_targets(ad, target, n_rows)
-    pred_ids = gf.last_logits.argmax(-1).cpu()  # the model's prediction, from the same forward pass
+    return lens_from_factors(model, gf, target, top_k=top_k, normalize=normalize)
 
-    readouts = project_factors(ad, gf, target_ids, pred_ids, top_k=top_k, normalize=normalize)
-    return BackwardLens(factors=gf, readouts=readouts, target_ids=target_ids, pred_ids=pred_ids,
+
+def lens_from_factors(model: Any, factors: GradientFactors, target: Any, *, top_k: int = 5,
+                      normalize: bool = False) -> BackwardLens:
+    """The projection half of :func:`backward_lens`, on factors already computed (e.g. by
+    :func:`~tl_backward.lens.factors.factors_from_cache`, sharing a pass with other analyses).
+    ``target`` labels the ranks (one per row, or one for all); the prediction is the argmax of the
+    factors' own forward pass (``factors.last_logits``)."""
+    ad = get_adapter(model)
+    _check_lens_options(ad, target, top_k, normalize)
+    target_ids = _row_targets(ad, target, factors.tokens.shape[0])
+    pred_ids = factors.last_logits.argmax(-1).cpu()  # the model's prediction, from the same forward pass
+    readouts = project_factors(ad, factors, target_ids, pred_ids, top_k=top_k, normalize=normalize)
+    return BackwardLens(factors=factors, readouts=readouts, target_ids=target_ids, pred_ids=pred_ids,
                         top_k=top_k, normalize=normalize, d_vocab=ad.d_vocab,
                         tokenizer=getattr(model, "tokenizer", None))
+
+
+def _check_lens_options(ad: Any, target: Any, top_k: Any, normalize: Any) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= ad.d_vocab:
+        raise TLBackwardError(f"top_k must be an int in [1, {ad.d_vocab}] (the vocabulary size), got {top_k!r}",
+                              argument="top_k")
+    if not isinstance(normalize, bool):
+        raise TLBackwardError(f"normalize must be True or False, got {normalize!r}", argument="normalize")
+    if target is None:
+        raise TLBackwardError("target is None: pass the target word (e.g. ' Paris') or its token id",
+                              argument="target")
 
 
 def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: Tensor, *, top_k: int,

@@ -27,6 +27,7 @@ from torch import Tensor
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import capture
 from tl_backward.core.metrics import resolve_metric
+from tl_backward.errors import TLBackwardError
 
 # Module names -> (TL weight name, is attention). Order is the display order.
 MODULES = {
@@ -278,18 +279,41 @@ def gradient_factors(
     Returns:
         :class:`GradientFactors`; ``gf[l, m].reconstruct()`` equals autograd's ``∂metric/∂W``.
     """
-    ad = get_adapter(model)
-    mods = resolve_modules(ad, modules)
-    lays = ad.layers(layers)
     metric = resolve_metric(target, metric)
-    hooks: dict[tuple[int, str], tuple[str, str]] = {}
-    for l in lays:
-        for m in mods:
+    cache = capture(model, input, metric, names=factor_hook_names(model, modules, layers), prepend_bos=prepend_bos)
+    return factors_from_cache(model, cache, modules=modules, layers=layers)
+
+
+def _factor_hooks(ad: Any, modules: Any, layers: Any) -> dict[tuple[int, str], tuple[str, str]]:
+    """(layer, module) -> (hook of the matrix's input x, hook of its output z, whose gradient is δ)."""
+    hooks = {}
+    for l in ad.layers(layers):
+        for m in resolve_modules(ad, modules):
             lin = ad.linear(l, m)
             hooks[(l, m)] = (lin.hook_in.name, lin.hook_out.name)
-    names = list(dict.fromkeys(n for pair in hooks.values() for n in pair))
-    cache = capture(model, input, metric, names=names, prepend_bos=prepend_bos)
+    return hooks
 
+
+def factor_hook_names(model: Any, modules: str | Sequence[str] = ("mlp_in", "mlp_out"),
+                      layers: int | Sequence[int] | None = None) -> list[str]:
+    """The hook points :func:`factors_from_cache` reads (each matrix's input and output), for
+    ``capture(names=...)``."""
+    hooks = _factor_hooks(get_adapter(model), modules, layers)
+    return list(dict.fromkeys(n for pair in hooks.values() for n in pair))
+
+
+def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] = ("mlp_in", "mlp_out"),
+                       layers: int | Sequence[int] | None = None) -> GradientFactors:
+    """:func:`gradient_factors` read off a :func:`~tl_backward.capture` cache holding
+    :func:`factor_hook_names`: ``x_i`` = the cached input, ``δ_i`` = the cached output gradient, at
+    the real (unpadded) tokens. Lets several analyses share one forward + backward."""
+    ad = get_adapter(model)
+    mods, lays = resolve_modules(ad, modules), ad.layers(layers)
+    hooks = _factor_hooks(ad, mods, lays)
+    missing = [n for pair in hooks.values() for n in pair if n not in getattr(cache, "activations", {})]
+    if missing:
+        raise TLBackwardError(f"cache holds no {missing[:2]}{' ...' if len(missing) > 2 else ''}: capture "
+                              "with names=factor_hook_names(model, modules, layers)", argument="cache")
     mask = cache.mask
     factors: dict[tuple[int, str], Factor] = {}
     seen_x: dict[int, list[Tensor]] = {}  # per layer: x tensors already kept (q/k/v, in/gate share one)

@@ -1,12 +1,16 @@
 """The main job as a function: one prompt in, a text summary and one offline HTML page out.
 
-:func:`build_report` orchestrates the feature APIs on one prompt -- no new math:
+:func:`build_report` orchestrates the feature APIs on one prompt -- no new math -- from **one**
+forward + backward (:func:`tl_backward.capture` of the union of the hook points every analysis
+reads; each analysis then reads its tensors off that cache):
 
-1. a forward pass: the model's top-5 next tokens at the last position and the target's probability;
-2. Reversed Attention (:func:`tl_backward.attention.reversed_attention`): ‖RA‖_F per head, the top heads;
-3. Backward Lens (:func:`tl_backward.lens.backward_lens`, W_in and W_out): per layer, what W_in reads
+1. the model's top-5 next tokens at the last position and the target's probability (the cache's
+   ``last_logits``);
+2. Reversed Attention (:func:`tl_backward.attention.reversed_attention_from_cache`): ‖RA‖_F per
+   head, the top heads;
+3. Backward Lens (:func:`tl_backward.lens.factors_from_cache`, W_in and W_out): per layer, what W_in reads
    at the last token (top of LL(x)) and what a descent step writes through W_out (bottom of LL(δ));
-4. VISIT flow graphs (:func:`tl_backward.flow.flow_graph`), forward and backward, of the *most
+4. VISIT flow graphs (:func:`tl_backward.flow.flow_graph` with ``cache=``), forward and backward, of the *most
    affected layer*: the layer whose MLP weights get the largest gradient,
    ``sqrt(‖∂L/∂W_in‖_F² + ‖∂L/∂W_out‖_F²)`` (from the Backward Lens factors).
 
@@ -22,18 +26,23 @@ import math
 from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 
-from ..attention import reversed_attention
+from ..attention import ra_hook_names, reversed_attention_from_cache
 from ..core.adapter import get_adapter
+from ..core.capture import capture
 from ..core.readout import logits_readout
 from ..errors import TLBackwardError
-from ..flow import flow_graph
-from ..lens import backward_lens
+from ..flow import flow_graph, flow_hook_names
+from ..lens import factor_hook_names, factors_from_cache, lens_from_factors
 from .page import report_page
 from .progress import Progress, as_progress
 from .result import Prediction, Report
 
 __all__ = ["build_report", "lower_case_helps"]
+
+# The Backward Lens matrices the report reads: what W_in reads (x) and what W_out writes (δ).
+LENS_MODULES = ("mlp_in", "mlp_out")
 
 
 def build_report(
@@ -70,60 +79,49 @@ def build_report(
     ad = get_adapter(model)
     layers = sorted(set(ad.layers(layers)))
     name = str(getattr(model.cfg, "model_name", "model"))
-    notes: list[str] = []
-
-    # 1. What the model predicts (one no-grad forward pass).
     batch = ad.tokenize(prompt)
-    tokens = batch.tokens
-    str_tokens = tuple(ad.to_str_tokens(tokens)[0])
     target_ids = None if target is None else ad.target_tokens(target)  # bad targets fail before any pass
-    with steps("forward pass"), torch.no_grad():
-        logits = model(tokens.to(next(model.parameters()).device), return_type="logits")
-    # the model's own distribution at the last position, read by the one readout (core/readout.py)
     first = None if target_ids is None else int(target_ids[0])
-    read = logits_readout(logits[0, -1:].cpu(), k=min(5, ad.d_vocab), targets=first)
-    top_i = read.top_ids[0]
-    preds = tuple(Prediction(int(i), s, float(p)) for i, s, p in zip(top_i, ad.decode_ids(top_i), read.top_probs[0]))
-    notes += _unknown_word_note(ad, tokens, prompt)
+    notes = _unknown_word_note(ad, batch.tokens, prompt)
+    with_flow = flow and not getattr(model, "compatibility_mode", False)
 
-    if first is None:  # the prediction itself: nothing is more probable
-        tgt, rank = preds[0], 0
-    else:
-        if len(target_ids) > 1:
-            notes.append(f"the target {target!r} is {len(target_ids)} tokens; the report scores its first token "
-                         f"{ad.decode_ids([first])[0]!r} at the last prompt position")
-        tgt = Prediction(first, ad.decode_ids([first])[0], float(read.target_probs[0, 0]))
-        rank = int(read.ranks[0, 0])
-    tid = tgt.id
-    loss = -math.log(max(tgt.prob, 1e-45))
+    # 1. The one forward + backward: every analysis reads its tensors off this cache.
+    chosen: dict[str, int] = {}
 
-    # 2-3. The two backward passes.
-    with steps("Reversed Attention (one backward pass)"):
-        ra = reversed_attention(model, prompt, tid, layers=layers)
-    with steps("Backward Lens (one backward pass + vocabulary projection)"):
-        lens = backward_lens(model, prompt, tid, layers=layers, modules=("mlp_in", "mlp_out"))
+    def loss(logits: Tensor, tokens: Tensor) -> Tensor:
+        row = logits[0, -1].float()
+        chosen["id"] = int(row.argmax()) if first is None else first
+        return -torch.log_softmax(row, -1)[chosen["id"]]
+
+    names = ra_hook_names(model, layers) + factor_hook_names(model, LENS_MODULES, layers)
+    if with_flow:
+        names += flow_hook_names(model, layers, backward=True)
+    with steps("one forward + backward pass"):
+        cache = capture(model, batch.tokens, loss, names=list(dict.fromkeys(names)))
+    tid = chosen["id"]
+    preds, tgt, rank = _predictions(ad, cache.last_logits[0], tid)
+    if target_ids is not None and len(target_ids) > 1:
+        notes.append(f"the target {target!r} is {len(target_ids)} tokens; the report scores its first token "
+                     f"{tgt.token!r} at the last prompt position")
+
+    # 2-3. Reversed Attention and Backward Lens from the cache.
+    ra = reversed_attention_from_cache(model, cache, layers=layers)
+    with steps("Backward Lens (vocabulary projection)"):
+        lens = lens_from_factors(model, factors_from_cache(model, cache, modules=LENS_MODULES, layers=layers), tid)
     grad_norms = {l: math.hypot(float(lens.factors[l, "mlp_in"].norms().grad),
                                 float(lens.factors[l, "mlp_out"].norms().grad)) for l in layers}
     flow_layer = max(layers, key=lambda l: grad_norms[l])
+    notes += _confidence_note(lens, preds, tgt)
 
-    if tgt.prob > 0.9:  # a confident answer: tiny gradients that project onto noise
-        max_d = float(lens["mlp_out"].norm[:, -1].max())
-        alt = next((p.token for p in preds if p.id != tid), None)
-        notes.append(
-            f"the model already gives {tgt.token!r} p = {tgt.prob:.3f}, so the loss and its gradient are "
-            f"small (‖δ‖ ≤ {max_d:.2g} at the last token) and their vocabulary projections are weak; "
-            "a counterfactual target shows what the gradient writes to change the answer"
-            + (f" (e.g. --target {alt!r}, the runner-up)" if alt else ""))
-
-    # 4. Flow graphs of the most affected layer.
+    # 4. Flow graphs of the most affected layer, from the same cache.
     graphs: tuple[Any, ...] = ()
     if flow:
-        graphs = _flow_graphs(model, prompt, flow_layer, tid, steps, notes)
-
+        graphs = _flow_graphs(model, prompt, flow_layer, tid, cache if with_flow else None, steps, notes)
+    del cache
     report = Report(
-        model_name=name, prompt=prompt, str_tokens=str_tokens, predictions=preds, target=tgt,
-        target_rank=rank, target_is_prediction=tid == preds[0].id, loss=loss, d_vocab=ad.d_vocab,
-        layers=tuple(layers), reversed_attention=ra, lens=lens, layer_grad_norms=grad_norms,
+        model_name=name, prompt=prompt, str_tokens=tuple(ad.to_str_tokens(batch.tokens)[0]), predictions=preds,
+        target=tgt, target_rank=rank, target_is_prediction=tid == preds[0].id, loss=-math.log(max(tgt.prob, 1e-45)),
+        d_vocab=ad.d_vocab, layers=tuple(layers), reversed_attention=ra, lens=lens, layer_grad_norms=grad_norms,
         flow_layer=flow_layer, flow=graphs, notes=tuple(notes), page=None,
     )
     with steps("rendering the page"):
@@ -131,17 +129,39 @@ def build_report(
     return dataclasses.replace(report, page=page)
 
 
-def _flow_graphs(model: Any, prompt: str, layer: int, tid: int, steps: Progress, notes: list[str]) -> tuple:
-    out = []
+def _predictions(ad: Any, logits: Tensor, tid: int) -> tuple[tuple[Prediction, ...], Prediction, int]:
+    """The model's top-5 at the last position, the scored target and its rank, read by the one
+    readout (core/readout.py)."""
+    read = logits_readout(logits[None].cpu(), k=min(5, ad.d_vocab), targets=tid)
+    top_i = read.top_ids[0]
+    preds = tuple(Prediction(int(i), s, float(p)) for i, s, p in zip(top_i, ad.decode_ids(top_i), read.top_probs[0]))
+    tgt = Prediction(tid, ad.decode_ids([tid])[0], float(read.target_probs[0, 0]))
+    return preds, tgt, int(read.ranks[0, 0])
+
+
+def _confidence_note(lens: Any, preds: Sequence[Prediction], tgt: Prediction) -> list[str]:
+    if tgt.prob <= 0.9:
+        return []
+    # A confident answer: tiny gradients that project onto noise.
+    max_d = float(lens["mlp_out"].norm[:, -1].max())
+    alt = next((p.token for p in preds if p.id != tgt.id), None)
+    return [f"the model already gives {tgt.token!r} p = {tgt.prob:.3f}, so the loss and its gradient are "
+            f"small (‖δ‖ ≤ {max_d:.2g} at the last token) and their vocabulary projections are weak; "
+            "a counterfactual target shows what the gradient writes to change the answer"
+            + (f" (e.g. --target {alt!r}, the runner-up)" if alt else "")]
+
+
+def _flow_graphs(model: Any, prompt: str, layer: int, tid: int, cache: Any, steps: Progress,
+                 notes: list[str]) -> tuple:
     try:
         with steps(f"flow graphs of layer {layer} (forward and backward)"):
-            fwd = flow_graph(model, prompt, layer=layer, target=tid)
+            fwd = flow_graph(model, prompt, layer=layer, target=tid, cache=cache)
             # like=fwd: the backward graph keeps the forward graph's nodes, so the two line up.
-            out = [fwd, flow_graph(model, prompt, layer=layer, target=tid, backward=True, like=fwd)]
+            bwd = flow_graph(model, prompt, layer=layer, target=tid, backward=True, like=fwd, cache=cache)
     except ValueError as err:  # e.g. compatibility mode: VISIT refuses folded weights
         notes.append(f"no flow graph: {err}")
         return ()
-    return tuple(out)
+    return fwd, bwd
 
 
 def _unknown_word_note(ad: Any, tokens: Any, prompt: str) -> list[str]:
