@@ -237,7 +237,7 @@ ATTENTION = [
     R("rank_heads batch_size=True", lambda e: rank(e, batch_size=True), "batch_size"),
     R("rank_heads batch_size=2.0", lambda e: rank(e, batch_size=2.0), "batch_size"),
     R("rank_heads no target", lambda e: rank(e, targets=None), "target"),
-    R("rank_heads mixed per-prompt targets", lambda e: rank(e, targets=[" cat", 5]), "targets"),
+    R("rank_heads per-prompt target None", lambda e: rank(e, targets=[" cat", None]), "target"),
     R("rank_heads target id >= vocab", lambda e: rank(e, targets=[5, 10**6]), "target"),
     R("rank_heads 3 targets for 2 prompts", lambda e: rank(e, targets=[" a", " b", " c"]), "target"),
     R("rank_heads progress='yes'", lambda e: rank(e, progress="yes"), "progress"),
@@ -298,7 +298,7 @@ PATCHING = [
     R("zero_heads heads=5", lambda e: zero(e, 5), "heads"),
     R("zero_heads heads=[(0, 1, 2)]", lambda e: zero(e, [(0, 1, 2)]), "heads"),
     R("zero_heads heads=[(True, 0)]", lambda e: zero(e, [(True, 0)]), "heads"),
-    R("zero_heads heads=[]", lambda e: zero(e, []), "heads"),
+    R("zero_heads heads=[(0, None)]", lambda e: zero(e, [(0, None)]), "heads"),
     R("zero_heads llama heads=[(0, 4)]", lambda e: zero(e, [(0, 4)], model=e.llama), "heads"),
     R("zero_heads re-entered", lambda e: reenter(tlb.zero_heads(e.gpt2, [(0, 1)])), "zero_heads"),
 ]

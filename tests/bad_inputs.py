@@ -68,6 +68,7 @@ class Env:
     graph_l1: Any = None    # PROMPT, layer 1
     seg: Any = None         # two prompts with answers (from_blocks)
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tlb-bad-")))
+    last: dict | None = None  # the snapshot taken after the previous row
 
     @property
     def models(self) -> tuple:
@@ -109,17 +110,20 @@ def snapshot(env: Env) -> dict:
     for i, model in enumerate(env.models):
         hooks = {}
         for name, mod in model.named_modules():
+            own = vars(mod)  # not getattr: a bridge component's __getattr__ walks its submodules
             for kind in _HOOK_DICTS:
-                hooks[name, kind] = tuple(getattr(mod, kind, {}).keys())
+                hooks[name, kind] = tuple(own.get(kind, {}).keys())
             for kind in ("fwd_hooks", "bwd_hooks"):  # TransformerLens hook points
-                if hasattr(mod, kind):
-                    hooks[name, kind] = len(getattr(mod, kind))
+                if kind in own:
+                    hooks[name, kind] = len(own[kind])
         tok = getattr(model, "tokenizer", None)
+        params = list(model.named_parameters())
         out[i] = dict(
-            weights={k: v.detach().clone() for k, v in model.state_dict().items()},
-            dtypes=[p.dtype for p in model.parameters()],
-            grads=[p.grad is None for p in model.parameters()],
-            flags=[p.requires_grad for p in model.parameters()],
+            # Parameters and buffers, cloned (a bridge's state_dict() is ten times slower to build).
+            weights={k: v.detach().clone() for k, v in [*params, *model.named_buffers()]},
+            dtypes=[p.dtype for _, p in params],
+            grads=[p.grad is None for _, p in params],
+            flags=[p.requires_grad for _, p in params],
             modes=[m.training for m in model.modules()],
             hooks=hooks, device=str(model.cfg.device), padding=getattr(tok, "padding_side", None),
             lock=(lock_of(model).depth, lock_of(model).holder),

@@ -35,11 +35,13 @@ def test_row_names_are_unique():
 
 @pytest.fixture(scope="module")
 def env(request) -> Env:
-    yield build_env()
-    counts = Counter(OUTCOMES.values())
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and OUTCOMES:
-        reporter.write_line("\nbad inputs: " + summary(counts, len(OUTCOMES)))
+    built = build_env()
+    built.last = snapshot(built)  # the state before the next row (nothing runs between rows)
+    yield built
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if OUTCOMES and capture is not None:
+        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+            print("\nbad inputs: " + summary(Counter(OUTCOMES.values()), len(OUTCOMES)))
 
 
 def summary(counts: Counter, tried: int) -> str:
@@ -48,10 +50,10 @@ def summary(counts: Counter, tried: int) -> str:
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_bad_input_is_refused_clearly_and_leaves_no_trace(env, row):
-    before = snapshot(env)
     kind, detail = outcome(row, env)
     OUTCOMES[row.name] = kind
-    assert trace_left(before, snapshot(env)) == [], f"{row.name} left a trace"
+    before, env.last = env.last, snapshot(env)
+    assert trace_left(before, env.last) == [], f"{row.name} left a trace"
     assert kind == "clear", f"{row.name}: {kind}: expected {row.exc.__name__} mentioning {row.word!r}, got {detail}"
 
 
@@ -59,14 +61,17 @@ def main() -> int:
     env = build_env()
     counts: Counter = Counter()
     traces = 0
+    before = snapshot(env)
     for row in ROWS:
-        before = snapshot(env)
         kind, detail = outcome(row, env)
-        left = trace_left(before, snapshot(env))
+        after = snapshot(env)
+        left = trace_left(before, after)
+        before = after
         counts[kind] += 1
         if left:
             traces += 1
             env = build_env()  # a trace would spoil the rows after it
+            before = snapshot(env)
         if kind != "clear" or left:
             print(f"{kind:8} {row.name}: {detail[:150]!r}" + (f"  TRACE {left}" if left else ""))
     print(summary(counts, len(ROWS)) + f"; rows leaving a trace: {traces}")

@@ -18,6 +18,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from tl_backward.core import checks
+from tl_backward.errors import TLBackwardError
+
 from .reversed import ReversedAttention, reversed_attention
 from .targets import batch_target, check_prompts
 
@@ -27,10 +30,8 @@ ALIGNS = ("exact", "end")
 
 
 def check_align(align: str) -> str:
-    if align not in ALIGNS:
-        raise ValueError(f"align must be 'exact' (same-length prompts) or 'end' (count positions from "
-                         f"the last token, crop to the shortest prompt), got {align!r}")
-    return align
+    return checks.one_of(align, "align", ALIGNS, hint="'exact': same-length prompts; 'end': count positions "
+                         "from the last token, crop to the shortest prompt")
 
 
 def aligned(x: Tensor, lengths: Tensor, n: int) -> Tensor:
@@ -53,21 +54,24 @@ class MeanAccumulator:
         self.first: tuple[Tensor, list[str], Tensor] | None = None  # tokens, str_tokens, lengths of row 0
         self.layers: tuple[int, ...] | None = None
         self.scales: tuple[float, ...] | None = None
+        self.n_layers: int | None = None
 
     def add(self, ra: ReversedAttention) -> None:
         if ra.align is not None:
-            raise ValueError("add per-prompt results, not means (this result is already averaged)")
+            raise TLBackwardError("add per-prompt results, not means (this result is already averaged)",
+                                  argument="ra")
         if self.layers is None:
-            self.layers, self.scales = ra.layers, ra.scales
+            self.layers, self.scales, self.n_layers = ra.layers, ra.scales, ra.n_layers
         elif ra.layers != self.layers:
-            raise ValueError(f"results cover different layers: {list(ra.layers)} vs {list(self.layers)}")
+            raise TLBackwardError(f"results cover different layers: {list(ra.layers)} vs {list(self.layers)}",
+                                  argument="layers")
         lengths = ra.mask.sum(1)
         if self.align == "exact":
             lens = sorted({int(l) for l in lengths} | ({self.length} if self.length else set()))
             if len(lens) > 1:
-                raise ValueError(
+                raise TLBackwardError(
                     f"align='exact' needs prompts of one token length, got lengths {lens}: use prompts "
-                    "with the same layout, or align='end' to count positions from the last token")
+                    "with the same layout, or align='end' to count positions from the last token", argument="align")
             n = lens[0]
             maps, pats = ra.maps[..., :n, :n], ra.patterns[..., :n, :n]
         else:
@@ -89,7 +93,7 @@ class MeanAccumulator:
 
     def result(self) -> ReversedAttention:
         if self.n == 0:
-            raise ValueError("nothing to average: add at least one result")
+            raise TLBackwardError("nothing to average: add at least one result", argument="prompts")
         n = self.length
         tokens, str_tokens, length = self.first
         start = int(length) - n  # exact: 0 (all prompts share the length)
@@ -98,7 +102,7 @@ class MeanAccumulator:
             scales=self.scales, tokens=tokens[start:start + n][None].clone(),
             mask=torch.ones(1, n, dtype=torch.bool), last=torch.tensor([n - 1]),
             str_tokens=[list(str_tokens[start:start + n])], metric=torch.tensor(self.metric / self.n),
-            n_examples=self.n, align=self.align,
+            n_examples=self.n, align=self.align, n_layers=self.n_layers,
         )
 
 
@@ -123,13 +127,14 @@ def mean_over(
     """
     check_align(align)
     n = check_prompts(prompts, batch_size)
+    checks.flag(progress, "progress")
     acc = MeanAccumulator(align)
     from tqdm.auto import tqdm
 
     with tqdm(total=n, desc="mean RA", disable=not progress, leave=False) as bar:
         for i in range(0, n, batch_size):
             chunk = prompts[i:i + batch_size]
-            tgt, met = batch_target(target, metric, n, i, i + batch_size)
+            tgt, met = batch_target(target, metric, n, i, i + batch_size, "target")
             acc.add(reversed_attention(model, chunk, tgt, metric=met, layers=layers, prepend_bos=prepend_bos))
             bar.update(len(chunk))
     return acc.result()

@@ -23,9 +23,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
+from tl_backward.errors import TLBackwardError
 
 __all__ = ["ReversedAttention", "reversed_attention", "reversed_attention_from", "frobenius"]
 
@@ -49,14 +51,19 @@ def reversed_attention_from(
     pattern gradient is *not* zero at masked entries, so this mask is explicit -- and wherever
     ``keep`` (optional, broadcastable bool) is False.
     """
-    if grad_of not in ("pattern", "scores"):
-        raise ValueError(f"grad_of must be 'pattern' or 'scores', got {grad_of!r}")
+    checks.one_of(grad_of, "grad_of", ("pattern", "scores"))
+    for name, value in (("pattern", pattern), ("grad", grad)):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            shown = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TLBackwardError(f"{name} must be a floating-point tensor [..., query_pos, key_pos], got {shown}",
+                                  argument=name)
     if pattern.shape != grad.shape:
-        raise ValueError(f"pattern {tuple(pattern.shape)} and grad {tuple(grad.shape)} must have the same shape")
+        raise TLBackwardError(f"pattern {tuple(pattern.shape)} and grad {tuple(grad.shape)} must have the same "
+                              "shape", argument="grad")
     if isinstance(scale, Tensor):
         scale = scale.to(device=grad.device, dtype=grad.dtype)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number (the attention scale s), got {scale!r}")
+    else:
+        scale = checks.finite_float(scale, "scale", positive=True, hint="the attention scale s")
     if grad_of == "pattern":
         r = (pattern * grad).sum(-1, keepdim=True)
         ra = pattern * (grad - r) / scale
@@ -83,7 +90,8 @@ class ReversedAttention:
     input actually run (a multi-token target is appended, teacher-forced); ``metric`` is the
     (batch-summed) loss. Means over a dataset (:meth:`mean`, :func:`mean_over`) have batch 1,
     ``n_examples`` prompts averaged, ``align`` set, ``metric`` the mean loss, and the first
-    prompt's tokens for display.
+    prompt's tokens for display. ``n_layers`` is the model's layer count, so that model layer
+    ``-1`` (the last, as everywhere in tl_backward) can be looked up.
     """
 
     maps: Float[Tensor, "layer batch head query_pos key_pos"]
@@ -97,6 +105,7 @@ class ReversedAttention:
     metric: Float[Tensor, ""]
     n_examples: int | None = None
     align: str | None = None
+    n_layers: int | None = None
 
     def __repr__(self) -> str:
         L, B, H, Q, K = self.maps.shape
@@ -106,21 +115,29 @@ class ReversedAttention:
 
     # --------------------------------------------------------------------------- indexing
     def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` along the ``layer`` axis."""
+        """Position of model layer ``layer`` (negative counts from the model's end) along the
+        ``layer`` axis."""
+        if self.n_layers is not None:
+            layer = checks.layer_index(layer, self.n_layers)
+        elif not checks.is_int(layer) or layer < 0:
+            raise TLBackwardError(f"layer must be a non-negative int (this result does not know the model's "
+                                  f"layer count), got {layer!r}", argument="layer")
         if layer not in self.layers:
-            raise ValueError(f"layer {layer} was not computed; this result has layers {list(self.layers)}")
+            raise TLBackwardError(f"layer {layer} was not computed; this result has layers {list(self.layers)}",
+                                  argument="layer")
         return self.layers.index(layer)
 
     def _row(self, row: int) -> int:
-        if not isinstance(row, int) or not 0 <= row < self.maps.shape[1]:
-            raise ValueError(f"row must be an int in 0..{self.maps.shape[1] - 1}, got {row!r}")
-        return row
+        n = self.maps.shape[1]
+        if not checks.is_int(row) or not 0 <= row < n:
+            raise TLBackwardError(f"row must be an int in 0..{n - 1} (a prompt of the batch), got {row!r}",
+                                  argument="row")
+        return int(row)
 
     def map(self, layer: int, head: int, row: int = 0, *, which: str = "reversed") -> Float[Tensor, "q k"]:
         """One head's RA map (or forward pattern, ``which="forward"``) over ``row``'s real tokens."""
         src = self._source(which)
-        if not 0 <= head < src.shape[2]:
-            raise ValueError(f"head must be in 0..{src.shape[2] - 1}, got {head}")
+        head = checks.head_index(head, src.shape[2], "head", "this result")
         row = self._row(row)
         n = int(self.mask[row].sum())
         return src[self.layer_index(layer), row, head, :n, :n]
@@ -130,7 +147,8 @@ class ReversedAttention:
             return self.maps
         if which == "forward":
             return self.patterns
-        raise ValueError(f"which must be 'reversed' (RA maps) or 'forward' (attention patterns), got {which!r}")
+        raise TLBackwardError(f"which must be 'reversed' (RA maps) or 'forward' (attention patterns), got "
+                              f"{which!r}", argument="which")
 
     # --------------------------------------------------------------------------- ranking
     def head_norms(self, which: str = "reversed", *, per_example: bool = False) -> Tensor:
@@ -142,9 +160,8 @@ class ReversedAttention:
 
     def top_heads(self, k: int = 10, which: str = "reversed") -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest mean norm, as ``(layer, head, norm)``, descending."""
+        k = checks.count(k, "k", minimum=1)
         norms = self.head_norms(which)
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
         k = min(k, norms.numel())
         vals, idx = norms.flatten().topk(k)
         H = norms.shape[1]
@@ -249,5 +266,5 @@ def reversed_attention(
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
         tokens=run.batch.tokens, mask=mask, last=run.batch.last, str_tokens=run.str_tokens,
-        metric=run.metric,
+        metric=run.metric, n_layers=adapter.n_layers,
     )

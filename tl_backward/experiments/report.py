@@ -220,7 +220,7 @@ def build_report(
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
     ad = get_adapter(model)
-    layers = sorted(set(ad.layers(layers)))
+    layers = sorted(set(ad.layers(layers, distinct=False)))
     name = str(getattr(model.cfg, "model_name", "model"))
     notes: list[str] = []
 

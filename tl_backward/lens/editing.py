@@ -35,8 +35,6 @@ model as a baseline.
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import Batch, get_adapter
 from tl_backward.errors import TLBackwardError
 
@@ -391,44 +390,25 @@ def _stores_out_in(module: Any, ad: Any) -> bool:
 
 
 def _layer(ad: Any, layer: Any) -> int:
-    n = ad.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise TLBackwardError(f"layer must be an int in -{n}..{n - 1} (negative counts from the end), "
-                              f"got {type(layer).__name__} {layer!r:.40}", argument="layer")
-    if not -n <= int(layer) < n:
-        raise TLBackwardError(f"layer {int(layer)} is out of range: the model has layers 0..{n - 1} "
-                              f"(or -{n}..-1 from the end)", argument="layer")
-    return int(layer) % n
+    return ad.check_layer(layer)  # negative counts from the end (core/checks.py)
 
 
 def _eta(eta: Any) -> float:
-    if isinstance(eta, Tensor) and eta.numel() == 1 and not eta.is_complex() and eta.dtype != torch.bool:
-        eta = eta.item()
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-        raise TLBackwardError(f"eta must be a number (the step size, finite and > 0), got "
-                              f"{type(eta).__name__}", argument="eta")
-    eta = float(eta)
-    if not math.isfinite(eta):
-        raise TLBackwardError(f"eta must be finite, got {eta}; pass a step size > 0", argument="eta")
-    if eta <= 0:
-        raise TLBackwardError(f"eta must be > 0 (the edit adds eta · x ⊗ e_t), got {eta}", argument="eta")
-    return eta
+    return checks.finite_float(eta, "eta", positive=True, hint="the step size, finite and > 0")
 
 
 def _check_bool(value: Any, argument: str, *, none_ok: bool = False) -> None:
-    if not (isinstance(value, bool) or none_ok and value is None):
-        allowed = "True, False or None" if none_ok else "True or False"
-        raise TLBackwardError(f"{argument} must be {allowed}, got {value!r:.40}", argument=argument)
+    checks.flag(value, argument, none_ok=none_ok)
 
 
 def _tokens(ad: Any, prompt: str, prepend_bos: bool | None, argument: str, what: str | None = None) -> Any:
-    """``ad.tokenize(prompt)``, with its complaints (empty, too long) naming ``argument``."""
+    """``ad.tokenize(prompt)``, its complaints (empty, too long) naming ``argument`` and ``what``."""
     try:
-        return ad.tokenize(prompt, prepend_bos)
-    except TLBackwardError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise TLBackwardError(f"{what or argument} {prompt!r:.60}: {err}", argument=argument) from err
+        return ad.tokenize(prompt, prepend_bos, argument)
+    except TLBackwardError as err:
+        if what is None or what == argument:
+            raise
+        raise TLBackwardError(f"{what} {prompt!r:.60}: {err}", argument=argument) from err
 
 
 def _target_ids(ad: Any, target: Any, argument: str, what: str | None = None) -> Tensor:
@@ -436,10 +416,10 @@ def _target_ids(ad: Any, target: Any, argument: str, what: str | None = None) ->
     if target is None:
         raise TLBackwardError(f"{what} is None: pass the new target word or its token id", argument=argument)
     try:
-        return ad.target_tokens(_with_space(target))
-    except TLBackwardError:
-        raise
-    except (ValueError, TypeError) as err:
+        return ad.target_tokens(_with_space(target), argument)
+    except TLBackwardError as err:
+        if what == argument:
+            raise
         raise TLBackwardError(f"{what}: {err}", argument=argument) from err
 
 
