@@ -188,9 +188,9 @@ def forward_pass_shift(
     _check_raw(model)
     if not isinstance(prompt, str):
         raise TLBackwardError(f"prompt must be a string, got {type(prompt).__name__}", argument="prompt")
-    layer = _layer(ad, layer)
+    layer = ad.check_layer(layer)  # negative counts from the end
     eta = _eta(eta)
-    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
+    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
     t = _target_id(ad, target, "target")
     tokens = _tokens(ad, prompt, prepend_bos, "prompt").tokens
     lin = ad.linear(layer, "mlp_out")
@@ -290,9 +290,9 @@ def evaluate_edits(
     baseline = eta is None
     if not baseline:
         _check_raw(model)
-        layer, eta = _layer(ad, layer), _eta(eta)
-    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
-    _check_bool(progress, "progress")
+        layer, eta = ad.check_layer(layer), _eta(eta)
+    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
+    checks.flag(progress, "progress")
     reqs = [_check_request(ad, r, i, prepend_bos) for i, r in enumerate(_as_list(requests))]
     eff, par, nb, applied = [], [], [], []
     desc = "unedited" if baseline else f"FPS edits (layer {layer}, eta {eta:g})"
@@ -325,7 +325,7 @@ def continuation_correct(model: Any, prompts: Sequence[str], targets: Sequence[s
     if len(prompts) != len(targets):
         raise TLBackwardError(f"got {len(prompts)} prompts and {len(targets)} targets; pass one target "
                               "per prompt", argument="targets")
-    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
+    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
     rows, spans = [], []
     for i, (p, t) in enumerate(zip(prompts, targets)):
         if not isinstance(p, str):
@@ -389,16 +389,8 @@ def _stores_out_in(module: Any, ad: Any) -> bool:
     return out_in
 
 
-def _layer(ad: Any, layer: Any) -> int:
-    return ad.check_layer(layer)  # negative counts from the end (core/checks.py)
-
-
 def _eta(eta: Any) -> float:
     return checks.finite_float(eta, "eta", positive=True, hint="the step size, finite and > 0")
-
-
-def _check_bool(value: Any, argument: str, *, none_ok: bool = False) -> None:
-    checks.flag(value, argument, none_ok=none_ok)
 
 
 def _tokens(ad: Any, prompt: str, prepend_bos: bool | None, argument: str, what: str | None = None) -> Any:
