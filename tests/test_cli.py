@@ -135,7 +135,7 @@ def test_usage_errors_are_one_line(argv, fragments, capsys):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["report", PROMPT, "--layers", "7"], ["--layers: layer 7 is out of range", "0..1"]),
-    (["report", PROMPT, "--layers", "-1"], ["--layers: layer -1 is out of range"]),
+    (["report", PROMPT, "--layers", "-3"], ["--layers: layer -3 is out of range"]),
     (["report", PROMPT, "--target", "zzz"], ["--target: target 'zzz' is not in the model's vocabulary"]),
 ])
 def test_model_errors_are_one_line(tiny_loaded, argv, fragments, capsys, tmp_path):

@@ -227,7 +227,7 @@ def _check_against_model(model: Any, args: argparse.Namespace) -> None:
     ad = get_adapter(model)
     if args.layers is not None:
         try:
-            ad.layers(args.layers)
+            ad.layers(args.layers, distinct=False)  # the report takes a set of layers
         except (ValueError, TypeError) as err:
             raise TLBackwardError(str(err), argument="layers") from err
     if args.target is not None:

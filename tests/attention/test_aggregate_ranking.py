@@ -114,8 +114,8 @@ def test_dataset_bad_input(gpt2_model):
         rank_heads(gpt2_model, SAME, progress=False)
     with pytest.raises(ValueError, match="non-empty"):
         mean_over(gpt2_model, [], " dog")
-    with pytest.raises(TypeError, match="all strings or all token ids"):
-        rank_heads(gpt2_model, SAME, [" big", 5, " cold"], progress=False)
+    with pytest.raises(TypeError, match="target must be a string"):
+        rank_heads(gpt2_model, SAME, [" big", None, " cold"], progress=False)
 
 
 def test_row_target_ids_equal_core_target_nll(gpt2_model):

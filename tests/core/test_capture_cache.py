@@ -158,7 +158,8 @@ def test_mapping_protocol(gpt2_model):
     assert cache.get(("mlp_out", 0)) is None
 
 
-@pytest.mark.parametrize("key, match", [(("pattern", 5), "names=None"), (3, "tuple"), (("pattern", "x", 1, 2), "cache keys"),
+@pytest.mark.parametrize("key, match", [(("pattern", 1), "names=None"), (("pattern", 5), "out of range"),
+                                        (("pattern", -3), "out of range"), (3, "tuple"), (("pattern", "x", 1, 2), "cache keys"),
                                         ("blocks.0.mlp.hook_post", "not captured")])
 def test_missing_keys_are_key_errors_that_say_what_to_do(gpt2_model, key, match):
     cache = capture(gpt2_model, "the cat", target_nll(" big"), names=["blocks.0.attn.hook_pattern"])

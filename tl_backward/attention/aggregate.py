@@ -18,6 +18,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from tl_backward.core import checks
+from tl_backward.errors import TLBackwardError
+
 from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, reversed_attention
 from .targets import batch_target, check_prompts
 
@@ -45,13 +48,14 @@ def mean_over(
     """
     check_align(align)
     n = check_prompts(prompts, batch_size)
+    checks.flag(progress, "progress")
     acc = MeanAccumulator(align)
     from tqdm.auto import tqdm
 
     with tqdm(total=n, desc="mean RA", disable=not progress, leave=False) as bar:
         for i in range(0, n, batch_size):
             chunk = prompts[i:i + batch_size]
-            tgt, met = batch_target(target, metric, n, i, i + batch_size)
+            tgt, met = batch_target(target, metric, n, i, i + batch_size, "target")
             acc.add(reversed_attention(model, chunk, tgt, metric=met, layers=layers, prepend_bos=prepend_bos))
             bar.update(len(chunk))
     return acc.result()

@@ -10,25 +10,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.lock import model_lock
+from tl_backward.errors import TLBackwardError
 
 from .reversed import ReversedAttention
 
 __all__ = ["patch_attention", "zero_heads"]
-
-
-def _eta(eta: Any) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-        raise TypeError(f"eta must be a finite number (the patching strength η), got {eta!r}")
-    return float(eta)
 
 
 def _delta_by_layer(adapter: Any, delta: Any, layers: Any) -> dict[int, Tensor]:
@@ -38,60 +32,77 @@ def _delta_by_layer(adapter: Any, delta: Any, layers: Any) -> dict[int, Tensor]:
         chosen = own if layers is None else adapter.layers(layers)
         missing = [l for l in chosen if l not in own]
         if missing:
-            raise ValueError(f"layers {missing} are not in the delta (it covers layers {own})")
+            raise TLBackwardError(f"layers {missing} are not in the delta (it covers layers {own})",
+                                  argument="layers")
         return {l: maps[own.index(l)] for l in chosen}
     if not isinstance(delta, Tensor):
-        raise TypeError("delta must be a ReversedAttention result or a tensor [layer, head, q, k] "
-                        f"(or [layer, batch, head, q, k]), got {type(delta).__name__}")
+        raise TLBackwardError("delta must be a ReversedAttention result or a tensor [layer, head, q, k] "
+                              f"(or [layer, batch, head, q, k]), got {type(delta).__name__}", argument="delta")
     if not delta.is_floating_point():
-        raise TypeError(f"delta must be a floating-point tensor, got {delta.dtype}")
+        raise TLBackwardError(f"delta must be a floating-point tensor, got {delta.dtype}", argument="delta")
     if delta.ndim == 4:
         delta = delta[:, None]
     if delta.ndim != 5:
-        raise ValueError(f"delta must have shape [layer, head, q, k] or [layer, batch, head, q, k], "
-                         f"got {tuple(delta.shape)}")
+        raise TLBackwardError(f"delta must have shape [layer, head, q, k] or [layer, batch, head, q, k], "
+                              f"got {tuple(delta.shape)}", argument="delta")
     if layers is None:
         if delta.shape[0] != adapter.n_layers:
-            raise ValueError(f"delta covers {delta.shape[0]} layers but the model has {adapter.n_layers}: "
-                             "pass layers=[...] naming the layer of each slice")
+            raise TLBackwardError(f"delta covers {delta.shape[0]} layers but the model has {adapter.n_layers}: "
+                                  "pass layers=[...] naming the layer of each slice", argument="layers")
         return {l: delta[l] for l in range(adapter.n_layers)}
     chosen = adapter.layers(layers)
     if delta.shape[0] == len(chosen):
         return dict(zip(chosen, delta))
     if delta.shape[0] == adapter.n_layers:
         return {l: delta[l] for l in chosen}
-    raise ValueError(f"delta covers {delta.shape[0]} layers; layers={chosen} names {len(chosen)} "
-                     f"(the model has {adapter.n_layers})")
+    raise TLBackwardError(f"delta covers {delta.shape[0]} layers; layers={chosen} names {len(chosen)} "
+                          f"(the model has {adapter.n_layers})", argument="layers")
 
 
-def _head_mask(heads: Any, n_heads: int, layers: Iterable[int]) -> dict[int, Tensor] | None:
+def _head_mask(heads: Any, adapter: Any, layers: Iterable[int]) -> dict[int, Tensor] | None:
     """``{layer: Bool[head]}`` of heads to patch; None = all. ``heads``: ints (every layer) or
-    ``(layer, head)`` pairs."""
+    ``(layer, head)`` pairs; negative indices count from the end."""
     if heads is None:
         return None
-    items = list(heads) if not isinstance(heads, int) else [heads]
+    n_heads = adapter.n_heads
+    items = [heads] if checks.is_int(heads) else heads
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TLBackwardError(f"heads must be None, head indices or (layer, head) pairs, got {heads!r:.60}",
+                              argument="heads")
+    items = list(items)
     if not items:
-        raise ValueError("heads is empty: pass None for all heads, head indices, or (layer, head) pairs")
+        raise TLBackwardError("heads is empty: pass None for all heads, head indices, or (layer, head) pairs",
+                              argument="heads")
     layers = list(layers)
     masks = {l: torch.zeros(n_heads, dtype=torch.bool) for l in layers}
     for item in items:
         if isinstance(item, (tuple, list)) and len(item) == 2:
-            l, h = int(item[0]), int(item[1])
+            l = adapter.check_layer(item[0], "heads")
+            h = checks.head_index(item[1], n_heads)
             if l not in masks:
-                raise ValueError(f"head {tuple(item)}: layer {l} is not patched (patched layers: {layers})")
+                raise TLBackwardError(f"head {tuple(item)}: layer {l} is not patched (patched layers: {layers})",
+                                      argument="heads")
             targets = [l]
-        elif isinstance(item, int) and not isinstance(item, bool):
-            h, targets = item, layers
+        elif checks.is_int(item):
+            h, targets = checks.head_index(item, n_heads), layers
         else:
-            raise TypeError(f"heads must hold head indices or (layer, head) pairs, got {item!r}")
-        if not 0 <= h < n_heads:
-            raise ValueError(f"head {h} is out of range: the model has heads 0..{n_heads - 1}")
+            raise TLBackwardError(f"heads must hold head indices or (layer, head) pairs, got {item!r:.40}",
+                                  argument="heads")
         for l in targets:
             masks[l][h] = True
     return masks
 
 
-@contextlib.contextmanager
+def _check_step(eta: float, layer: int, d: Tensor, dtype: torch.dtype) -> None:
+    """``eta * d`` must be finite in the model's dtype, else the patched pattern would not be."""
+    step = (eta * d).to(dtype)
+    if not bool(torch.isfinite(step).all()):
+        raise TLBackwardError(
+            f"eta={eta:g} times the delta of layer {layer} (max |delta| {float(d.abs().max()):.3g}) is not "
+            f"finite in {dtype}, so the patched pattern would not be: pass a smaller eta", argument="eta")
+
+
+@checks.single_use
 def patch_attention(
     model: Any,
     delta: ReversedAttention | Tensor,
@@ -113,28 +124,31 @@ def patch_attention(
 
     ``align="exact"``: the delta's q × k must equal the input's (same-length prompts). ``align="end"``:
     a smaller n × n delta is added to the last n query and key positions (for ``align="end"``
-    means; the input should not be padded). Shape mismatches raise ``ValueError``.
+    means; the input should not be padded). Shape mismatches raise ``TLBackwardError``.
 
     Yields the per-layer deltas actually added (before η). Hooks are removed on exit, also when the
-    block raises.
+    block raises. Every argument is checked on entering the block: NaN/inf in the delta, or an η
+    that makes ``η·Δ`` non-finite in the model's dtype, is refused. Each object returned by
+    ``patch_attention(...)`` can be entered once.
     """
     adapter = get_adapter(model)
-    eta = _eta(eta)
-    if align not in ("exact", "end"):
-        raise ValueError(f"align must be 'exact' or 'end', got {align!r}")
+    eta = checks.finite_float(eta, "eta", hint="the patching strength η")
+    checks.one_of(align, "align", ("exact", "end"))
     per_layer = _delta_by_layer(adapter, delta, layers)
-    masks = _head_mask(heads, adapter.n_heads, per_layer)
+    masks = _head_mask(heads, adapter, per_layer)
+    dtype = next(model.parameters()).dtype
     deltas: dict[int, Tensor] = {}
     for l, d in per_layer.items():
         if d.shape[1] != adapter.n_heads:
-            raise ValueError(f"delta for layer {l} has {d.shape[1]} heads; the model has {adapter.n_heads} "
-                             "(query heads, also for GQA models)")
+            raise TLBackwardError(f"delta for layer {l} has {d.shape[1]} heads; the model has {adapter.n_heads} "
+                                  "(query heads, also for GQA models)", argument="delta")
         if d.shape[-1] != d.shape[-2]:
-            raise ValueError(f"delta for layer {l} is {d.shape[-2]} x {d.shape[-1]}; expected square "
-                             "query x key maps")
-        d = d.detach().float()
+            raise TLBackwardError(f"delta for layer {l} is {d.shape[-2]} x {d.shape[-1]}; expected square "
+                                  "query x key maps", argument="delta")
+        d = checks.finite_tensor(d.detach().float(), "delta", f"delta for layer {l}")
         if masks is not None:
             d = d * masks[l].to(d.device)[None, :, None, None]
+        _check_step(eta, l, d, dtype)
         deltas[l] = d
 
     def make_hook(layer: int, d: Tensor):
@@ -144,16 +158,17 @@ def patch_attention(
             b, h, q, k = pattern.shape
             n = d.shape[-1]
             if d.shape[0] not in (1, b):
-                raise ValueError(f"patch_attention: delta for layer {layer} has batch {d.shape[0]} but the "
-                                 f"input has {b} rows; use a delta with batch 1 (broadcast) or {b}")
+                raise TLBackwardError(f"patch_attention: delta for layer {layer} has batch {d.shape[0]} but the "
+                                      f"input has {b} rows; use a delta with batch 1 (broadcast) or {b}",
+                                      argument="delta")
             if align == "exact" and (q, k) != (n, n):
-                raise ValueError(
+                raise TLBackwardError(
                     f"patch_attention: delta for layer {layer} covers {n} x {n} positions but the input's "
                     f"pattern is {q} x {k}: patch prompts with the same token length as the maps, or "
-                    "use align='end' with a smaller delta")
+                    "use align='end' with a smaller delta", argument="delta")
             if align == "end" and (n > q or n > k):
-                raise ValueError(f"patch_attention: delta for layer {layer} covers {n} positions but the "
-                                 f"input has only {q} queries x {k} keys")
+                raise TLBackwardError(f"patch_attention: delta for layer {layer} covers {n} positions but the "
+                                      f"input has only {q} queries x {k} keys", argument="delta")
             key = (pattern.device, pattern.dtype)
             if key not in cache:
                 cache[key] = (eta * d).to(device=pattern.device, dtype=pattern.dtype)
@@ -171,19 +186,22 @@ def patch_attention(
         yield deltas
 
 
-@contextlib.contextmanager
+@checks.single_use
 def zero_heads(model: Any, heads: Iterable[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
     """Within the block, the listed ``(layer, head)`` pairs output zero: their ``hook_z`` slice is
     zeroed, so they add nothing to the residual stream except the shared o-projection bias.
-    Yields the sorted list of ablated heads."""
+    Negative layers and heads count from the end; an empty list ablates nothing (the baseline of
+    a sweep). Yields the sorted list of ablated heads; each object returned by ``zero_heads(...)``
+    can be entered once."""
     adapter = get_adapter(model)
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+        raise TLBackwardError(f"heads must be a list of (layer, head) pairs, got {heads!r:.60}", argument="heads")
     chosen: dict[int, list[int]] = {}
     for item in heads:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise TypeError(f"heads must be (layer, head) pairs, got {item!r}")
-        l, h = adapter.check_layer(int(item[0])), int(item[1])
-        if not 0 <= h < adapter.n_heads:
-            raise ValueError(f"head {h} is out of range: the model has heads 0..{adapter.n_heads - 1}")
+            raise TLBackwardError(f"heads must be (layer, head) pairs, got {item!r:.40}", argument="heads")
+        l = adapter.check_layer(item[0], "heads")
+        h = checks.head_index(item[1], adapter.n_heads)
         chosen.setdefault(l, []).append(h)
 
     def make_hook(hs: list[int]):

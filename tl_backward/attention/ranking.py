@@ -16,6 +16,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_backward.core import checks
+from tl_backward.errors import TLBackwardError
+
 from .render import head_ranking_page
 from .reversed import frobenius, reversed_attention
 from .targets import batch_target, check_prompts
@@ -48,11 +51,14 @@ class HeadRanking:
             return self.reversed_mean
         if which == "forward":
             return self.forward_mean
-        raise ValueError(f"which must be 'reversed' or 'forward', got {which!r}")
+        raise TLBackwardError(f"which must be 'reversed' (‖RA‖_F) or 'forward' (‖P‖_F), got {which!r:.40}",
+                              argument="which")
 
     def order(self, which: str = "reversed", *, seed: int = 0, descending: bool = True) -> list[tuple[int, int]]:
         """All ``(layer, head)`` pairs ranked by ``which``: "reversed" (‖RA‖_F), "forward" (‖P‖_F),
         or "random" (a seeded shuffle, the paper's control). ``descending=False`` reverses it."""
+        checks.flag(descending, "descending")
+        checks.one_of(which, "which", WHICH)
         H = self.reversed_mean.shape[1]
         heads = [(l, h) for l in self.layers for h in range(H)]
         if which == "random":
@@ -67,8 +73,7 @@ class HeadRanking:
 
     def top(self, k: int = 10, which: str = "reversed") -> list[tuple[int, int, float]]:
         """The ``k`` best heads as ``(layer, head, mean norm)``."""
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = checks.count(k, "k", minimum=1)
         scores = self.scores(which)
         out = []
         for l, h in self.order(which)[:k]:
@@ -106,6 +111,7 @@ def rank_heads(
     A tqdm bar shows progress (``progress=False`` hides it).
     """
     n = check_prompts(prompts, batch_size)
+    checks.flag(progress, "progress")
     from tqdm.auto import tqdm
 
     sums = None
@@ -114,7 +120,7 @@ def rank_heads(
     with tqdm(total=n, desc="rank_heads", unit="prompt", disable=not progress) as bar:
         for i in range(0, n, batch_size):
             chunk = prompts[i:i + batch_size]
-            tgt, met = batch_target(targets, metric, n, i, i + batch_size)
+            tgt, met = batch_target(targets, metric, n, i, i + batch_size, "targets")
             ra = reversed_attention(model, chunk, tgt, metric=met, layers=layers, prepend_bos=prepend_bos)
             r = frobenius(ra.maps).double()  # [layer, batch, head]
             f = frobenius(ra.patterns).double()

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
@@ -53,14 +54,19 @@ def reversed_attention_from(
     pattern gradient is *not* zero at masked entries, so this mask is explicit -- and wherever
     ``keep`` (optional, broadcastable bool) is False.
     """
-    if grad_of not in ("pattern", "scores"):
-        raise ValueError(f"grad_of must be 'pattern' or 'scores', got {grad_of!r}")
+    checks.one_of(grad_of, "grad_of", ("pattern", "scores"))
+    for name, value in (("pattern", pattern), ("grad", grad)):
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            shown = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TLBackwardError(f"{name} must be a floating-point tensor [..., query_pos, key_pos], got {shown}",
+                                  argument=name)
     if pattern.shape != grad.shape:
-        raise ValueError(f"pattern {tuple(pattern.shape)} and grad {tuple(grad.shape)} must have the same shape")
+        raise TLBackwardError(f"pattern {tuple(pattern.shape)} and grad {tuple(grad.shape)} must have the same "
+                              "shape", argument="grad")
     if isinstance(scale, Tensor):
         scale = scale.to(device=grad.device, dtype=grad.dtype)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number (the attention scale s), got {scale!r}")
+    else:
+        scale = checks.finite_float(scale, "scale", positive=True, hint="the attention scale s")
     if grad_of == "pattern":
         r = (pattern * grad).sum(-1, keepdim=True)
         ra = pattern * (grad - r) / scale
@@ -87,7 +93,8 @@ class ReversedAttention:
     input actually run (a multi-token target is appended, teacher-forced); ``metric`` is the
     (batch-summed) loss. Means over a dataset (:meth:`mean`, :func:`mean_over`) have batch 1,
     ``n_examples`` prompts averaged, ``align`` set, ``metric`` the mean loss, and the first
-    prompt's tokens for display.
+    prompt's tokens for display. ``n_layers`` is the model's layer count, so that model layer
+    ``-1`` (the last, as everywhere in tl_backward) can be looked up.
     """
 
     maps: Float[Tensor, "layer batch head query_pos key_pos"]
@@ -101,6 +108,7 @@ class ReversedAttention:
     metric: Float[Tensor, ""]
     n_examples: int | None = None
     align: str | None = None
+    n_layers: int | None = None
 
     def __repr__(self) -> str:
         L, B, H, Q, K = self.maps.shape
@@ -110,21 +118,29 @@ class ReversedAttention:
 
     # --------------------------------------------------------------------------- indexing
     def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` along the ``layer`` axis."""
+        """Position of model layer ``layer`` (negative counts from the model's end) along the
+        ``layer`` axis."""
+        if self.n_layers is not None:
+            layer = checks.layer_index(layer, self.n_layers)
+        elif not checks.is_int(layer) or layer < 0:
+            raise TLBackwardError(f"layer must be a non-negative int (this result does not know the model's "
+                                  f"layer count), got {layer!r}", argument="layer")
         if layer not in self.layers:
-            raise ValueError(f"layer {layer} was not computed; this result has layers {list(self.layers)}")
+            raise TLBackwardError(f"layer {layer} was not computed; this result has layers {list(self.layers)}",
+                                  argument="layer")
         return self.layers.index(layer)
 
     def _row(self, row: int) -> int:
-        if not isinstance(row, int) or not 0 <= row < self.maps.shape[1]:
-            raise ValueError(f"row must be an int in 0..{self.maps.shape[1] - 1}, got {row!r}")
-        return row
+        n = self.maps.shape[1]
+        if not checks.is_int(row) or not 0 <= row < n:
+            raise TLBackwardError(f"row must be an int in 0..{n - 1} (a prompt of the batch), got {row!r}",
+                                  argument="row")
+        return int(row)
 
     def map(self, layer: int, head: int, row: int = 0, *, which: str = "reversed") -> Float[Tensor, "q k"]:
         """One head's RA map (or forward pattern, ``which="forward"``) over ``row``'s real tokens."""
         src = self._source(which)
-        if not 0 <= head < src.shape[2]:
-            raise ValueError(f"head must be in 0..{src.shape[2] - 1}, got {head}")
+        head = checks.head_index(head, src.shape[2], "head", "this result")
         row = self._row(row)
         n = int(self.mask[row].sum())
         return src[self.layer_index(layer), row, head, :n, :n]
@@ -134,7 +150,8 @@ class ReversedAttention:
             return self.maps
         if which == "forward":
             return self.patterns
-        raise ValueError(f"which must be 'reversed' (RA maps) or 'forward' (attention patterns), got {which!r}")
+        raise TLBackwardError(f"which must be 'reversed' (RA maps) or 'forward' (attention patterns), got "
+                              f"{which!r}", argument="which")
 
     # --------------------------------------------------------------------------- ranking
     def head_norms(self, which: str = "reversed", *, per_example: bool = False) -> Tensor:
@@ -146,9 +163,8 @@ class ReversedAttention:
 
     def top_heads(self, k: int = 10, which: str = "reversed") -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest mean norm, as ``(layer, head, norm)``, descending."""
+        k = checks.count(k, "k", minimum=1)
         norms = self.head_norms(which)
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
         k = min(k, norms.numel())
         vals, idx = norms.flatten().topk(k)
         H = norms.shape[1]
@@ -178,10 +194,8 @@ ALIGNS = ("exact", "end")
 
 
 def check_align(align: str) -> str:
-    if align not in ALIGNS:
-        raise ValueError(f"align must be 'exact' (same-length prompts) or 'end' (count positions from "
-                         f"the last token, crop to the shortest prompt), got {align!r}")
-    return align
+    return checks.one_of(align, "align", ALIGNS, hint="'exact': same-length prompts; 'end': count positions "
+                         "from the last token, crop to the shortest prompt")
 
 
 def aligned(x: Tensor, lengths: Tensor, n: int) -> Tensor:
@@ -204,21 +218,24 @@ class MeanAccumulator:
         self.first: tuple[Tensor, list[str], Tensor] | None = None  # tokens, str_tokens, lengths of row 0
         self.layers: tuple[int, ...] | None = None
         self.scales: tuple[float, ...] | None = None
+        self.n_layers: int | None = None
 
     def add(self, ra: ReversedAttention) -> None:
         if ra.align is not None:
-            raise ValueError("add per-prompt results, not means (this result is already averaged)")
+            raise TLBackwardError("add per-prompt results, not means (this result is already averaged)",
+                                  argument="ra")
         if self.layers is None:
-            self.layers, self.scales = ra.layers, ra.scales
+            self.layers, self.scales, self.n_layers = ra.layers, ra.scales, ra.n_layers
         elif ra.layers != self.layers:
-            raise ValueError(f"results cover different layers: {list(ra.layers)} vs {list(self.layers)}")
+            raise TLBackwardError(f"results cover different layers: {list(ra.layers)} vs {list(self.layers)}",
+                                  argument="layers")
         lengths = ra.mask.sum(1)
         if self.align == "exact":
             lens = sorted({int(l) for l in lengths} | ({self.length} if self.length else set()))
             if len(lens) > 1:
-                raise ValueError(
+                raise TLBackwardError(
                     f"align='exact' needs prompts of one token length, got lengths {lens}: use prompts "
-                    "with the same layout, or align='end' to count positions from the last token")
+                    "with the same layout, or align='end' to count positions from the last token", argument="align")
             n = lens[0]
             maps, pats = ra.maps[..., :n, :n], ra.patterns[..., :n, :n]
         else:
@@ -240,7 +257,7 @@ class MeanAccumulator:
 
     def result(self) -> ReversedAttention:
         if self.n == 0:
-            raise ValueError("nothing to average: add at least one result")
+            raise TLBackwardError("nothing to average: add at least one result", argument="prompts")
         n = self.length
         tokens, str_tokens, length = self.first
         start = int(length) - n  # exact: 0 (all prompts share the length)
@@ -249,7 +266,7 @@ class MeanAccumulator:
             scales=self.scales, tokens=tokens[start:start + n][None].clone(),
             mask=torch.ones(1, n, dtype=torch.bool), last=torch.tensor([n - 1]),
             str_tokens=[list(str_tokens[start:start + n])], metric=torch.tensor(self.metric / self.n),
-            n_examples=self.n, align=self.align,
+            n_examples=self.n, align=self.align, n_layers=self.n_layers,
         )
 
 
@@ -309,7 +326,7 @@ def reversed_attention(
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
         tokens=run.batch.tokens, mask=run.batch.mask, last=run.batch.last, str_tokens=run.str_tokens,
-        metric=run.metric,
+        metric=run.metric, n_layers=adapter.n_layers,
     )
 
 
@@ -343,6 +360,7 @@ def reversed_attention_from_cache(model: Any, cache: Any, *,
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
         tokens=cache.tokens, mask=cache.mask, last=cache.last, str_tokens=cache.str_tokens, metric=cache.metric,
+        n_layers=adapter.n_layers,
     )
 
 

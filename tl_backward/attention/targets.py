@@ -1,9 +1,9 @@
 """Targets for dataset-level analyses: one target for all prompts, or one per prompt, batched.
 
-``target_nll`` (core) takes one target or a list of *strings* per row; a list of ints is read as
-*one* multi-token target for every row. Datasets often hold one token id per prompt, and decoding
-ids back to strings is not lossless for BPE, so :class:`RowTargetNLL` scores one id per row. It is
-the single-token case of core's ``TargetNLL`` with per-row ids (tests check the two agree).
+As in core's ``target_nll``, a list/tuple holds one target per prompt (strings or token ids; ids
+matter because decoding them back to strings is not lossless for BPE). :class:`RowTargetNLL`
+spells out the single-token, one-id-per-row case on its own (tests check that it agrees with
+``target_nll`` of per-row ids).
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from tl_backward.core import checks
+from tl_backward.errors import TLBackwardError
 
 __all__ = ["RowTargetNLL", "batch_target", "check_prompts"]
 
@@ -29,10 +32,10 @@ class RowTargetNLL:
 
     def bind(self, adapter: Any, batch: Any):
         if len(self.ids) != len(batch.tokens):
-            raise ValueError(f"got {len(self.ids)} targets for {len(batch.tokens)} prompts")
+            raise TLBackwardError(f"got {len(self.ids)} targets for {len(batch.tokens)} prompts: pass one target "
+                                  "per prompt", argument="target")
         for t in self.ids:
-            if not 0 <= t < adapter.d_vocab:
-                raise ValueError(f"target id {t} is outside the vocabulary [0, {adapter.d_vocab})")
+            checks.count(t, "target", maximum=adapter.d_vocab - 1, hint="a token id of the vocabulary")
         ids = torch.tensor(self.ids)
         last = batch.last
 
@@ -46,40 +49,37 @@ class RowTargetNLL:
 
 def check_prompts(prompts: Any, batch_size: int) -> int:
     """Validate a dataset of prompts (list of strings or ids ``[n, pos]``); return its size."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    checks.count(batch_size, "batch_size", minimum=1)
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings (or token ids [n, pos]), not one string")
+        raise TLBackwardError("prompts must be a list of strings (or token ids [n, pos]), not one string",
+                              argument="prompts")
     if isinstance(prompts, Tensor):
         if prompts.ndim != 2:
-            raise ValueError(f"token-id prompts must have shape [n, pos], got {tuple(prompts.shape)}")
-        return len(prompts)
+            raise TLBackwardError(f"token-id prompts must have shape [n, pos], got {tuple(prompts.shape)}",
+                                  argument="prompts")
+        return len(checks.token_tensor(prompts, "prompts"))
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings")
+        raise TLBackwardError("prompts must be a non-empty list of strings", argument="prompts")
     if not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must all be strings (or pass token ids as a LongTensor [n, pos])")
+        raise TLBackwardError("prompts must all be strings (or pass token ids as a LongTensor [n, pos])",
+                              argument="prompts")
     return len(prompts)
 
 
-def _is_per_prompt(target: Any, n: int) -> bool:
-    return isinstance(target, (list, tuple)) and len(target) == n and n > 0 and all(
-        isinstance(t, (str, int)) and not isinstance(t, bool) for t in target)
-
-
-def batch_target(target: Any, metric: Any, n: int, i: int, j: int) -> tuple[Any, Any]:
+def batch_target(target: Any, metric: Any, n: int, i: int, j: int, argument: str = "target") -> tuple[Any, Any]:
     """``(target, metric)`` for prompts ``i:j`` of ``n``: exactly one is not None.
 
-    A list/tuple with one entry per prompt is read as per-prompt targets (strings, or token ids,
-    one token each); anything else is one target for every prompt."""
+    A list/tuple holds one target per prompt (strings, token ids, or both), as in core's
+    ``target_nll``, and must have ``n`` entries; anything else is one target for every prompt.
+    ``argument`` is the caller's name for ``target`` (``targets`` in :func:`~tl_backward.rank_heads`)."""
     if (target is None) == (metric is None):
-        raise ValueError("pass exactly one of target= (a word, a token id, or one per prompt) and metric=")
+        raise TLBackwardError(f"pass exactly one of {argument}= (a word, a token id, or one per prompt) and "
+                              "metric=", argument=argument if metric is None else "metric")
     if metric is not None:
         return None, metric
-    if _is_per_prompt(target, n) and (n > 1 or isinstance(target[0], str)):
-        chunk = list(target[i:j])
-        if all(isinstance(t, str) for t in chunk):
-            return chunk, None
-        if all(isinstance(t, int) for t in chunk):
-            return None, RowTargetNLL(tuple(chunk))
-        raise TypeError("per-prompt targets must be all strings or all token ids")
+    if isinstance(target, (list, tuple)):
+        if len(target) != n:
+            raise TLBackwardError(f"got {len(target)} {argument} for {n} prompts: a list holds one target per "
+                                  "prompt; pass one per prompt, or a single target for all", argument=argument)
+        return list(target[i:j]), None
     return target, None

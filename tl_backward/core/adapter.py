@@ -15,6 +15,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_backward.errors import TLBackwardError
+
+from . import checks
 from .readout import Unembed
 
 # Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path.
@@ -115,55 +118,47 @@ class ModelAdapter:
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:
-        """The TransformerLens hook name for ``kind`` at ``layer`` (see module ``_HOOKS``)."""
+        """The TransformerLens hook name for ``kind`` at ``layer`` (see module ``_HOOKS``);
+        negative layers count from the end."""
         if kind not in _HOOKS:
-            raise ValueError(f"kind must be one of {sorted(_HOOKS)}, got {kind!r}")
-        self.check_layer(layer)
+            raise TLBackwardError(f"kind must be one of {sorted(_HOOKS)}, got {kind!r}", argument="kind")
+        layer = self.check_layer(layer)
         if kind == "resid_mid" and self.parallel_blocks:
-            raise ValueError(
+            raise TLBackwardError(
                 "this model has parallel attention+MLP blocks (GPT-NeoX style): there is no "
-                "resid_mid; use resid_pre / resid_post"
-            )
+                "resid_mid; use resid_pre / resid_post", argument="kind")
         if kind == "mlp_pre_linear" and not self.gated_mlp:
-            raise ValueError("mlp_pre_linear exists only for gated MLPs; use mlp_pre")
+            raise TLBackwardError("mlp_pre_linear exists only for gated MLPs; use mlp_pre", argument="kind")
         if kind in ("rot_q", "rot_k") and not self.rot_hooks:
-            raise ValueError(
+            raise TLBackwardError(
                 f"this model does not fire hook_{kind}: capture {kind[-1]}, cos and sin and use "
-                "tl_backward.core.adapter.apply_rotary"
-            )
+                "tl_backward.core.adapter.apply_rotary", argument="kind")
         if kind in ("cos", "sin") and not self.rotary:
-            raise ValueError(f"{kind} exists only for rotary models")
+            raise TLBackwardError(f"{kind} exists only for rotary models", argument="kind")
         return _HOOKS[kind].format(l=layer)
 
-    def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}")
-        return layer
+    def check_layer(self, layer: int, argument: str = "layer") -> int:
+        """``layer`` normalised to ``0..n_layers-1``; ``-1`` is the last layer (see core/checks.py)."""
+        return checks.layer_index(layer, self.n_layers, argument)
 
-    def layers(self, layers: int | Sequence[int] | None) -> list[int]:
-        """Normalise a ``layers`` argument (None = all) to a checked list."""
-        if layers is None:
-            return list(range(self.n_layers))
-        if isinstance(layers, int):
-            layers = [layers]
-        out = [self.check_layer(l) for l in layers]
-        if not out:
-            raise ValueError("layers is empty: pass None for all layers or a list of layer indices")
-        return out
+    def layers(self, layers: int | Sequence[int] | None, argument: str = "layers", *,
+               distinct: bool = True) -> list[int]:
+        """Normalise a ``layers`` argument (None = all; negative counts from the end) to a checked
+        list; repeated layers are refused unless ``distinct=False`` (see core/checks.py)."""
+        return checks.layer_list(layers, self.n_layers, argument, distinct=distinct)
 
-    def resolve_hook(self, name: str) -> str:
-        """Validate a user hook name; unknown names get a ValueError suggesting the closest."""
+    def resolve_hook(self, name: str, argument: str = "names") -> str:
+        """Validate a user hook name; unknown names get an error suggesting the closest."""
         if not isinstance(name, str):
-            raise TypeError(f"hook names must be strings, got {type(name).__name__}")
+            raise TLBackwardError(f"{argument}: hook names must be strings, got {type(name).__name__}",
+                                  argument=argument)
         if name in self.model.hook_dict:
             return name
         hint = difflib.get_close_matches(name, list(self.model.hook_dict), n=1, cutoff=0.5)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
         if name.endswith("hook_resid_mid") and self.parallel_blocks:
             extra = " (parallel attention+MLP blocks have no resid_mid)"
-        raise ValueError(f"unknown hook name {name!r}{extra}")
+        raise TLBackwardError(f"{argument}: unknown hook name {name!r}{extra}", argument=argument)
 
     # ---------------------------------------------------------------- attention
     def attn_scale(self, layer: int) -> float:
@@ -203,7 +198,7 @@ class ModelAdapter:
             value = None
         if value is None:
             if zeros is None:
-                raise ValueError(f"this model has no {name}")
+                raise TLBackwardError(f"this model has no {name}", argument="model")
             return torch.zeros(zeros)
         return value.detach().float().clone()
 
@@ -228,7 +223,7 @@ class ModelAdapter:
 
     def W_gate(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         if not self.gated_mlp:
-            raise ValueError("W_gate exists only for gated MLPs")
+            raise TLBackwardError("W_gate exists only for gated MLPs", argument="model")
         return self._get(self._mlp(layer), "W_gate")
 
     def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"]:
@@ -264,9 +259,10 @@ class ModelAdapter:
             "mlp_out": lambda: self._mlp(layer).out,
         }
         if module not in table:
-            raise ValueError(f"module must be one of {sorted(table)}, got {module!r}")
+            raise TLBackwardError(f"module must be one of {sorted(table)}, got {module!r}", argument="module")
         if module == "mlp_gate" and not self.gated_mlp:
-            raise ValueError("mlp_gate exists only for gated MLPs (Llama-style); this MLP is not gated")
+            raise TLBackwardError("mlp_gate exists only for gated MLPs (Llama-style); this MLP is not gated",
+                                  argument="module")
         return table[module]()
 
     # ---------------------------------------------------------------- readout
@@ -293,7 +289,8 @@ class ModelAdapter:
     def tokenizer(self):
         tok = getattr(self.model, "tokenizer", None)
         if tok is None:
-            raise ValueError("this model has no tokenizer: pass token ids (a LongTensor) instead of strings")
+            raise TLBackwardError("this model has no tokenizer: pass token ids (a LongTensor) instead of strings",
+                                  argument="input")
         return tok
 
     @property
@@ -304,78 +301,70 @@ class ModelAdapter:
             pad = getattr(tok, "eos_token_id", None) if tok is not None else None
         return int(pad) if pad is not None else 0
 
-    def tokenize(self, input: Any, prepend_bos: bool | None = None) -> Batch:
-        """Turn a string, a list of strings (right-padded) or token ids into a :class:`Batch`."""
+    def tokenize(self, input: Any, prepend_bos: bool | None = None, argument: str = "input") -> Batch:
+        """Turn a string, a list of strings (right-padded) or token ids into a :class:`Batch`.
+
+        Token tensors (``[pos]`` or ``[batch, pos]``, integer dtype) are taken as given, every
+        position real; their ids are checked against the vocabulary before any embedding.
+        """
+        checks.flag(prepend_bos, "prepend_bos", none_ok=True)
         if isinstance(input, str):
-            rows = [self._encode(input, prepend_bos, "input")]
+            rows = [self._encode(input, prepend_bos, argument, argument)]
         elif isinstance(input, (list, tuple)):
             if not input:
-                raise ValueError("input is an empty list: pass at least one prompt")
+                raise TLBackwardError(f"{argument} is an empty list: pass at least one prompt", argument=argument)
             if not all(isinstance(s, str) for s in input):
-                raise TypeError("input lists must hold strings; pass token ids as a LongTensor")
-            rows = [self._encode(s, prepend_bos, f"input[{i}]") for i, s in enumerate(input)]
+                raise TLBackwardError(f"{argument} lists must hold strings; pass token ids as a LongTensor "
+                                      "[batch, pos]", argument=argument)
+            rows = [self._encode(s, prepend_bos, argument, f"{argument}[{i}]") for i, s in enumerate(input)]
         elif isinstance(input, Tensor):
-            ids = self._check_ids(input, "input")
-            if ids.shape[1] == 0:
-                raise ValueError("input has no tokens")
-            rows = list(ids)  # token tensors are taken as given: every position is real
+            rows = list(checks.token_tensor(input, argument, self.d_vocab).cpu())
         else:
-            raise TypeError(
-                f"input must be a string, a list of strings or a LongTensor of token ids, got {type(input).__name__}"
-            )
-        return self._check_length(Batch.from_rows(rows, self.pad_id))
+            raise TLBackwardError(
+                f"{argument} must be a string, a list of strings or a LongTensor of token ids, got "
+                f"{type(input).__name__}", argument=argument)
+        return self._check_length(Batch.from_rows(rows, self.pad_id), argument)
 
-    def _encode(self, text: str, prepend_bos: bool | None, what: str) -> Tensor:
+    def _encode(self, text: str, prepend_bos: bool | None, argument: str, what: str) -> Tensor:
         if not text.strip():
-            raise ValueError(f"{what} is empty: pass a non-empty prompt")
+            raise TLBackwardError(f"{what} is empty: pass a non-empty prompt", argument=argument)
         ids = self.model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0].cpu()
         if ids.numel() == 0:
-            raise ValueError(f"{what} tokenises to nothing")
+            raise TLBackwardError(f"{what} tokenises to nothing", argument=argument)
         return ids
 
-    def _check_ids(self, ids: Tensor, what: str) -> Tensor:
-        if ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-            raise TypeError(f"{what} token ids must be an integer tensor, got {ids.dtype}")
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2:
-            raise ValueError(f"{what} token ids must have shape [pos] or [batch, pos], got {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.d_vocab):
-            raise ValueError(f"{what} has token ids outside the vocabulary [0, {self.d_vocab})")
-        return ids.long().cpu()
-
-    def _check_length(self, batch: Batch) -> Batch:
+    def _check_length(self, batch: Batch, argument: str = "input", what: str = "") -> Batch:
         if batch.tokens.shape[1] > self.n_ctx:
-            raise ValueError(
-                f"input is {batch.tokens.shape[1]} tokens long but the model's context (n_ctx) is "
-                f"{self.n_ctx}: shorten the prompt"
-            )
+            raise TLBackwardError(
+                f"{what or argument} is {batch.tokens.shape[1]} tokens long but the model's context (n_ctx) is "
+                f"{self.n_ctx}: shorten the prompt", argument=argument)
         return batch
 
-    def target_tokens(self, target: Any) -> Int[Tensor, " target"]:
+    def target_tokens(self, target: Any, argument: str = "target") -> Int[Tensor, " target"]:
         """Token ids of a target: a string (tokenised without BOS), an int, or ids."""
         if isinstance(target, str):
             if not target.strip():
-                raise ValueError("target is empty: pass a word such as ' Paris' or a token id")
+                raise TLBackwardError(f"{argument} is empty: pass a word such as ' Paris' or a token id",
+                                      argument=argument)
             ids = self.model.to_tokens(target, prepend_bos=False, truncate=False)[0].cpu()
             if ids.numel() == 0:
-                raise ValueError(f"target {target!r} tokenises to nothing")
+                raise TLBackwardError(f"{argument} {target!r} tokenises to nothing", argument=argument)
             unk = getattr(self.tokenizer, "unk_token_id", None)
             if unk is not None and bool((ids == unk).any()) and target.strip() != self.tokenizer.unk_token:
-                raise ValueError(f"target {target!r} is not in the model's vocabulary (it tokenises to the unknown token)")
+                raise TLBackwardError(f"{argument} {target!r} is not in the model's vocabulary (it tokenises to "
+                                      "the unknown token)", argument=argument)
             return ids.long()
         if isinstance(target, bool):
-            raise TypeError("target must be a string, an int token id or a sequence of ids, not a bool")
-        if isinstance(target, int):
-            target = [target]
-        if isinstance(target, (list, tuple)) and target and all(isinstance(t, int) for t in target):
-            target = torch.tensor(target)
+            raise TLBackwardError(f"{argument} must be a string, an int token id or a sequence of ids, not a bool",
+                                  argument=argument)
+        if checks.is_int(target):
+            target = [int(target)]
+        if isinstance(target, (list, tuple)) and target and all(checks.is_int(t) for t in target):
+            target = torch.tensor([int(t) for t in target])
         if isinstance(target, Tensor):
-            ids = self._check_ids(target.reshape(-1), "target")[0]
-            if ids.numel() == 0:
-                raise ValueError("target has no tokens")
-            return ids
-        raise TypeError(f"target must be a string, an int token id or a sequence of ids, got {type(target).__name__}")
+            return checks.token_tensor(target.reshape(-1), argument, self.d_vocab)[0].cpu()
+        raise TLBackwardError(f"{argument} must be a string, an int token id or a sequence of ids, got "
+                              f"{type(target).__name__} {target!r:.40}", argument=argument)
 
     def decode_ids(self, ids: Sequence[int] | Tensor) -> list[str]:
         """One display string per vocabulary id (see :func:`decode_ids`)."""
@@ -419,24 +408,24 @@ def _check_supported(model: Any) -> None:
     except ImportError as err:  # pragma: no cover - dependency is pinned
         raise ImportError("tl_backward needs transformer_lens>=4.3 (TransformerBridge)") from err
     if not isinstance(model, TransformerBridge):
-        raise TypeError(
-            f"expected a transformer_lens TransformerBridge, got {type(model).__name__}; "
-            "load one with tl_backward.load_model(...) or TransformerBridge.boot_transformers(...)"
-        )
+        raise TLBackwardError(
+            f"model must be a transformer_lens TransformerBridge, got {type(model).__name__}; "
+            "load one with tl_backward.load_model(...) or TransformerBridge.boot_transformers(...)",
+            argument="model")
     if not isinstance(getattr(model, "original_model", None), torch.nn.Module):
-        raise ValueError(
+        raise TLBackwardError(
             "this bridge does not wrap a local torch module (remote or inference-only driver): "
-            "tl_backward needs autograd through the model"
-        )
+            "tl_backward needs autograd through the model", argument="model")
     attn_cls = type(model.blocks[0].attn).__name__
     if attn_cls not in RECONSTRUCTING_ATTENTION:
-        raise ValueError(
+        raise TLBackwardError(
             f"attention bridge {attn_cls} fires hook_attn_scores outside the autograd path (e.g. boot_native "
             "models), so attention gradients would be wrong; boot the model with "
-            "TransformerBridge.boot_transformers(...) from an HF GPT-2 / GPT-NeoX / Llama / Qwen2 / Mistral model"
-        )
+            "TransformerBridge.boot_transformers(...) from an HF GPT-2 / GPT-NeoX / Llama / Qwen2 / Mistral model",
+            argument="model")
     if getattr(model.cfg, "attn_scores_soft_cap", -1) not in (None, -1, -1.0, 0):
-        raise ValueError("attention soft-capping (e.g. Gemma-2) is not supported: grad/scale would not be dL/d(q·k)")
+        raise TLBackwardError("attention soft-capping (e.g. Gemma-2) is not supported: grad/scale would not be "
+                              "dL/d(q·k)", argument="model")
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, ModelAdapter]" = weakref.WeakKeyDictionary()

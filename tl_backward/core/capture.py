@@ -22,6 +22,7 @@ from transformer_lens.utilities import get_act_name
 
 from tl_backward.errors import TLBackwardError
 
+from . import checks
 from .adapter import ModelAdapter, get_adapter
 from .stream import stream
 
@@ -118,8 +119,8 @@ class GradientCache(Mapping):
         elif isinstance(key, tuple) and key and isinstance(key[0], str):
             base, grad = _strip_grad(key[0], grad)
             rest = list(key[1:])
-            if rest and isinstance(rest[0], int) and not isinstance(rest[0], bool) and rest[0] < 0:
-                rest[0] += self._n_layers(key)
+            if rest and checks.is_int(rest[0]):
+                rest[0] = self._layer(key, int(rest[0]))
             name = _act_name(key, (base, *rest))
         else:
             raise KeyError(f"cache keys are {_KEY_FORMS}; got {key!r}")
@@ -129,10 +130,17 @@ class GradientCache(Mapping):
                            "Add it to capture(names=...), or pass names=None for every hook point")
         return served, grad
 
-    def _n_layers(self, key: Any) -> int:
+    def _layer(self, key: Any, layer: int) -> int:
+        """``layer`` of a key, negative counting from the end (core/checks.py's convention)."""
         if self.model is None:
-            raise KeyError(f"{key!r}: negative layers need the model, which this cache does not hold")
-        return int(self.model.cfg.n_layers)
+            if layer < 0:
+                raise KeyError(f"{key!r}: negative layers need the model, which this cache does not hold")
+            return layer
+        n = int(self.model.cfg.n_layers)
+        if not -n <= layer < n:
+            raise KeyError(f"{key!r}: layer {layer} is out of range: the model has layers 0..{n - 1} "
+                           f"(or -{n}..-1 from the end)")
+        return layer % n
 
     # ------------------------------------------------------------------ TransformerLens caches
     def activation_cache(self) -> ActivationCache:
@@ -183,8 +191,7 @@ class GradientCache(Mapping):
 
     def resid_grads(self, kind: str = "pre", model: Any = None) -> Float[Tensor, "layer batch pos d_model"]:
         """Stacked residual-stream gradients for ``kind`` in {"pre", "mid", "post"}, all layers."""
-        if kind not in ("pre", "mid", "post"):
-            raise ValueError(f"kind must be 'pre', 'mid' or 'post', got {kind!r}")
+        checks.one_of(kind, "kind", ("pre", "mid", "post"))
         pattern = re.compile(rf"^blocks\.(\d+)\.hook_resid_{kind}$")
         found = sorted((int(m.group(1)), k) for k in self.gradients if (m := pattern.match(k)))
         if not found:
@@ -195,6 +202,9 @@ class GradientCache(Mapping):
         layers = [l for l, _ in found]
         if layers != list(range(len(layers))):
             raise KeyError(f"hook_resid_{kind} was captured for layers {layers} only; capture every layer")
+        if self.model is not None and len(layers) != int(self.model.cfg.n_layers):
+            raise KeyError(f"hook_resid_{kind} was captured for layers {layers} only, the model has "
+                           f"{int(self.model.cfg.n_layers)}; capture every layer")
         return torch.stack([self.gradients[k] for _, k in found])
 
 
@@ -291,10 +301,9 @@ def capture(
         grads.setdefault(key, g.detach().float())
     missing = [r.name for r in requests if r.bwd not in grads or r.fwd not in acts]
     if missing and strict:
-        raise ValueError(
-            f"no gradient reached {missing}: these hook points are not on the autograd path from the "
-            "embeddings to the metric"
-        )
+        raise TLBackwardError(
+            f"{argument}: no gradient reached {missing}: these hook points are not on the autograd path from "
+            "the embeddings to the metric", argument=argument)
     requests = [r for r in requests if r.name not in missing]
     if not requests:
         raise TLBackwardError(f"no hook point chosen by {argument} received a gradient: choose hook points "
@@ -364,5 +373,5 @@ def _plan(adapter: ModelAdapter, aliases: dict[str, str], names: Names, argument
         raise TLBackwardError(f"{argument} is empty: list the hook points to capture, or pass None for "
                               "every hook point", argument=argument)
     for name in chosen:
-        adapter.resolve_hook(name)
+        adapter.resolve_hook(name, argument)
     return [_point(aliases, n) for n in chosen], True

@@ -5,7 +5,11 @@ The objects here *bind* to a batch first, because a multi-token target changes t
 the target is appended (teacher forcing) and its tokens are scored one position each.
 
 Conventions: batches reduce by **sum** (a batch of B equals the sum of B single runs), and the
-loss position of a row is its last real prompt position.
+loss position of a row is its last real prompt position. A target is one target for every row
+(a string, an int id, or a 1-D tensor of ids for a multi-token target) or a **list/tuple with one
+target per row** -- a list of ints means one id per row exactly as a list of strings means one
+word per row, whatever the batch size, so its meaning never depends on its length. A metric's
+value must be finite: NaN or ±inf has no useful gradient and is refused naming the metric.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from tl_backward.errors import TLBackwardError
 
 from .adapter import Batch, ModelAdapter
 
@@ -29,8 +35,10 @@ class TargetNLL:
     One target token t: ``L = Σ_b −log softmax(logits[b, last_b])[t]``.
     A target of T tokens: the input becomes ``prompt + target[:-1]`` and
     ``L = Σ_b Σ_k −log p(target_k | prompt, target_<k)`` (teacher forcing).
-    ``target`` is a string (tokenised without BOS; mind the leading space for BPE models),
-    token ids, or a list with one target per prompt.
+    ``target`` is one target for every prompt -- a string (tokenised without BOS; mind the
+    leading space for BPE models), an int id, or a 1-D tensor of ids (multi-token) -- or a
+    list/tuple with one target per prompt (strings, ids, or id tensors; ``[5, 6]`` means id 5 for
+    row 0 and id 6 for row 1, so it needs a batch of two).
     """
 
     target: Any
@@ -44,7 +52,8 @@ class TargetNLL:
             b_idx += [b] * len(tgt)
             p_idx += list(range(first, first + len(tgt)))
             labels += tgt.tolist()
-        bound = adapter._check_length(Batch.from_rows(rows, adapter.pad_id))
+        bound = adapter._check_length(Batch.from_rows(rows, adapter.pad_id), "target",
+                                      "the input plus the target (teacher-forced)")
         bound = Batch(tokens=bound.tokens, mask=bound.mask, last=batch.last)
         b_idx, p_idx, labels = (torch.tensor(v) for v in (b_idx, p_idx, labels))
 
@@ -66,9 +75,13 @@ class LogitDiff:
     def bind(self, adapter: ModelAdapter, batch: Batch) -> tuple[Batch, LogitsFn]:
         ids = []
         for name, value in (("a", self.a), ("b", self.b)):
-            tok = adapter.target_tokens(value)
+            if value is None:
+                raise TLBackwardError(f"logit_diff: {name} is None: pass a single-token word or a token id",
+                                      argument=name)
+            tok = adapter.target_tokens(value, name)
             if tok.numel() != 1:
-                raise ValueError(f"logit_diff: {name}={value!r} is {tok.numel()} tokens; pass a single token")
+                raise TLBackwardError(f"logit_diff: {name}={value!r} is {tok.numel()} tokens; pass a single token",
+                                      argument=name)
             ids.append(int(tok[0]))
         last = batch.last
 
@@ -82,7 +95,7 @@ class LogitDiff:
 def target_nll(target: Any) -> TargetNLL:
     """The target's negative log-likelihood (see :class:`TargetNLL`)."""
     if target is None:
-        raise ValueError("target is None: pass a target string or token id")
+        raise TLBackwardError("target is None: pass a target string or token id", argument="target")
     return TargetNLL(target)
 
 
@@ -96,10 +109,10 @@ def bind_metric(metric: Any, adapter: ModelAdapter, batch: Batch) -> tuple[Batch
     if hasattr(metric, "bind"):
         return metric.bind(adapter, batch)
     if isinstance(metric, (str, int)) or not callable(metric):
-        raise TypeError(
+        raise TLBackwardError(
             f"metric must be tl_backward.metrics.target_nll(...)/logit_diff(...) or a callable "
-            f"(logits, tokens) -> scalar, got {type(metric).__name__}; for a target word use target_nll({metric!r})"
-        )
+            f"(logits, tokens) -> scalar, got {type(metric).__name__}; for a target word use target_nll({metric!r})",
+            argument="metric")
     tokens = batch.tokens
     return batch, lambda logits: metric(logits, tokens.to(logits.device))
 
@@ -107,34 +120,56 @@ def bind_metric(metric: Any, adapter: ModelAdapter, batch: Batch) -> tuple[Batch
 def resolve_metric(target: Any, metric: Any) -> Any:
     """The metric of an analysis called with ``target=`` or ``metric=`` (exactly one)."""
     if (target is None) == (metric is None):
-        raise ValueError("pass exactly one of target= (a word or token id) and metric= (a callable)")
+        which = "metric" if metric is not None else "target"
+        raise TLBackwardError("pass exactly one of target= (a word or token id) and metric= (a callable)",
+                              argument=which)
     return target_nll(target) if metric is None else metric
 
 
-def check_scalar(value: Any) -> Tensor:
-    """Validate a metric's output: a scalar tensor on the autograd graph."""
+def describe(metric: Any) -> str:
+    """A short name of a metric for messages: ``target_nll(' Paris')``, a function's name, ..."""
+    if isinstance(metric, TargetNLL):
+        return f"target_nll({metric.target!r:.40})"
+    if isinstance(metric, LogitDiff):
+        return f"logit_diff({metric.a!r:.20}, {metric.b!r:.20})"
+    name = getattr(metric, "__qualname__", None) or type(metric).__name__
+    return f"{name}"
+
+
+def check_scalar(value: Any, metric: Any = None) -> Tensor:
+    """Validate a metric's output: a finite scalar tensor on the autograd graph. ``metric``
+    (the metric object) names it in the message."""
+    which = f"the metric {describe(metric)}" if metric is not None else "the metric"
     if not isinstance(value, Tensor):
-        raise TypeError(f"the metric must return a torch scalar tensor, got {type(value).__name__}")
+        raise TLBackwardError(f"{which} must return a torch scalar tensor, got {type(value).__name__}",
+                              argument="metric")
     if value.numel() != 1:
-        raise ValueError(
-            f"the metric must return a scalar, got shape {tuple(value.shape)}: reduce it (e.g. .sum()) "
-            "so that the batch is summed"
-        )
+        raise TLBackwardError(
+            f"{which} must return a scalar, got shape {tuple(value.shape)}: reduce it (e.g. .sum()) "
+            "so that the batch is summed", argument="metric")
     if not value.requires_grad:
-        raise ValueError(
-            "the metric's value has no autograd graph (was it detached, computed under torch.no_grad(), "
-            "or not derived from the logits?)"
-        )
+        raise TLBackwardError(
+            f"{which} returned a value with no autograd graph (was it detached, computed under "
+            "torch.no_grad(), or not derived from the logits?)", argument="metric")
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise TLBackwardError(
+            f"{which} returned {float(value.detach().reshape(()))}: a NaN or infinite metric has no usable "
+            "gradient; check the metric (e.g. log of 0, division by 0)", argument="metric")
     return value.reshape(())
 
 
 def _per_row(target: Any, n_rows: int, adapter: ModelAdapter) -> list[Int[Tensor, " t"]]:
-    if isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target):
+    """One id tensor per row: a list/tuple holds one target per row, anything else is shared."""
+    if isinstance(target, (list, tuple)):
         if len(target) != n_rows:
-            raise ValueError(f"got {len(target)} targets for {n_rows} prompts: pass one target per prompt or a single target")
+            raise TLBackwardError(
+                f"got {len(target)} targets for {n_rows} prompts: a list holds one target per prompt (strings "
+                "or token ids); pass one target per prompt, or a single target (a string, an int, or "
+                "torch.tensor(ids) for a multi-token target) for every prompt", argument="target")
         return [adapter.target_tokens(t) for t in target]
     ids = adapter.target_tokens(target)
     return [ids] * n_rows
 
 
-__all__: Sequence[str] = ["TargetNLL", "LogitDiff", "target_nll", "logit_diff", "bind_metric", "resolve_metric", "check_scalar"]
+__all__: Sequence[str] = ["TargetNLL", "LogitDiff", "target_nll", "logit_diff", "bind_metric", "resolve_metric",
+                          "check_scalar", "describe"]

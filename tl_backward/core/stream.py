@@ -80,8 +80,9 @@ def stream(
 def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_logits,
             prepend_bos) -> Streamed:
     """:func:`stream`'s body, run while the caller holds the model's lock."""
-    for name in [*on_activation, *on_gradient]:
-        adapter.resolve_hook(name)
+    for argument, names in (("on_activation", on_activation), ("on_gradient", on_gradient)):
+        for name in names:
+            adapter.resolve_hook(name, argument)
     batch = adapter.tokenize(input, prepend_bos)
     batch, score = bind_metric(metric, adapter, batch)
     if on_batch is not None:
@@ -114,11 +115,11 @@ def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch,
         # Expected: the hook at a leaf fires on its output gradient (its input is frozen).
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         logits = model(batch.tokens.to(device_of(model)), return_type="logits")
-        value = check_scalar(score(logits))
+        value = check_scalar(score(logits), metric)
         if on_logits is not None:
             on_logits(logits.detach(), batch)
         del logits  # the graph keeps what the backward needs
-        if not leaves:
+        if not leaves:  # a model defect, not a bad argument
             raise RuntimeError("no embedding hook fired during the forward pass; cannot start the backward pass")
         grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
     return Streamed(

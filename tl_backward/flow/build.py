@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.capture import capture
 from tl_backward.core.stream import device_of
@@ -61,7 +62,8 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
             with torch.no_grad():
                 cos, sin = mod(x, torch.arange(n_pos, device=x.device)[None])
             return cos[0].float().cpu(), sin[0].float().cpu()
-    raise ValueError("this rotary model has no HF *RotaryEmbedding module to read cos/sin from")
+    raise TLBackwardError("this rotary model has no HF *RotaryEmbedding module to read cos/sin from",
+                          argument="model")
 
 
 def flow_hook_names(model: Any, layer: int | Sequence[int], *, backward: bool = False) -> list[str]:
@@ -237,11 +239,23 @@ def _selection(graph: FlowGraph) -> dict[tuple, Tensor]:
 
 
 def _check_count(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int (-1 keeps all), got {type(value).__name__}")
-    if value < -1:
-        raise ValueError(f"{name} must be >= -1 (-1 keeps all), got {value}")
-    return value
+    return checks.count(value, name, minimum=-1, hint="-1 keeps all")
+
+
+def _check_like(like: Any, layers: list[int], tokens: list[str], p: int) -> dict[tuple, Tensor]:
+    """The selection of ``like``, which must be a graph of the same prompt and position."""
+    if not isinstance(like, FlowGraph):
+        raise TLBackwardError(f"like must be a FlowGraph, got {type(like).__name__}", argument="like")
+    if not set(layers) <= set(like.layers):
+        raise TLBackwardError(f"like= covers layers {list(like.layers)}, not all of {layers}", argument="like")
+    if tuple(like.tokens) != tuple(tokens):
+        raise TLBackwardError(f"like= is a graph of another prompt ({len(like.tokens)} tokens "
+                              f"{list(like.tokens)[:6]!r:.80}...): its heads and positions would mean nothing here; "
+                              "pass a graph of the same prompt", argument="like")
+    if like.position != p:
+        raise TLBackwardError(f"like= is a graph of position {like.position}, this one is of position {p}: pass "
+                              "a graph of the same position", argument="like")
+    return _selection(like)
 
 
 def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: Any = None, position: int = -1,
@@ -292,39 +306,32 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
     """
     ad = get_adapter(model)
     if getattr(model, "compatibility_mode", False):
-        raise ValueError("flow_graph needs raw weights: VISIT is not meaningful in compatibility mode "
-                         "(fold_ln erases the layer-norm effect, centring changes the edge norms); "
-                         "load the model without enable_compatibility_mode()")
-    if not isinstance(backward, bool):
-        raise TypeError(f"backward must be True or False, got {type(backward).__name__}")
+        raise TLBackwardError("flow_graph needs raw weights: VISIT is not meaningful in compatibility mode "
+                              "(fold_ln erases the layer-norm effect, centring changes the edge norms); "
+                              "load the model without enable_compatibility_mode()", argument="model")
+    checks.flag(backward, "backward")
     if metric is not None and not backward:
-        raise ValueError("metric= only applies to backward graphs (backward=True)")
+        raise TLBackwardError("metric= only applies to backward graphs (backward=True)", argument="metric")
     if metric is not None and not callable(metric):
-        raise TypeError("metric must be a callable (logits, tokens) -> scalar")
-    layers = sorted(set(ad.layers(layer)))
+        raise TLBackwardError("metric must be a callable (logits, tokens) -> scalar", argument="metric")
+    layers = sorted(ad.layers(layer, "layer"))
     opts = dict(n_heads=_check_count(n_heads, "n_heads"), n_memory=_check_count(n_memory, "n_memory"),
                 n_top=_check_count(n_top_neurons, "n_top_neurons"),
-                n_bottom=_check_count(n_bottom_neurons, "n_bottom_neurons"), bias=bool(bias_nodes))
-    if opts["n_bottom"] < 0:
-        raise ValueError("n_bottom_neurons must be >= 0 (use n_top_neurons=-1 to keep all neurons)")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if like is not None:
-        if not isinstance(like, FlowGraph):
-            raise TypeError(f"like must be a FlowGraph, got {type(like).__name__}")
-        if not set(layers) <= set(like.layers):
-            raise ValueError(f"like= covers layers {like.layers}, not all of {layers}")
-        opts["like"] = _selection(like)
+                n_bottom=checks.count(n_bottom_neurons, "n_bottom_neurons",
+                                      hint="use n_top_neurons=-1 to keep all neurons"),
+                bias=checks.flag(bias_nodes, "bias_nodes"))
+    checks.count(k, "k", minimum=1, maximum=ad.d_vocab, hint="tokens in the hover lists")
+    checks.flag(normalize, "normalize", none_ok=True)
     batch = ad.tokenize(input, prepend_bos)
     if batch.tokens.shape[0] != 1:
-        raise ValueError(f"flow_graph draws one prompt; got a batch of {batch.tokens.shape[0]}: pass one string")
+        raise TLBackwardError(f"flow_graph draws one prompt, but input is a batch of {batch.tokens.shape[0]}: "
+                              "pass one string", argument="input")
     tokens = batch.tokens
     n_pos = tokens.shape[1]
-    if not isinstance(position, int) or isinstance(position, bool):
-        raise TypeError(f"position must be an int, got {type(position).__name__}")
-    if not -n_pos <= position < n_pos:
-        raise ValueError(f"position {position} is out of range for a prompt of {n_pos} tokens")
-    p = position % n_pos
+    p = checks.index(position, n_pos, "position", "position", "the prompt")
+    str_tokens = ad.to_str_tokens(tokens)[0]
+    if like is not None:
+        opts["like"] = _check_like(like, layers, str_tokens, p)
     t = None if target is None else int(ad.target_tokens(target)[0])
     if cache is not None and metric is not None:
         raise TLBackwardError("pass metric= or cache= (whose metric the backward graph then explains), not both",

@@ -18,9 +18,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.readout import entropy_bits
 from tl_backward.core.stream import device_of
+from tl_backward.errors import TLBackwardError
 
 # Rows per full-distribution chunk: 64 x 50k fp32 probabilities = 13 MB.
 CHUNK = 64
@@ -31,28 +33,26 @@ def _check_prompts(prompts: Any) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be a non-empty list of strings")
+        raise TLBackwardError("prompts must be a non-empty list of strings", argument="prompts")
     return list(prompts)
 
 
 def _positions(batch, position: int) -> Tensor:
     """Per-row position: each row's last real token (position=-1) or a fixed index."""
-    if not isinstance(position, int) or isinstance(position, bool):
-        raise TypeError(f"position must be an int, got {type(position).__name__}")
+    position = checks.count(position, "position", minimum=-1, hint="-1 for each prompt's last token")
     if position == -1:
         return batch.last
     shortest = int(batch.last.min()) + 1
     if not 0 <= position < shortest:
-        raise ValueError(f"position {position} is out of range: the shortest prompt has {shortest} tokens "
-                         "(use -1 for each prompt's last token)")
+        raise TLBackwardError(f"position {position} is out of range: the shortest prompt has {shortest} tokens "
+                              "(use -1 for each prompt's last token)", argument="position")
     return torch.full_like(batch.last, position)
 
 
 def _collect(ad: ModelAdapter, prompts: list[str], names: list[str], position: int, batch_size: int,
              prepend_bos: bool | None) -> dict[str, Tensor]:
     """Activations at ``names`` at each prompt's position, stacked [n_prompts, ...] (forward only)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    checks.count(batch_size, "batch_size", minimum=1)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     model = ad.model
     device = device_of(model)
@@ -142,11 +142,9 @@ def ln_filter(model: Any, prompts: Sequence[str] | str, *, layer: int, which: st
     same norm module (seeded). Returns :class:`LNFilter`.
     """
     ad = get_adapter(model)
-    ad.check_layer(layer)
-    if which not in ("ln1", "ln2"):
-        raise ValueError(f"which must be 'ln1' or 'ln2', got {which!r}")
-    if not isinstance(k, int) or not 1 <= k <= ad.d_vocab:
-        raise ValueError(f"k must be an int in [1, {ad.d_vocab}], got {k!r}")
+    layer = ad.check_layer(layer)
+    checks.one_of(which, "which", ("ln1", "ln2"))
+    checks.count(k, "k", minimum=1, maximum=ad.d_vocab)
     prompts = _check_prompts(prompts)
     if which == "ln1" or ad.parallel_blocks:
         x_name = ad.hook_name("resid_pre", layer)
@@ -247,10 +245,10 @@ def regularisation_neurons(model: Any, prompts: Sequence[str] | str, *, layers: 
     """
     ad = get_adapter(model)
     layer_list = ad.layers(layers)
-    if not isinstance(top, int) or not 1 <= top < ad.d_mlp:
-        raise ValueError(f"top must be an int in [1, d_mlp={ad.d_mlp}), got {top!r}")
-    if not 0 < float(min_fraction) <= 1:
-        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction!r}")
+    checks.count(top, "top", minimum=1, maximum=ad.d_mlp - 1, hint=f"below d_mlp={ad.d_mlp}")
+    checks.probability(min_fraction, "min_fraction", open_zero=True)
+    checks.count(baseline, "baseline", minimum=1, hint="random neurons for the median entropy")
+    checks.count(k, "k", minimum=1, maximum=ad.d_vocab)
     prompts = _check_prompts(prompts)
     names = [ad.hook_name("mlp_post", l) for l in layer_list]
     acts = _collect(ad, prompts, names, position, batch_size, prepend_bos)

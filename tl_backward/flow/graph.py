@@ -15,6 +15,8 @@ from typing import Any, Iterable, Union
 
 from torch import Tensor
 
+from tl_backward.errors import TLBackwardError
+
 from .render import graph_figure
 
 # Node kinds, in VISIT's left-to-right order. "resid" covers block_in / resid_mid / block_out.
@@ -128,7 +130,7 @@ class FlowGraph:
 
     def nodes_of(self, kind: str) -> list[Node]:
         if kind not in NODE_KINDS:
-            raise ValueError(f"kind must be one of {NODE_KINDS}, got {kind!r}")
+            raise TLBackwardError(f"kind must be one of {NODE_KINDS}, got {kind!r}", argument="kind")
         return [n for n in self.nodes if n.kind == kind]
 
     def edges_into(self, node_id: str) -> list[Edge]:
@@ -191,12 +193,13 @@ def merge(graphs: Iterable[FlowGraph]) -> FlowGraph:
     a block's output node is the next block's input node (shared id)."""
     graphs = sorted(graphs, key=lambda g: g.layers[0])
     if not graphs:
-        raise ValueError("merge() needs at least one graph")
+        raise TLBackwardError("merge() needs at least one graph in graphs", argument="graphs")
     first = graphs[0]
     for g in graphs[1:]:
         same = (g.position, g.tokens, g.target, g.backward) == (first.position, first.tokens, first.target, first.backward)
         if not same:
-            raise ValueError("merge(): graphs differ in prompt, position, target or direction")
+            raise TLBackwardError("merge(): the graphs differ in prompt, position, target or direction",
+                                  argument="graphs")
     nodes: dict[str, Node] = {}
     for g in graphs:
         for n in g.nodes:
@@ -204,7 +207,7 @@ def merge(graphs: Iterable[FlowGraph]) -> FlowGraph:
     edges = {(e.source, e.target, e.kind): e for g in graphs for e in g.edges}
     layers = tuple(l for g in graphs for l in g.layers)
     if len(set(layers)) != len(layers):
-        raise ValueError(f"merge(): layers overlap: {layers}")
+        raise TLBackwardError(f"merge(): the graphs' layers overlap: {layers}", argument="graphs")
     notes = tuple(dict.fromkeys(n for g in graphs for n in g.notes))
     return FlowGraph(nodes=tuple(nodes.values()), edges=tuple(edges.values()), layers=layers,
                      position=first.position, tokens=first.tokens, target=first.target,

@@ -24,12 +24,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import decode_ids, get_adapter
 from tl_backward.core.metrics import target_nll
 from tl_backward.core.readout import Unembed
 from tl_backward.errors import TLBackwardError
 
-from .factors import GradientFactors, _finite, gradient_factors
+from .factors import GradientFactors, gradient_factors
 from .render import render_backward_lens
 
 # module -> (projected side, reading direction)
@@ -137,14 +138,17 @@ class BackwardLens:
 
     def decode(self, ids: Sequence[int] | Tensor) -> list[str]:
         """Token strings of vocabulary ids (:func:`tl_backward.core.adapter.decode_ids`)."""
+        if isinstance(ids, Tensor):
+            ids = ids.reshape(-1).tolist()
+        ids = [checks.count(i, "ids", maximum=self.d_vocab - 1, hint="token ids of the vocabulary") for i in ids]
         return decode_ids(self.tokenizer, ids)
 
     def layer_index(self, layer: int) -> int:
-        n = self.factors.n_layers
-        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
-            layer += n
+        """Position of model layer ``layer`` (negative counts from the end) on the layer axis."""
+        layer = checks.layer_index(layer, self.factors.n_layers)
         if layer not in self.layers:
-            raise ValueError(f"layer {layer!r} was not computed; available layers: {list(self.layers)}")
+            raise TLBackwardError(f"layer {layer} was not computed; available layers: {list(self.layers)}",
+                                  argument="layer")
         return self.layers.index(layer)
 
     def token_index(self, token: int | tuple[int, int]) -> int:
@@ -153,28 +157,26 @@ class BackwardLens:
         if isinstance(token, tuple) and len(token) == 2:
             hits = ((self.factors.positions[:, 0] == token[0]) & (self.factors.positions[:, 1] == token[1])).nonzero()
             if not len(hits):
-                raise ValueError(f"(batch, pos) = {token} is padding or out of range")
+                raise TLBackwardError(f"token (batch, pos) = {token} is padding or out of range", argument="token")
             return int(hits[0, 0])
-        if isinstance(token, bool) or not isinstance(token, int) or not -n <= token < n:
-            raise ValueError(f"token must be an index in [0, {n}) over the non-padding tokens or a (batch, pos) pair, got {token!r}")
-        return token % n
+        return checks.index(token, n, "token", "token")  # over the non-padding tokens
 
     def tokens(self, module: str, layer: int, token: int | tuple[int, int], which: str | None = None) -> list[str]:
         """The k tokens of one cell; ``which`` = "top" | "bottom" | None (the module's reading)."""
         r = self[module]
         which = which or r.read
-        if which not in ("top", "bottom"):
-            raise ValueError(f"which must be 'top', 'bottom' or None, got {which!r}")
+        checks.one_of(which, "which", ("top", "bottom", None))
         ids = (r.top_ids if which == "top" else r.bottom_ids)[self.layer_index(layer), self.token_index(token)]
         return self.decode(ids)
 
     def imprint_shift(self, token_index: int | tuple[int, int], lr: float) -> ImprintShift:
         """Imprint (FF1) and shift (FF2) of a one-token SGD step at ``token_index`` (Katz et al., EMNLP 2024)."""
         t = self.token_index(token_index)
-        lr = _finite(lr, "lr")
+        lr = checks.finite_float(lr, "lr", hint="the SGD learning rate")
         have = [m for m in ("mlp_in", "mlp_out") if m in self.factors.modules]
         if not have:
-            raise ValueError("imprint/shift need the MLP factors: call backward_lens(..., modules=('mlp_in', 'mlp_out'))")
+            raise TLBackwardError("imprint/shift need the MLP factors: call backward_lens(..., modules=('mlp_in', "
+                                  "'mlp_out'))", argument="modules")
         out = {}
         for m in have:
             out[m] = torch.stack([self.factors[l, m].sgd_output_change(t, lr)[t] for l in self.layers])
@@ -236,11 +238,8 @@ def lens_from_factors(model: Any, factors: GradientFactors, target: Any, *, top_
 
 
 def _check_lens_options(ad: Any, target: Any, top_k: Any, normalize: Any) -> None:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= ad.d_vocab:
-        raise TLBackwardError(f"top_k must be an int in [1, {ad.d_vocab}] (the vocabulary size), got {top_k!r}",
-                              argument="top_k")
-    if not isinstance(normalize, bool):
-        raise TLBackwardError(f"normalize must be True or False, got {normalize!r}", argument="normalize")
+    checks.count(top_k, "top_k", minimum=1, maximum=ad.d_vocab, hint="tokens per cell, at most the vocabulary size")
+    checks.flag(normalize, "normalize")
     if target is None:
         raise TLBackwardError("target is None: pass the target word (e.g. ' Paris') or its token id",
                               argument="target")
@@ -291,7 +290,8 @@ def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: 
 
 
 def _row_targets(ad: Any, target: Any, n_rows: int) -> Int[Tensor, " batch"]:
-    """First target token per row (one target for all rows, or a list of one per row)."""
-    if isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target):
+    """First target token per row (one target for all rows, or a list/tuple of one per row, as
+    in ``target_nll``)."""
+    if isinstance(target, (list, tuple)):
         return torch.stack([ad.target_tokens(t)[0] for t in target])
     return ad.target_tokens(target)[:1].expand(n_rows).clone()

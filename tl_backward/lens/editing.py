@@ -35,8 +35,6 @@ model as a baseline.
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import Batch, get_adapter
 from tl_backward.errors import TLBackwardError
 
@@ -189,9 +188,9 @@ def forward_pass_shift(
     _check_raw(model)
     if not isinstance(prompt, str):
         raise TLBackwardError(f"prompt must be a string, got {type(prompt).__name__}", argument="prompt")
-    layer = _layer(ad, layer)
+    layer = ad.check_layer(layer)  # negative counts from the end
     eta = _eta(eta)
-    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
+    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
     t = _target_id(ad, target, "target")
     tokens = _tokens(ad, prompt, prepend_bos, "prompt").tokens
     lin = ad.linear(layer, "mlp_out")
@@ -291,9 +290,9 @@ def evaluate_edits(
     baseline = eta is None
     if not baseline:
         _check_raw(model)
-        layer, eta = _layer(ad, layer), _eta(eta)
-    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
-    _check_bool(progress, "progress")
+        layer, eta = ad.check_layer(layer), _eta(eta)
+    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
+    checks.flag(progress, "progress")
     reqs = [_check_request(ad, r, i, prepend_bos) for i, r in enumerate(_as_list(requests))]
     eff, par, nb, applied = [], [], [], []
     desc = "unedited" if baseline else f"FPS edits (layer {layer}, eta {eta:g})"
@@ -326,7 +325,7 @@ def continuation_correct(model: Any, prompts: Sequence[str], targets: Sequence[s
     if len(prompts) != len(targets):
         raise TLBackwardError(f"got {len(prompts)} prompts and {len(targets)} targets; pass one target "
                               "per prompt", argument="targets")
-    _check_bool(prepend_bos, "prepend_bos", none_ok=True)
+    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
     rows, spans = [], []
     for i, (p, t) in enumerate(zip(prompts, targets)):
         if not isinstance(p, str):
@@ -390,45 +389,18 @@ def _stores_out_in(module: Any, ad: Any) -> bool:
     return out_in
 
 
-def _layer(ad: Any, layer: Any) -> int:
-    n = ad.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise TLBackwardError(f"layer must be an int in -{n}..{n - 1} (negative counts from the end), "
-                              f"got {type(layer).__name__} {layer!r:.40}", argument="layer")
-    if not -n <= int(layer) < n:
-        raise TLBackwardError(f"layer {int(layer)} is out of range: the model has layers 0..{n - 1} "
-                              f"(or -{n}..-1 from the end)", argument="layer")
-    return int(layer) % n
-
-
 def _eta(eta: Any) -> float:
-    if isinstance(eta, Tensor) and eta.numel() == 1 and not eta.is_complex() and eta.dtype != torch.bool:
-        eta = eta.item()
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-        raise TLBackwardError(f"eta must be a number (the step size, finite and > 0), got "
-                              f"{type(eta).__name__}", argument="eta")
-    eta = float(eta)
-    if not math.isfinite(eta):
-        raise TLBackwardError(f"eta must be finite, got {eta}; pass a step size > 0", argument="eta")
-    if eta <= 0:
-        raise TLBackwardError(f"eta must be > 0 (the edit adds eta · x ⊗ e_t), got {eta}", argument="eta")
-    return eta
-
-
-def _check_bool(value: Any, argument: str, *, none_ok: bool = False) -> None:
-    if not (isinstance(value, bool) or none_ok and value is None):
-        allowed = "True, False or None" if none_ok else "True or False"
-        raise TLBackwardError(f"{argument} must be {allowed}, got {value!r:.40}", argument=argument)
+    return checks.finite_float(eta, "eta", positive=True, hint="the step size, finite and > 0")
 
 
 def _tokens(ad: Any, prompt: str, prepend_bos: bool | None, argument: str, what: str | None = None) -> Any:
-    """``ad.tokenize(prompt)``, with its complaints (empty, too long) naming ``argument``."""
+    """``ad.tokenize(prompt)``, its complaints (empty, too long) naming ``argument`` and ``what``."""
     try:
-        return ad.tokenize(prompt, prepend_bos)
-    except TLBackwardError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise TLBackwardError(f"{what or argument} {prompt!r:.60}: {err}", argument=argument) from err
+        return ad.tokenize(prompt, prepend_bos, argument)
+    except TLBackwardError as err:
+        if what is None or what == argument:
+            raise
+        raise TLBackwardError(f"{what} {prompt!r:.60}: {err}", argument=argument) from err
 
 
 def _target_ids(ad: Any, target: Any, argument: str, what: str | None = None) -> Tensor:
@@ -436,10 +408,10 @@ def _target_ids(ad: Any, target: Any, argument: str, what: str | None = None) ->
     if target is None:
         raise TLBackwardError(f"{what} is None: pass the new target word or its token id", argument=argument)
     try:
-        return ad.target_tokens(_with_space(target))
-    except TLBackwardError:
-        raise
-    except (ValueError, TypeError) as err:
+        return ad.target_tokens(_with_space(target), argument)
+    except TLBackwardError as err:
+        if what == argument:
+            raise
         raise TLBackwardError(f"{what}: {err}", argument=argument) from err
 
 

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import capture
 from tl_backward.core.metrics import resolve_metric
@@ -111,14 +112,16 @@ class Factor:
     def head(self, h: int) -> "Factor":
         """The 2-D factor of head ``h`` (a kv head for k/v under GQA)."""
         if not self.per_head:
-            raise ValueError(f"{self.module} is not an attention factor: it has no heads")
-        n = self.x.shape[0]
-        if not isinstance(h, int) or not -n <= h < n:
-            raise ValueError(f"head must be an int in [0, {n}), got {h!r}")
+            raise TLBackwardError(f"{self.module} is not an attention factor: it has no heads; index it as "
+                                  "gf[layer, module]", argument="head")
+        h = checks.head_index(h, self.x.shape[0], "head", "this factor")
         return Factor(self.layer, self.module, self.x[h], self.delta[h])
 
     def reconstruct(self, dtype: torch.dtype = torch.float32) -> Float[Tensor, "*head d_in d_out"]:
         """The dense gradient ``Xᵀ Δ`` in TL layout."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TLBackwardError(f"dtype must be a floating-point torch.dtype such as torch.float64, got "
+                                  f"{dtype!r:.40}", argument="dtype")
         return torch.einsum("...ti,...to->...io", self.x.to(dtype), self.delta.to(dtype))
 
     def svd(self, k: int | None = None) -> FactorSVD:
@@ -129,6 +132,7 @@ class Factor:
         the SVD of the small ``[tokens, d_out]`` matrix ``M = S_x U_xᵀ Δ = U_m S V_mᵀ`` gives
         ``Xᵀ Δ = (V_x U_m) S V_mᵀ``.
         """
+        k = checks.count(k, "k", minimum=1, none_ok=True)
         X, D = self.x.double(), self.delta.double()
         Ux, Sx, Vxh = torch.linalg.svd(X, full_matrices=False)
         M = Sx[..., :, None] * (Ux.transpose(-1, -2) @ D)
@@ -136,14 +140,13 @@ class Factor:
         U = Vxh.transpose(-1, -2) @ Um
         V = Vmh.transpose(-1, -2)
         if k is not None:
-            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                raise ValueError(f"k must be a positive int, got {k!r}")
             U, S, V = U[..., :k], S[..., :k], V[..., :k]
         return FactorSVD(U, S, V)
 
     def rank(self, rtol: float | None = None) -> Int[Tensor, "*head"]:
         """Numerical rank of ``Xᵀ Δ`` in fp64: #{σ > rtol·σ_max}, with ``torch.linalg.matrix_rank``'s
         default ``rtol = max(d_in, d_out)·eps(fp64)`` (the dense matrix's singular values)."""
+        rtol = checks.finite_float(rtol, "rtol", minimum=0.0, none_ok=True)
         S = self.svd().S
         if rtol is None:
             rtol = max(self.x.shape[-1], self.delta.shape[-1]) * torch.finfo(torch.float64).eps
@@ -163,10 +166,8 @@ class Factor:
 
         At ``j = t`` this is the paper's *imprint* (W_in) / *shift* (W_out): ``−lr‖x_t‖² δ_t``.
         """
-        n = self.n_tokens
-        if not isinstance(token, int) or isinstance(token, bool) or not -n <= token < n:
-            raise ValueError(f"token must be an int index in [0, {n}) over the non-padding tokens, got {token!r}")
-        lr = _finite(lr, "lr")
+        token = checks.index(token, self.n_tokens, "token", "token", "this factor (non-padding tokens)")
+        lr = checks.finite_float(lr, "lr", hint="the SGD learning rate")
         xt, dt = self.x[..., token, :], self.delta[..., token, :]
         overlap = torch.einsum("...ji,...i->...j", self.x, xt)
         return -lr * overlap[..., :, None] * dt[..., None, :]
@@ -210,8 +211,8 @@ class GradientFactors:
         if not isinstance(key, tuple) or len(key) not in (2, 3):
             raise KeyError("index GradientFactors as gf[layer, module] or gf[layer, module, head]")
         layer, module = key[0], key[1]
-        if isinstance(layer, int) and not isinstance(layer, bool) and layer < 0:
-            layer += self.n_layers
+        if checks.is_int(layer) and -self.n_layers <= layer < 0:  # negative counts from the end
+            layer = int(layer) % self.n_layers
         if module not in self.modules:
             raise KeyError(f"module {module!r} was not computed; available: {list(self.modules)}")
         if (layer, module) not in self.factors:
@@ -342,14 +343,17 @@ def resolve_modules(ad: Any, modules: str | Sequence[str]) -> tuple[str, ...]:
             return tuple(m for m in MODULES if m != "mlp_gate" or ad.gated_mlp)
         modules = (modules,)
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
-        raise TypeError(f"modules must be a module name or a list of names from {list(MODULES)}, got {modules!r}")
+        raise TLBackwardError(f"modules must be a module name or a list of names from {list(MODULES)}, got "
+                              f"{modules!r:.60}", argument="modules")
     if not modules:
-        raise ValueError(f"modules is empty: pass names from {list(MODULES)} or 'all'")
+        raise TLBackwardError(f"modules is empty: pass names from {list(MODULES)} or 'all'", argument="modules")
     for m in modules:
         if m not in MODULES:
-            raise ValueError(f"unknown module {m!r}: choose from {list(MODULES)} (or 'all')")
+            raise TLBackwardError(f"modules: unknown module {m!r}: choose from {list(MODULES)} (or 'all')",
+                                  argument="modules")
         if m == "mlp_gate" and not ad.gated_mlp:
-            raise ValueError("module 'mlp_gate' exists only for gated MLPs (Llama-style); this model's MLP is not gated")
+            raise TLBackwardError("modules: 'mlp_gate' exists only for gated MLPs (Llama-style); this model's MLP "
+                                  "is not gated", argument="modules")
     return tuple(dict.fromkeys(modules))
 
 
@@ -360,16 +364,6 @@ def _share(x: Tensor, seen: list[Tensor]) -> Tensor:
             return other
     seen.append(x)
     return x
-
-
-def _finite(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-            isinstance(value, Tensor) and value.numel() == 1):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _unique_bytes(tensors: Sequence[Tensor]) -> int:

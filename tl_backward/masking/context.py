@@ -11,15 +11,16 @@ reconstructing bridges treat as authoritative, no causal mask added) and positio
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core import checks
 from ..core.adapter import get_adapter
 from ..core.lock import model_lock
+from ..errors import TLBackwardError
 from .segments import Segments
 
 _ACTIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -28,13 +29,12 @@ _ACTIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 def hf_module(model: Any) -> torch.nn.Module:
     """The HF module every Bridge forward goes through (refuses non-HF / native bridges)."""
     if isinstance(model, Segments) or not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a TransformerBridge, got {type(model).__name__}")
+        raise TLBackwardError(f"model must be a TransformerBridge, got {type(model).__name__}", argument="model")
     hf = getattr(model, "original_model", None)
     if not isinstance(hf, torch.nn.Module):
-        raise ValueError(
+        raise TLBackwardError(
             "MAS needs a reconstructing TransformerBridge booted with boot_transformers "
-            "(boot_native uses the opposite bool-mask convention and is unsupported)"
-        )
+            "(boot_native uses the opposite bool-mask convention and is unsupported)", argument="model")
     return hf
 
 
@@ -46,26 +46,31 @@ def _cache_len(past: Any) -> int:
 
 
 def _check_segments(model: Any, segments: Any) -> Segments:
+    """``segments`` fits ``model``: its length within n_ctx, its ids inside the vocabulary (checked
+    here, before any embedding)."""
     if not isinstance(segments, Segments):
-        raise TypeError(
+        raise TLBackwardError(
             f"segments must be a tl_backward.segments.Segments (from from_blocks/from_delimiter/"
-            f"from_chat), got {type(segments).__name__}"
-        )
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+            f"from_chat), got {type(segments).__name__}", argument="segments")
+    cfg = getattr(model, "cfg", None)
+    n_ctx = getattr(cfg, "n_ctx", None)
     if n_ctx and segments.tokens.shape[1] > n_ctx:
-        raise ValueError(f"segments has {segments.tokens.shape[1]} positions, more than n_ctx={n_ctx}")
+        raise TLBackwardError(f"segments has {segments.tokens.shape[1]} positions, more than n_ctx={n_ctx}",
+                              argument="segments")
+    checks.token_tensor(segments.tokens, "segments", getattr(cfg, "d_vocab", None))
     return segments
 
 
-@contextmanager
+@checks.single_use
 def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
     """Run every forward pass of ``model`` inside the block under the MAS mask of ``segments``.
 
     Forward passes must be given exactly ``segments.tokens`` (same shape and ids; pass them as a
     tensor). Anything else -- other tokens, a string that tokenises differently, a conflicting
-    ``attention_mask``, a KV-cache step -- raises ``ValueError`` instead of silently applying a
+    ``attention_mask``, a KV-cache step -- raises ``TLBackwardError`` instead of silently applying a
     wrong mask. With left padding, position ids ``(cumsum(valid) - 1).clamp(min=0)`` are injected
     too. On exit (also after an exception) the hook is removed and the model is exactly causal.
+    Each object returned by ``segment_mask(...)`` can be entered once.
 
     Example::
 
@@ -83,7 +88,7 @@ def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
 def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Segments]:
     """:func:`segment_mask`'s block: the pre-hook lives from the yield to its end."""
     if model in _ACTIVE:
-        raise ValueError("segment_mask contexts cannot be nested on the same model")
+        raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
     device = next(hf.parameters()).device
     seg = segments.to(device)
     keep = seg.mask()
@@ -93,31 +98,28 @@ def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Seg
         ids = args[0] if args else kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         if ids is None and embeds is None:
-            raise ValueError("segment_mask: forward called without input_ids or inputs_embeds")
+            raise TLBackwardError("segment_mask: forward called without input_ids or inputs_embeds",
+                                  argument="input")
         if _cache_len(kwargs.get("past_key_values")) > 0:
-            raise ValueError(
+            raise TLBackwardError(
                 "segment_mask: a KV-cache decode step cannot use the prefill mask; "
-                "use tl_backward.mas_generate for MAS generation"
-            )
+                "use tl_backward.mas_generate for MAS generation", argument="past_key_values")
         if ids is not None:
             if ids.shape != seg.tokens.shape or not torch.equal(ids.to(device), seg.tokens):
-                raise ValueError(
+                raise TLBackwardError(
                     f"segment_mask: this forward got tokens of shape {tuple(ids.shape)} that differ from "
                     f"the segments' tokens {tuple(seg.tokens.shape)}; pass segments.tokens exactly "
-                    "(or leave the segment_mask context for other inputs)"
-                )
+                    "(or leave the segment_mask context for other inputs)", argument="input")
         elif tuple(embeds.shape[:2]) != tuple(seg.tokens.shape):
-            raise ValueError(
+            raise TLBackwardError(
                 f"segment_mask: inputs_embeds of shape {tuple(embeds.shape)} do not match the "
-                f"segments' {tuple(seg.tokens.shape)}"
-            )
+                f"segments' tokens {tuple(seg.tokens.shape)}", argument="inputs_embeds")
         given = kwargs.get("attention_mask")
         if given is not None:
             if given.ndim != 2 or not torch.equal(given.to(device).bool(), seg.valid):
-                raise ValueError(
+                raise TLBackwardError(
                     "segment_mask: an explicit attention_mask conflicts with the segment mask; "
-                    "pass none (the segments' padding mask is used)"
-                )
+                    "pass none (the segments' padding mask is used)", argument="attention_mask")
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = keep
         if positions is not None and kwargs.get("position_ids") is None:
@@ -138,8 +140,7 @@ def attention_patterns(
 ) -> Float[Tensor, "layer batch head query_pos key_pos"]:
     """Attention patterns of ``segments`` under the MAS mask (``mask="mas"``) or plain causal
     attention with the same padding and positions (``mask="causal"``), fp32, no grad."""
-    if mask not in ("mas", "causal"):
-        raise ValueError(f"mask must be 'mas' or 'causal', got {mask!r}")
+    checks.one_of(mask, "mask", ("mas", "causal"))
     ad = get_adapter(model)
     names = [ad.hook_name("pattern", layer) for layer in ad.layers(layers)]
     seg = _check_segments(model, segments).to(next(hf_module(model).parameters()).device)

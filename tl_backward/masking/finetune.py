@@ -23,11 +23,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core import checks
 from ..core.lock import model_lock
+from ..errors import TLBackwardError
 from .context import hf_module
 from .segments import Segments, concat
 
 MASKS = ("mas", "causal")
+LORA_DEFAULTS = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "modules": ("q", "v")}
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,12 @@ def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[T
     The logits at position ``t - 1`` score token ``t``; ``mask`` picks the MAS or the causal mask
     (both given as explicit 4-D masks with the segments' position ids). Differentiable.
     """
-    if mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    checks.one_of(mask, "mask", MASKS)
     device = next(hf_module(model).parameters()).device
-    seg = segments.to(device)
-    if not seg.target[:, 1:].any(-1).all():
-        raise ValueError("every row needs answer tokens (Segments.target) after its first position; "
-                         "build the data with an answer, e.g. segments.from_blocks(model, blocks, answer)")
+    if not isinstance(segments, Segments):
+        raise TLBackwardError(f"segments must be a tl_backward.segments.Segments, got {type(segments).__name__}",
+                              argument="segments")
+    seg = _check_answers(segments, "segments").to(device)
     keep = (seg if mask == "mas" else seg.causal()).mask()
     logits = model(seg.tokens, attention_mask=keep, position_ids=seg.position_ids)
     logp = logits[:, :-1].float().log_softmax(-1)
@@ -96,12 +98,33 @@ def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[T
     return nll[seg.target[:, 1:]].mean()
 
 
+def _check_answers(seg: Segments, argument: str) -> Segments:
+    if not seg.target[:, 1:].any(-1).all():
+        raise TLBackwardError(f"{argument}: every row needs answer tokens (Segments.target) after its first "
+                              "position; build the data with an answer, e.g. segments.from_blocks(model, blocks, "
+                              "answer)", argument=argument)
+    return seg
+
+
 def _as_dataset(data: Segments | Sequence[Segments]) -> Segments:
     if isinstance(data, Segments):
-        return data
+        return _check_answers(data, "dataset")
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, Segments) for d in data):
-        return concat(list(data))
-    raise TypeError("dataset must be a Segments batch or a non-empty list of Segments")
+        return _check_answers(concat(list(data)), "dataset")
+    raise TLBackwardError("dataset must be a Segments batch or a non-empty list of Segments", argument="dataset")
+
+
+def _check_lora(lora: Any) -> None:
+    """``lora``: None, True or a dict of the keys :func:`_inject_lora` accepts (checked before any import)."""
+    if lora is None or lora is True:
+        return
+    if not isinstance(lora, dict):
+        raise TLBackwardError(f"lora must be None, True or a dict(r=, lora_alpha=, lora_dropout=, modules=), got "
+                              f"{lora!r:.40}", argument="lora")
+    unknown = set(lora) - set(LORA_DEFAULTS)
+    if unknown:
+        raise TLBackwardError(f"lora: unknown keys {sorted(unknown)}; allowed {sorted(LORA_DEFAULTS)}",
+                              argument="lora")
 
 
 def _lora_targets(model: Any, modules: Sequence[str]) -> list[str]:
@@ -114,7 +137,8 @@ def _lora_targets(model: Any, modules: Sequence[str]) -> list[str]:
             bridge = getattr(blk.attn, m, None)
             inner = getattr(bridge, "original_component", None)
             if inner is None or id(inner) not in names:
-                raise ValueError(f"lora: attention module {m!r} not found on this bridge (try 'q', 'k', 'v', 'o')")
+                raise TLBackwardError(f"lora: attention module {m!r} not found on this bridge (try 'q', 'k', 'v', "
+                                      "'o')", argument="lora")
             out.append(names[id(inner)])
     return out
 
@@ -125,14 +149,10 @@ def _inject_lora(model: Any, lora: Any) -> list[Any]:
         from peft.tuners.lora import LoraLayer
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("lora= needs peft: pip install 'tl_backward[lora]' (or pip install peft)") from exc
-    opts = {"r": 32, "lora_alpha": 64, "lora_dropout": 0.05, "modules": ("q", "v")}
+    _check_lora(lora)
+    opts = dict(LORA_DEFAULTS)
     if isinstance(lora, dict):
-        unknown = set(lora) - set(opts)
-        if unknown:
-            raise ValueError(f"lora: unknown keys {sorted(unknown)}; allowed {sorted(opts)}")
         opts.update(lora)
-    elif lora is not True:
-        raise TypeError("lora must be None, True or a dict(r=, lora_alpha=, lora_dropout=, modules=)")
     targets = _lora_targets(model, opts.pop("modules"))
     hf = hf_module(model)
     inject_adapter_in_model(LoraConfig(target_modules=targets, bias="none", **opts), hf)
@@ -173,14 +193,20 @@ def finetune(
     dropout randomness is seeded too (inside ``torch.random.fork_rng``, so the caller's global RNG
     state is untouched). ``lora=True`` or ``dict(r=32, lora_alpha=64, lora_dropout=0.05,
     modules=("q", "v"))`` trains peft LoRA adapters instead of all weights and merges them.
+    Every argument is checked before the model is touched: ``lr`` finite and > 0,
+    ``weight_decay`` finite and >= 0, ``max_grad_norm`` finite and > 0 (or None: no clipping).
+    If the run fails, requires_grad flags and train/eval modes are restored as they were.
     """
-    if mask not in MASKS:
-        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-    for name, val in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    checks.one_of(mask, "mask", MASKS)
+    epochs = checks.count(epochs, "epochs", minimum=1)
+    batch_size = checks.count(batch_size, "batch_size", minimum=1)
+    lr = checks.finite_float(lr, "lr", positive=True, hint="the learning rate")
+    weight_decay = checks.finite_float(weight_decay, "weight_decay", minimum=0.0)
+    max_grad_norm = checks.finite_float(max_grad_norm, "max_grad_norm", positive=True, none_ok=True,
+                                        hint="None for no clipping")
+    seed = checks.count(seed, "seed", hint="seeds the batch order and dropout")
+    checks.flag(progress, "progress")
+    _check_lora(lora)
     data = _as_dataset(dataset)
     hf = hf_module(model)
     device = next(hf.parameters()).device
@@ -191,7 +217,9 @@ def finetune(
     # The lock: flags, train mode and weights change for the whole run (core/lock.py).
     with model_lock(model), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         flags = {p: p.requires_grad for p in model.parameters()}  # read under the lock
+        modes = [(m, m.training) for m in model.modules()]
         had_config = "peft_config" in vars(hf)
+        done = False
         torch.manual_seed(seed)
         try:
             if lora is not None:
@@ -202,7 +230,7 @@ def finetune(
             else:
                 params = [p for p in model.parameters() if p.requires_grad]
             if not params:
-                raise ValueError("no trainable parameters (all requires_grad=False)")
+                raise TLBackwardError("no trainable parameters (all requires_grad=False)", argument="model")
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
             order = torch.Generator().manual_seed(seed)
             model.train()
@@ -221,6 +249,7 @@ def finetune(
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.close()
             opt.zero_grad(set_to_none=True)
+            done = True
         finally:
             if layers:
                 with torch.no_grad():
@@ -229,6 +258,9 @@ def finetune(
                 p.requires_grad_(flag)
                 p.grad = None
             model.eval()
+            if not done:  # a failed run leaves the modes as found (a finished one: eval, as documented)
+                for m, mode in modes:
+                    m.training = mode
     return FinetuneResult(mask, torch.tensor(losses), steps, epochs, lr, batch_size, seed, lora is not None)
 
 

@@ -19,7 +19,9 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ..core import checks
 from ..core.lock import model_lock
+from ..errors import TLBackwardError
 from .context import _check_segments, hf_module
 from .segments import Segments, _pad_id
 
@@ -114,32 +116,36 @@ def mas_generate(
     Args:
         model: a reconstructing ``TransformerBridge``.
         segments: the prompts (left or right padded; their ``target`` is ignored).
-        max_new_tokens: tokens to generate per row (>= 1).
-        temperature: 0 = greedy (deterministic); > 0 samples from ``softmax(logits / T)``.
-        top_k: keep only the k most likely tokens when sampling.
-        eos_token_id: stop a row after this id (``"auto"`` = the tokenizer's EOS, None = never).
-        seed: seeds a private generator for sampling (the global RNG is untouched).
+        max_new_tokens: tokens to generate per row (an int >= 1; prompt + new tokens <= n_ctx).
+        temperature: 0 = greedy (deterministic); a finite T > 0 samples from ``softmax(logits / T)``.
+        top_k: keep only the k most likely tokens when sampling (1 <= k <= vocabulary size).
+        eos_token_id: stop a row after this id (``"auto"`` = the tokenizer's EOS, None = never),
+            a token id of the vocabulary.
+        seed: an int >= 0 that seeds a private generator for sampling (the global RNG is untouched);
+            None samples from torch's global RNG.
 
     Returns:
         :class:`Generation`. The model's weights, mode and hooks are untouched.
     """
     hf = hf_module(model)
     segments = _check_segments(model, segments)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    vocab = int(model.cfg.d_vocab)
+    max_new_tokens = checks.count(max_new_tokens, "max_new_tokens", minimum=1)
+    temperature = checks.finite_float(temperature, "temperature", minimum=0.0, hint="0 = greedy")
+    top_k = checks.count(top_k, "top_k", minimum=1, maximum=vocab, none_ok=True)
+    seed = checks.count(seed, "seed", none_ok=True, hint="seeds the sampling generator")
     n_ctx = getattr(model.cfg, "n_ctx", None)
     batch, length = segments.tokens.shape
     if n_ctx and length + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"prompt ({length} columns) + max_new_tokens ({max_new_tokens}) exceeds n_ctx={n_ctx}"
-        )
+        raise TLBackwardError(
+            f"prompt ({length} columns) + max_new_tokens ({max_new_tokens}) exceeds n_ctx={n_ctx}",
+            argument="max_new_tokens")
     tok = getattr(model, "tokenizer", None)
-    if eos_token_id == "auto":
+    if isinstance(eos_token_id, str) and eos_token_id == "auto":
         eos_token_id = getattr(tok, "eos_token_id", None)
+    else:
+        eos_token_id = checks.count(eos_token_id, "eos_token_id", maximum=vocab - 1, none_ok=True,
+                                    hint="a token id, 'auto' or None")
     pad = _pad_id(tok) if tok is not None else 0
     device = next(hf.parameters()).device
     seg = segments.to(device)

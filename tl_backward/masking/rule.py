@@ -18,6 +18,9 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from ..core import checks
+from ..errors import TLBackwardError
+
 
 def row_end(segment_ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
     """Last position each query may see: the end of its block, or itself if causal.
@@ -26,7 +29,8 @@ def row_end(segment_ids: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
     scatter-max over block ids (slot 0 collects the causal tokens and is ignored).
     """
     if segment_ids.ndim != 2:
-        raise ValueError(f"segment_ids must be [batch, pos], got shape {tuple(segment_ids.shape)}")
+        raise TLBackwardError(f"segment_ids must be [batch, pos], got shape {tuple(segment_ids.shape)}",
+                              argument="segment_ids")
     batch, length = segment_ids.shape
     pos = torch.arange(length, device=segment_ids.device).expand(batch, length)
     n_slots = int(segment_ids.max().item()) + 2 if segment_ids.numel() else 1
@@ -47,14 +51,12 @@ def staircase_mask(
     position so a cached prefill or decode step uses the right rows.
     """
     if row_end.shape != key_valid.shape or row_end.ndim != 2:
-        raise ValueError(
+        raise TLBackwardError(
             f"row_end and key_valid must both be [batch, pos]; got {tuple(row_end.shape)} "
-            f"and {tuple(key_valid.shape)}"
-        )
+            f"and {tuple(key_valid.shape)}", argument="key_valid")
     length = row_end.shape[1]
-    q_len = length if q_len is None else q_len
-    if not 0 < q_len <= length:
-        raise ValueError(f"q_len must be in 1..{length}, got {q_len}")
+    q_len = length if q_len is None else checks.count(q_len, "q_len", minimum=1, maximum=length,
+                                                       hint="the number of query rows")
     keys = torch.arange(length, device=row_end.device)
     rows = row_end[:, length - q_len :]
     keep = keys[None, None, :] <= rows[:, :, None]

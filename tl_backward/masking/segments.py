@@ -25,8 +25,13 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from tl_backward.core.adapter import decode_ids
-
+from ..core import checks
+from ..core.adapter import decode_ids
+from ..errors import TLBackwardError
+from .check import mask_tensor as _mask_tensor
+from .check import row_index as _row_index
+from .check import span_rows as _span_rows
+from .check import validate as _validate
 from .rule import position_ids as _position_ids
 from .rule import row_end as _row_end
 from .rule import staircase_mask
@@ -108,7 +113,7 @@ class Segments:
 
     def spans(self, row: int = 0) -> list[tuple[int, int]]:
         """Half-open ``(start, stop)`` token spans of the blocks of one row."""
-        ids = self.segment_ids[row]
+        ids = self.segment_ids[checks.index(row, len(self), "row", "row", "this batch")]
         out = []
         for k in range(int(ids.max().item()) + 1):
             where = (ids == k).nonzero().flatten()
@@ -123,10 +128,14 @@ class Segments:
     def append(self, tokens: Int[Tensor, "batch new"], valid: Bool[Tensor, "batch new"] | None = None,
                target: bool = False) -> "Segments":
         """Append causal columns (generated or answer tokens) to every row."""
-        tokens = torch.as_tensor(tokens, device=self.device).long()
-        if tokens.ndim != 2 or tokens.shape[0] != len(self):
-            raise ValueError(f"tokens must be [batch={len(self)}, new], got {tuple(tokens.shape)}")
-        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.to(self.device).bool()
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.shape[0] != len(self):
+            shown = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise TLBackwardError(f"tokens must be a tensor [batch={len(self)}, new], got {shown}", argument="tokens")
+        tokens = checks.token_tensor(tokens, "tokens").to(self.device)
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else _mask_tensor(valid, "valid",
+                                                                                            tokens.shape)
+        valid = valid.to(self.device)
+        checks.flag(target, "target")
         return Segments(
             torch.cat([self.tokens, tokens], 1),
             torch.cat([self.segment_ids, torch.full_like(tokens, -1)], 1),
@@ -137,12 +146,11 @@ class Segments:
     def select(self, index: Any) -> "Segments":
         """Rows ``index`` (int, slice, list or tensor), with columns that are padding in every
         selected row dropped from both ends."""
-        if isinstance(index, int):
-            index = [index]
+        index = _row_index(index, len(self))
         sub = [t[index] for t in (self.tokens, self.segment_ids, self.valid, self.target)]
         cols = sub[2].any(0).nonzero().flatten()
         if cols.numel() == 0:
-            raise ValueError("select: the selected rows contain no real tokens")
+            raise TLBackwardError("select: the selected rows contain no real tokens", argument="index")
         lo, hi = int(cols[0]), int(cols[-1]) + 1
         return Segments(*(t[:, lo:hi] for t in sub))
 
@@ -158,61 +166,16 @@ class Segments:
         return decode_ids(_tokenizer(model), self.tokens[row])
 
 
-# ------------------------------------------------------------------------------------------
-# validation
-# ------------------------------------------------------------------------------------------
-def _validate(tokens: Tensor, seg: Tensor, valid: Tensor, target: Tensor) -> None:
-    for name, t in (("tokens", tokens), ("segment_ids", seg), ("valid", valid), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"Segments.{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 2:
-            raise ValueError(f"Segments.{name} must be [batch, pos], got shape {tuple(t.shape)}")
-        if t.shape != tokens.shape:
-            raise ValueError(f"Segments.{name} has shape {tuple(t.shape)}, tokens {tuple(tokens.shape)}")
-    if tokens.is_floating_point() or seg.is_floating_point():
-        raise TypeError("Segments.tokens and segment_ids must be integer tensors")
-    if valid.dtype != torch.bool or target.dtype != torch.bool:
-        raise TypeError("Segments.valid and target must be bool tensors")
-    if tokens.shape[1] == 0:
-        raise ValueError("Segments: empty prompt (0 positions)")
-    if (seg < -1).any():
-        raise ValueError("segment ids must be >= -1 (-1 = causal token)")
-    if (seg[~valid] >= 0).any():
-        raise ValueError("padding tokens (valid=False) must have segment id -1")
-    if (target & ~valid).any():
-        raise ValueError("target tokens must be real tokens (valid=True)")
-    if (target & (seg >= 0)).any():
-        raise ValueError(
-            "target (answer) tokens must be causal (segment id -1): under MAS a block token sees "
-            "its own next token, so scoring it would leak the answer"
-        )
-    if not valid.any(-1).all():
-        raise ValueError("every row needs at least one real token (valid=True)")
-    # Blocks: ids 0, 1, 2, ... in order of position, each one contiguous run.
-    in_block = seg >= 0
-    if in_block.any():
-        running = torch.where(in_block, seg, torch.full_like(seg, -1)).cummax(-1).values
-        if (in_block & (seg < running)).any():
-            raise ValueError("segment ids must increase along the sequence (block 0 first, no overlap)")
-        prev = torch.cat([torch.full_like(seg[:, :1], -1), running[:, :-1]], 1)
-        if (in_block & (seg > prev + 1)).any():
-            raise ValueError("segment ids must be 0, 1, 2, ... without gaps (an empty segment?)")
-        # Contiguity: a block may not resume after another token (causal or other block).
-        starts = in_block & (seg != torch.cat([torch.full_like(seg[:, :1], -2), seg[:, :-1]], 1))
-        if (starts & (seg <= prev)).any():
-            raise ValueError("each segment must be one contiguous run of tokens (split/overlapping segment)")
-
-
 def concat(items: Sequence[Segments], *, padding_side: str = "right", pad_id: int = 0) -> Segments:
     """Stack the rows of several Segments into one batch, re-padded to the longest row.
 
     Each row keeps its span from its first to its last real token; padding (id ``pad_id``, never
     attended to) is added on ``padding_side``.
     """
-    if not items or not all(isinstance(s, Segments) for s in items):
-        raise TypeError("concat needs a non-empty list of Segments")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, Segments) for s in items):
+        raise TLBackwardError("concat needs items, a non-empty list of Segments", argument="items")
+    checks.one_of(padding_side, "padding_side", ("left", "right"))
+    checks.count(pad_id, "pad_id", hint="a token id, never attended to")
     rows = []
     for s in items:
         cols = torch.arange(s.tokens.shape[1])
@@ -241,14 +204,25 @@ def from_ids(
     valid: Bool[Tensor, "batch pos"] | None = None,
     target: Bool[Tensor, "batch pos"] | None = None,
 ) -> Segments:
-    """Segments from explicit per-token ids (validated; ``valid`` defaults to all real)."""
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    segment_ids = torch.as_tensor(segment_ids, device=tokens.device).long().reshape(tokens.shape)
-    valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else torch.as_tensor(valid).reshape(tokens.shape)
-    target = torch.zeros_like(valid) if target is None else torch.as_tensor(target).reshape(tokens.shape)
-    return Segments(tokens.long(), segment_ids, valid.bool(), target.bool())
+    """Segments from explicit per-token ids (validated; ``valid`` defaults to all real).
+
+    ``tokens`` and ``segment_ids`` are integer tensors ``[batch, pos]`` (or ``[pos]`` for one row)
+    of the same shape; ``valid``/``target`` are bool (or 0/1) tensors of that shape.
+    """
+    tokens = checks.token_tensor(tokens, "tokens")
+    seg = torch.as_tensor(segment_ids) if isinstance(segment_ids, (list, tuple)) else segment_ids
+    if not isinstance(seg, Tensor) or seg.is_floating_point() or seg.is_complex() or seg.dtype == torch.bool:
+        shown = seg.dtype if isinstance(seg, Tensor) else type(seg).__name__
+        raise TLBackwardError(f"segment_ids must be an integer tensor [batch, pos], got {shown}",
+                              argument="segment_ids")
+    seg = seg[None] if seg.ndim == 1 else seg
+    if tuple(seg.shape) != tuple(tokens.shape):
+        raise TLBackwardError(f"segment_ids has shape {tuple(seg.shape)} but tokens have {tuple(tokens.shape)}",
+                              argument="segment_ids")
+    seg = seg.to(tokens.device).long()
+    valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else _mask_tensor(valid, "valid", tokens.shape)
+    target = torch.zeros_like(valid) if target is None else _mask_tensor(target, "target", tokens.shape)
+    return Segments(tokens, seg, valid.to(tokens.device), target.to(tokens.device))
 
 
 def from_spans(
@@ -260,32 +234,34 @@ def from_spans(
 ) -> Segments:
     """Segments from half-open token spans ``(start, stop)`` per row (one list for a single row).
 
-    Raises ValueError for out-of-range, empty, unordered/overlapping spans or spans on padding.
+    Raises :class:`~tl_backward.errors.TLBackwardError` for non-int bounds, out-of-range, empty,
+    unordered/overlapping spans or spans on padding.
     """
-    tokens = torch.as_tensor(tokens)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
+    tokens = checks.token_tensor(tokens, "tokens")
     batch, length = tokens.shape
-    if len(spans) and isinstance(spans[0], tuple) and len(spans[0]) == 2 and isinstance(spans[0][0], int):
-        spans = [spans]  # one row
-    if len(spans) != batch:
-        raise ValueError(f"spans: need one list of (start, stop) per row ({batch}), got {len(spans)}")
     seg = torch.full((batch, length), -1, dtype=torch.long)
-    for b, row in enumerate(spans):
+    for b, row in enumerate(_span_rows(spans, batch)):
+        if not isinstance(row, (list, tuple)):
+            raise TLBackwardError(f"spans[{b}] must be a list of (start, stop) pairs, got {type(row).__name__}",
+                                  argument="spans")
         prev_stop = 0
         for k, span in enumerate(row):
-            start, stop = (int(x) for x in span)
+            if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(checks.is_int, span))):
+                raise TLBackwardError(f"spans[{b}][{k}] must be a pair of ints (start, stop), got {span!r:.40}",
+                                      argument="spans")
+            start, stop = int(span[0]), int(span[1])
             where = f"spans[{b}][{k}]=({start}, {stop})"
             if start < 0 or stop > length:
-                raise ValueError(f"{where} is out of range for {length} tokens")
+                raise TLBackwardError(f"{where} is out of range for {length} tokens", argument="spans")
             if stop <= start:
-                raise ValueError(f"{where} is empty (stop must exceed start)")
+                raise TLBackwardError(f"{where} is empty (stop must exceed start)", argument="spans")
             if start < prev_stop:
-                raise ValueError(f"{where} overlaps or precedes the previous span (spans must be sorted)")
+                raise TLBackwardError(f"{where} overlaps or precedes the previous span (spans must be sorted)",
+                                      argument="spans")
             seg[b, start:stop] = k
             prev_stop = stop
-    if valid is not None and (seg.to(tokens.device)[~torch.as_tensor(valid).bool()] >= 0).any():
-        raise ValueError("spans cover padding tokens (valid=False)")
+    if valid is not None and (seg[~_mask_tensor(valid, "valid", tokens.shape).cpu()] >= 0).any():
+        raise TLBackwardError("spans cover padding tokens (valid=False)", argument="spans")
     return from_ids(tokens, seg.to(tokens.device), valid, target)
 
 
@@ -295,15 +271,16 @@ def from_spans(
 def _tokenizer(model: Any) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
-        raise ValueError("model has no tokenizer; build Segments with from_ids/from_spans instead")
+        raise TLBackwardError("model has no tokenizer (or is not a model); build Segments with from_ids/from_spans "
+                              "instead", argument="model")
     return tok
 
 
 def _bos(tok: Any, prepend_bos: bool) -> list[int]:
-    if not prepend_bos:
+    if not checks.flag(prepend_bos, "prepend_bos"):
         return []
     if tok.bos_token_id is None:
-        raise ValueError("the tokenizer has no BOS token; pass prepend_bos=False")
+        raise TLBackwardError("the tokenizer has no BOS token; pass prepend_bos=False", argument="prepend_bos")
     return [int(tok.bos_token_id)]
 
 
@@ -322,8 +299,7 @@ def _pad_id(tok: Any) -> int:
 
 def _assemble(rows: list[tuple[list[int], list[int], list[bool]]], pad_id: int, padding_side: str) -> Segments:
     """Stack per-row (ids, segment ids, target) lists, padding to the longest row."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    checks.one_of(padding_side, "padding_side", ("left", "right"))
     length = max(len(r[0]) for r in rows)
     cols = {k: [] for k in ("tokens", "seg", "valid", "target")}
     for ids, seg, tgt in rows:
@@ -349,15 +325,19 @@ def _as_batch(x: Any, inner: type, name: str) -> tuple[list, bool]:
         return list(x), True
     if isinstance(x, (list, tuple)):
         return [list(x)], False
-    raise TypeError(f"{name} must be a list (or a list of lists for a batch), got {type(x).__name__}")
+    raise TLBackwardError(f"{name} must be a list (or a list of lists for a batch), got {type(x).__name__}",
+                          argument=name)
 
 
 def _answers(answer: str | Sequence[str], n: int) -> list[str]:
     if isinstance(answer, str):
         return [answer] * n
+    if not isinstance(answer, (list, tuple)) or not all(isinstance(a, str) for a in answer):
+        raise TLBackwardError(f"answer must be a string or a list of strings (one per prompt), got {answer!r:.40}",
+                              argument="answer")
     answer = list(answer)
     if len(answer) != n:
-        raise ValueError(f"answer: need one string per prompt ({n}), got {len(answer)}")
+        raise TLBackwardError(f"answer: need one string per prompt ({n}), got {len(answer)}", argument="answer")
     return answer
 
 
@@ -376,22 +356,27 @@ def from_blocks(
     a list of answers) for a batch, padded on ``padding_side``.
     """
     tok = _tokenizer(model)
+    checks.flag(prepend_bos, "prepend_bos")
+    checks.one_of(padding_side, "padding_side", ("left", "right"))
     if isinstance(blocks, str):
-        raise TypeError("blocks must be a list of strings (one per block), not a single string")
+        raise TLBackwardError("blocks must be a list of strings (one per block), not a single string",
+                              argument="blocks")
     prompts, _ = _as_batch(blocks, str, "blocks")
     answers = _answers(answer, len(prompts))
     rows = []
     for b, (prompt, ans) in enumerate(zip(prompts, answers)):
         if not prompt:
-            raise ValueError(f"blocks[{b}] is empty: give at least one block")
+            raise TLBackwardError(f"blocks[{b}] is empty: give at least one block", argument="blocks")
         ids, seg = _bos(tok, prepend_bos), []
         seg += [0] * len(ids)
         for k, text in enumerate(prompt):
             if not isinstance(text, str):
-                raise TypeError(f"blocks: block {k} must be a str, got {type(text).__name__}")
+                raise TLBackwardError(f"blocks: block {k} must be a str, got {type(text).__name__}",
+                                      argument="blocks")
             piece = _encode(tok, text)
             if not piece:
-                raise ValueError(f"block {k} ({text!r}) of prompt {b} tokenises to no tokens (empty segment)")
+                raise TLBackwardError(f"blocks: block {k} ({text!r}) of prompt {b} tokenises to no tokens (empty "
+                                      "segment)", argument="blocks")
             ids += piece
             seg += [k] * len(piece)
         tail = _encode(tok, ans) if ans else []
@@ -406,7 +391,7 @@ def _char_spans_to_tokens(offsets: list[tuple[int, int]], ends: list[int], text:
     for e in ends:
         idx = int((starts < e).sum()) - 1
         if idx < 0:
-            raise ValueError(f"no token covers character {e - 1} of {text[:40]!r}")
+            raise TLBackwardError(f"no token covers character {e - 1} of {text[:40]!r}", argument="text")
         out.append(idx)
     return out
 
@@ -425,24 +410,40 @@ def from_delimiter(
     Block 0 runs from BOS (or the first token) through the token that holds the last character of
     the first delimiter; block k from just after the previous delimiter through the k-th one. The
     text is tokenised once (offsets map delimiters to tokens, so it works for any fast tokenizer).
-    An optional ``answer`` is appended causally and marked as target.
+    An optional ``answer`` is appended causally and marked as target. A block holding nothing but
+    its delimiter (``"the ### ### cat"``, or text starting with one) is refused as empty.
     """
     if not isinstance(delimiter, str) or not delimiter:
-        raise ValueError("delimiter must be a non-empty string")
+        raise TLBackwardError(f"delimiter must be a non-empty string, got {delimiter!r:.40}", argument="delimiter")
     tok = _tokenizer(model)
-    texts = [text] if isinstance(text, str) else list(text)
+    checks.flag(prepend_bos, "prepend_bos")
+    checks.one_of(padding_side, "padding_side", ("left", "right"))
+    if isinstance(text, str):
+        texts = [text]
+    elif isinstance(text, (list, tuple)) and text:
+        texts = list(text)
+    else:
+        raise TLBackwardError(f"text must be a string or a non-empty list of strings, got {text!r:.40}",
+                              argument="text")
     answers = _answers(answer, len(texts))
     rows = []
     for b, (t, ans) in enumerate(zip(texts, answers)):
         if not isinstance(t, str):
-            raise TypeError(f"text[{b}] must be a str, got {type(t).__name__}")
-        ends = [m.end() for m in re.finditer(re.escape(delimiter), t)]
-        if not ends:
-            raise ValueError(f"text[{b}] contains no delimiter {delimiter!r}: MAS needs at least one block")
+            raise TLBackwardError(f"text[{b}] must be a str, got {type(t).__name__}", argument="text")
+        found = list(re.finditer(re.escape(delimiter), t))
+        if not found:
+            raise TLBackwardError(f"text[{b}] contains no delimiter {delimiter!r}: MAS needs at least one block",
+                                  argument="text")
+        for k, m in enumerate(found):
+            if not t[found[k - 1].end() if k else 0:m.start()].strip():
+                raise TLBackwardError(f"text[{b}]: block {k} holds only its delimiter {delimiter!r} (an empty "
+                                      "segment); remove the extra delimiter", argument="text")
+        ends = [m.end() for m in found]
         ids, offsets = _encode(tok, t, offsets=True)
         closing = _char_spans_to_tokens(offsets, ends, t)
         if len(set(closing)) != len(closing):
-            raise ValueError(f"text[{b}]: two delimiters fall in one token (an empty segment)")
+            raise TLBackwardError(f"text[{b}]: two delimiters fall in one token (an empty segment)",
+                                  argument="text")
         head = _bos(tok, prepend_bos)
         seg = [-1] * len(ids)
         start = 0
@@ -483,21 +484,29 @@ def from_chat(
     the conversation.
     """
     tok = _tokenizer(model)
+    checks.flag(add_generation_prompt, "add_generation_prompt")
+    checks.flag(prepend_bos, "prepend_bos")
+    checks.one_of(padding_side, "padding_side", ("left", "right"))
     convs, _ = _as_batch(messages, dict, "messages")
     rows = []
     for b, conv in enumerate(convs):
         if not conv:
-            raise ValueError(f"messages[{b}] is empty")
+            raise TLBackwardError(f"messages[{b}] is empty", argument="messages")
         for i, m in enumerate(conv):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{b}][{i}] must be a dict with 'role' and 'content'")
+                raise TLBackwardError(f"messages[{b}][{i}] must be a dict with 'role' and 'content'",
+                                      argument="messages")
+            if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+                raise TLBackwardError(f"messages[{b}][{i}]: 'role' and 'content' must be strings, got "
+                                      f"{type(m['role']).__name__} and {type(m['content']).__name__}",
+                                      argument="messages")
         full = _render_chat(tok, list(conv), add_generation_prompt)
         bounds = [0]
         for i in range(1, len(conv) + 1):
             prefix = _render_chat(tok, list(conv[:i]), False)
             if not full.startswith(prefix):
-                raise ValueError("the chat template does not render conversations prefix-wise; "
-                                 "build the blocks with from_blocks or from_spans instead")
+                raise TLBackwardError("the chat template does not render conversations prefix-wise; "
+                                      "build the blocks with from_blocks or from_spans instead", argument="model")
             bounds.append(len(prefix))
         ids, offsets = _encode(tok, full, offsets=True)
         starts = torch.tensor([o[0] for o in offsets])
@@ -509,7 +518,8 @@ def from_chat(
             lo = int((starts < bounds[i]).sum())
             hi = int((starts < bounds[i + 1]).sum())
             if hi <= lo:
-                raise ValueError(f"messages[{b}][{i}] renders to no tokens (empty segment)")
+                raise TLBackwardError(f"messages[{b}][{i}] renders to no tokens (empty segment)",
+                                      argument="messages")
             seg[lo:hi] = [k] * (hi - lo)
             k += 1
         bos = tok.bos_token_id

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..attention import ra_hook_names, reversed_attention_from_cache
 from ..core.adapter import get_adapter
+from ..core import checks
 from ..core.capture import capture
 from ..core.readout import logits_readout
 from ..errors import TLBackwardError
@@ -74,10 +75,9 @@ def build_report(
         raise TLBackwardError(f"prompt must be a string, got {type(prompt).__name__}", argument="prompt")
     if not prompt.strip():
         raise TLBackwardError("prompt is empty: pass some text, e.g. 'the capital of france is'", argument="prompt")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise TLBackwardError(f"heads must be a positive int, got {heads!r}", argument="heads")
+    checks.count(heads, "heads", minimum=1)
     ad = get_adapter(model)
-    layers = sorted(set(ad.layers(layers)))
+    layers = sorted(set(ad.layers(layers, distinct=False)))
     name = str(getattr(model.cfg, "model_name", "model"))
     batch = ad.tokenize(prompt)
     target_ids = None if target is None else ad.target_tokens(target)  # bad targets fail before any pass
