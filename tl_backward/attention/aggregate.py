@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
 from tl_backward.core import checks
-from tl_backward.errors import TLBackwardError
 
 from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, reversed_attention
 from .targets import batch_target, check_prompts

@@ -23,12 +23,14 @@ from typing import Any, Sequence
 
 import torch
 
-from .aggregate import mean_over
-from .patching import patch_attention
+from tl_backward.core.device import device_of
+
 from ..core.adapter import get_adapter
 from ..core.results import FrozenDict, Record
 from ..errors import TLBackwardError
 from ..zoo.world import World
+from .aggregate import mean_over
+from .patching import patch_attention
 
 __all__ = ["PAPER_ETAS", "PAPER_SHOTS", "icl_prompt", "icl_prompts", "answer_ids", "topk_hits", "evaluate",
            "constant_length_pairs", "world_pairs", "icl_patching", "ICLPatching", "ICLRow",
@@ -83,7 +85,7 @@ def evaluate(model: Any, prompts: Sequence[str], answers: Sequence[int], *, ks: 
     """``(hits Bool[n, len(ks)], nll Float[n])``: top-k hits as :func:`topk_hits` and the answer's
     negative log-probability at the last prompt token."""
     ad = get_adapter(model)
-    device = next(model.parameters()).device
+    device = device_of(model)
     hits, nlls = [], []
     for i in range(0, len(prompts), batch_size):
         batch = ad.tokenize(list(prompts[i:i + batch_size]), prepend_bos)

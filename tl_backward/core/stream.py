@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapter import Batch, get_adapter
+from .device import device_of
 from .lock import model_lock
 from .metrics import bind_metric, check_scalar
 
@@ -126,13 +127,6 @@ def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch,
         batch=batch, metric=value.detach().float(), str_tokens=adapter.to_str_tokens(batch.tokens, batch.mask),
         fired=frozenset(fired), leaf_grads={k: g for k, g in zip(leaves, grads) if g is not None},
     )
-
-
-def device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - every bridge has parameters
-        return torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.capture import capture
-from tl_backward.core.stream import device_of
+from tl_backward.core.device import device_of
 from tl_backward.errors import TLBackwardError
 
 from .colors import BIAS_COLOR, entropy_grey, rank_color

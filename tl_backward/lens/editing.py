@@ -46,6 +46,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import Batch, get_adapter
+from tl_backward.core.device import device_of
 from tl_backward.errors import TLBackwardError
 
 
@@ -197,7 +198,7 @@ def forward_pass_shift(
     module = lin.original_component
     out_in = _stores_out_in(module, ad)
     name = lin.hook_in.name  # = blocks.L.mlp.hook_post
-    device = next(model.parameters()).device
+    device = device_of(model)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens.to(device), names_filter=[name], return_type="logits")
     x = cache[name][0, -1].detach().float().cpu().clone()
@@ -338,7 +339,7 @@ def continuation_correct(model: Any, prompts: Sequence[str], targets: Sequence[s
     if batch.tokens.shape[1] > ad.n_ctx:
         raise TLBackwardError(f"a prompt plus its target is {batch.tokens.shape[1]} tokens, more than the "
                               f"model's context ({ad.n_ctx}); shorten it", argument="prompts")
-    device = next(model.parameters()).device
+    device = device_of(model)
     with torch.no_grad():
         pred = model(batch.tokens.to(device), return_type="logits").argmax(-1).cpu()
     return torch.tensor([bool((pred[i, s:s + len(t)] == t).all()) for i, (s, t) in enumerate(spans)])

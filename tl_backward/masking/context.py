@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_backward.core.device import device_of
+
 from ..core import checks
 from ..core.adapter import get_adapter
 from ..core.lock import model_lock
@@ -89,7 +91,7 @@ def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Seg
     """:func:`segment_mask`'s block: the pre-hook lives from the yield to its end."""
     if model in _ACTIVE:
         raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
-    device = next(hf.parameters()).device
+    device = device_of(hf)
     seg = segments.to(device)
     keep = seg.mask()
     positions = seg.position_ids if seg.left_padded else None
@@ -143,7 +145,7 @@ def attention_patterns(
     checks.one_of(mask, "mask", ("mas", "causal"))
     ad = get_adapter(model)
     names = [ad.hook_name("pattern", layer) for layer in ad.layers(layers)]
-    seg = _check_segments(model, segments).to(next(hf_module(model).parameters()).device)
+    seg = _check_segments(model, segments).to(device_of(hf_module(model)))
     with torch.no_grad():
         if mask == "mas":
             with segment_mask(model, seg):

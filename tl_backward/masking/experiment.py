@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import torch
 
+from tl_backward.core.device import device_of
+
 from .. import zoo
 from ..core.loading import load_model
 from ..core.results import NOT_IN_DICT, FrozenDict, Record
@@ -93,7 +95,7 @@ def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_
     """Fraction of rows whose argmax at the last prompt position is the first answer token."""
     if mask not in ("mas", "causal"):
         raise ValueError(f"mask must be 'mas' or 'causal', got {mask!r}")
-    device = next(model.parameters()).device
+    device = device_of(model)
     hits = 0
     for i in range(0, len(segments), batch_size):
         seg = segments.select(list(range(i, min(i + batch_size, len(segments))))).to(device)

@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_backward.core.device import device_of
+
 from ..core import checks
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
@@ -86,7 +88,7 @@ def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[T
     (both given as explicit 4-D masks with the segments' position ids). Differentiable.
     """
     checks.one_of(mask, "mask", MASKS)
-    device = next(hf_module(model).parameters()).device
+    device = device_of(hf_module(model))
     if not isinstance(segments, Segments):
         raise TLBackwardError(f"segments must be a tl_backward.segments.Segments, got {type(segments).__name__}",
                               argument="segments")
@@ -209,7 +211,7 @@ def finetune(
     _check_lora(lora)
     data = _as_dataset(dataset)
     hf = hf_module(model)
-    device = next(hf.parameters()).device
+    device = device_of(hf)
     n = len(data)
     steps = epochs * math.ceil(n / batch_size)
     layers: list[Any] = []

@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from tl_backward.core.device import device_of
+
 from ..core import checks
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
@@ -147,7 +149,7 @@ def mas_generate(
         eos_token_id = checks.count(eos_token_id, "eos_token_id", maximum=vocab - 1, none_ok=True,
                                     hint="a token id, 'auto' or None")
     pad = _pad_id(tok) if tok is not None else 0
-    device = next(hf.parameters()).device
+    device = device_of(hf)
     seg = segments.to(device)
     gen = None
     if seed is not None:

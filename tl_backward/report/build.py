@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ..attention import ra_hook_names, reversed_attention_from_cache
-from ..core.adapter import get_adapter
 from ..core import checks
+from ..core.adapter import get_adapter
 from ..core.capture import capture
 from ..core.readout import logits_readout
 from ..errors import TLBackwardError
