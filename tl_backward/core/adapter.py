@@ -14,25 +14,23 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens import TransformerBridge
+from transformer_lens.model_bridge.generalized_components import (JointQKVAttentionBridge,
+                                                                 JointQKVPositionEmbeddingsAttentionBridge,
+                                                                 PositionEmbeddingsAttentionBridge)
 
 from tl_backward.errors import TLBackwardError
 
 from . import checks
 from .readout import Unembed
 
-# Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path.
+# Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path
+# (TransformerLens classes, matched exactly: a subclass may move the hook; tests/core/test_adapter.py).
 RECONSTRUCTING_ATTENTION = (
-    "JointQKVAttentionBridge",
-    "JointQKVPositionEmbeddingsAttentionBridge",
-    "PositionEmbeddingsAttentionBridge",
+    JointQKVAttentionBridge,
+    JointQKVPositionEmbeddingsAttentionBridge,
+    PositionEmbeddingsAttentionBridge,
 )
-_FAMILIES = {
-    "GPT2LMHeadModel": "gpt2",
-    "GPTNeoXForCausalLM": "neox",
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-}
 # Per-layer hook kinds -> legacy TransformerLens name templates.
 _HOOKS = {
     "pattern": "blocks.{l}.attn.hook_pattern",
@@ -110,11 +108,10 @@ class ModelAdapter:
         self.n_ctx: int = cfg.n_ctx
         self.gated_mlp: bool = bool(cfg.gated_mlp)
         self.parallel_blocks: bool = bool(cfg.parallel_attn_mlp)
-        self.family: str = _FAMILIES.get(type(model.original_model).__name__, "other")
         self.rotary: bool = "blocks.0.attn.hook_cos" in model.hook_dict
         # Only this bridge fires hook_rot_q/k; GPT-NeoX's rotates inside without the hook
         # (rotate q/k yourself with apply_rotary and the hook_cos/hook_sin tensors).
-        self.rot_hooks: bool = type(model.blocks[0].attn).__name__ == "PositionEmbeddingsAttentionBridge"
+        self.rot_hooks: bool = isinstance(model.blocks[0].attn, PositionEmbeddingsAttentionBridge)
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:
@@ -403,10 +400,6 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "
 
 
 def _check_supported(model: Any) -> None:
-    try:
-        from transformer_lens import TransformerBridge
-    except ImportError as err:  # pragma: no cover - dependency is pinned
-        raise ImportError("tl_backward needs transformer_lens>=4.3 (TransformerBridge)") from err
     if not isinstance(model, TransformerBridge):
         raise TLBackwardError(
             f"model must be a transformer_lens TransformerBridge, got {type(model).__name__}; "
@@ -416,10 +409,10 @@ def _check_supported(model: Any) -> None:
         raise TLBackwardError(
             "this bridge does not wrap a local torch module (remote or inference-only driver): "
             "tl_backward needs autograd through the model", argument="model")
-    attn_cls = type(model.blocks[0].attn).__name__
+    attn_cls = type(model.blocks[0].attn)
     if attn_cls not in RECONSTRUCTING_ATTENTION:
         raise TLBackwardError(
-            f"attention bridge {attn_cls} fires hook_attn_scores outside the autograd path (e.g. boot_native "
+            f"attention bridge {attn_cls.__name__} fires hook_attn_scores outside the autograd path (e.g. boot_native "
             "models), so attention gradients would be wrong; boot the model with "
             "TransformerBridge.boot_transformers(...) from an HF GPT-2 / GPT-NeoX / Llama / Qwen2 / Mistral model",
             argument="model")
