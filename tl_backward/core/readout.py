@@ -283,9 +283,11 @@ class _Tiles:
     def _softmax(self, tile: Tensor, tile_max: Tensor) -> None:
         new_max = tile_max.double() if self.max is None else torch.maximum(self.max, tile_max.double())
         shifted = torch.sub(tile, new_max.float()[:, None], out=self.mask[:, :tile.shape[1]])
+        # fp32 row sums (torch sums in cascades: error ~eps·log n); sum(dtype=float64) would first
+        # copy the whole tile to fp64. The running totals across tiles are kept in fp64.
         e = shifted.exp()
-        s = e.sum(1, dtype=torch.float64)
-        u = e.mul_(shifted).sum(1, dtype=torch.float64)
+        s = e.sum(1).double()
+        u = e.mul_(shifted).sum(1).double()
         if self.max is not None:  # rescale the running sums from the old maximum to the new one
             shift = self.max - new_max
             scale = shift.exp()
