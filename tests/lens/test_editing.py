@@ -12,7 +12,8 @@ from tests.tolerance import MODEL_TERMS, assert_close_fp32
 from tl_backward.core.adapter import get_adapter
 from tl_backward.errors import TLBackwardError
 from tl_backward.lens import gradient_factors
-from tl_backward.lens.editing import continuation_correct, evaluate_edits, forward_pass_shift
+from tl_backward.lens.editing import forward_pass_shift
+from tl_backward.lens.evaluation import continuation_correct, evaluate_edits
 from tl_backward.zoo.tiny import tiny_model
 
 PROMPT = "the capital of france is"

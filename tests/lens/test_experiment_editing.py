@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tl_backward.lens.experiment import EditingRun, EditScores, GridPoint, format_report, harmonic_score, run
-from tl_backward.lens.editing import evaluate_edits
+from tl_backward.lens.evaluation import evaluate_edits
 
 REQUESTS = [
     dict(prompt="the capital of france is", target_new="rome", target_true="paris",

@@ -2,7 +2,8 @@
 the vocabulary, imprint/shift of one-token SGD steps, and Forward Pass Shift editing."""
 
 from .backward_lens import BackwardLens, ImprintShift, LensReadout, backward_lens, lens_from_factors, project_factors
-from .editing import Edit, EditEvaluation, continuation_correct, evaluate_edits, forward_pass_shift
+from .editing import Edit, forward_pass_shift
+from .evaluation import EditEvaluation, continuation_correct, evaluate_edits
 from .factors import (MODULES, Factor, FactorNorms, FactorSVD, GradientFactors, factor_hook_names, factors_from_cache,
                       gradient_factors)
 from .projection import VocabReadout, vocab_readout

@@ -25,11 +25,7 @@ is written back, so the weights are the originals bit for bit. Each edit keeps t
 the applied/skipped decision measured when it was applied (on the model as it was then). Changes
 made to an edited weight by other means while an edit is active are overwritten by the next undo.
 
-:func:`evaluate_edits` scores edits CounterFact-style (teacher-forced argmax accuracy over all
-target tokens): efficacy (``target_new`` on the prompt), paraphrase (``target_new`` on the
-paraphrases) and neighbourhood (``target_true`` kept on other subjects' prompts), one edit at a
-time, restoring the weights after each; with neither ``layer`` nor ``eta`` it scores the unedited
-model as a baseline.
+Scoring edits (:func:`~tl_backward.lens.evaluation.evaluate_edits`) lives in ``lens/evaluation.py``.
 """
 
 from __future__ import annotations
@@ -38,14 +34,14 @@ import itertools
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from tl_backward.core import checks
-from tl_backward.core.adapter import Batch, get_adapter
+from tl_backward.core.adapter import get_adapter
 from tl_backward.core.device import device_of
 from tl_backward.errors import TLBackwardError
 
@@ -186,14 +182,14 @@ def forward_pass_shift(
         :class:`TLBackwardError` naming the argument for any bad value, before touching the model.
     """
     ad = get_adapter(model)
-    _check_raw(model)
+    check_raw(model)
     if not isinstance(prompt, str):
         raise TLBackwardError(f"prompt must be a string, got {type(prompt).__name__}", argument="prompt")
     layer = ad.check_layer(layer)  # negative counts from the end
-    eta = _eta(eta)
+    eta = check_eta(eta)
     checks.flag(prepend_bos, "prepend_bos", none_ok=True)
-    t = _target_id(ad, target, "target")
-    tokens = _tokens(ad, prompt, prepend_bos, "prompt").tokens
+    t = target_id_of(ad, target, "target")
+    tokens = prompt_tokens(ad, prompt, prepend_bos, "prompt").tokens
     lin = ad.linear(layer, "mlp_out")
     module = lin.original_component
     out_in = _stores_out_in(module, ad)
@@ -220,143 +216,8 @@ def forward_pass_shift(
     return edit
 
 
-@dataclass(frozen=True)
-class EditEvaluation:
-    """Per-request scores of :func:`evaluate_edits` (fractions in [0, 1]).
-
-    ``efficacy [n]`` (prompt -> target_new), ``paraphrase [n]`` (mean over the paraphrases),
-    ``neighborhood [n]`` (mean over neighbour prompts keeping target_true), ``applied [n]``
-    (False where the model already predicted target_new, or for the unedited baseline).
-    ``layer`` (non-negative) and ``eta`` are None for the baseline.
-    """
-
-    efficacy: Float[Tensor, " n"]
-    paraphrase: Float[Tensor, " n"]
-    neighborhood: Float[Tensor, " n"]
-    applied: Bool[Tensor, " n"]
-    layer: int | None
-    eta: float | None
-
-    def __repr__(self) -> str:
-        return f"EditEvaluation({self})"
-
-    def summary(self) -> dict[str, float]:
-        """Means over requests (fractions), plus the number of requests and of applied edits."""
-        return {
-            "efficacy": float(self.efficacy.mean()), "paraphrase": float(self.paraphrase.nanmean()),
-            "neighborhood": float(self.neighborhood.nanmean()), "n": len(self.efficacy),
-            "applied": int(self.applied.sum()),
-        }
-
-    def __str__(self) -> str:
-        s = self.summary()
-        what = "unedited" if self.eta is None else f"FPS layer {self.layer}, eta {self.eta:g}"
-        return (f"{what}: efficacy {100 * s['efficacy']:.1f}%  paraphrase {100 * s['paraphrase']:.1f}%  "
-                f"neighbourhood {100 * s['neighborhood']:.1f}%  (n={s['n']}, applied {s['applied']})")
-
-
-REQUIRED = ("prompt", "target_new", "target_true", "paraphrases", "neighborhood")
-
-
-def evaluate_edits(
-    model: Any,
-    requests: Sequence[dict],
-    *,
-    layer: int | None = None,
-    eta: float | None = None,
-    prepend_bos: bool | None = None,
-    progress: bool = True,
-) -> EditEvaluation:
-    """Efficacy / paraphrase / neighbourhood accuracy of single FPS edits, or of the unedited model.
-
-    Two modes: ``layer`` and ``eta`` both given edits each request with
-    ``forward_pass_shift(model, prompt, target_new, layer=layer, eta=eta)``, scores it and undoes
-    it; neither given scores the unedited model (the baseline). Only one of them is an error, so a
-    forgotten ``eta`` cannot pass baseline numbers off as edit results.
-
-    ``requests``: CounterFact-style dicts with ``prompt``, ``target_new``, ``target_true``,
-    ``paraphrases`` (list of prompts) and ``neighborhood`` (list of prompts; ``neighbourhood`` is
-    accepted too). A prediction is correct when, teacher-forced, the argmax at every target
-    position is the target token. Every argument and request is checked before the first edit.
-    """
-    from tqdm.auto import tqdm  # lazy: keeps `import tl_backward` light
-
-    ad = get_adapter(model)
-    if layer is None and eta is not None:
-        raise TLBackwardError("pass layer= with eta= (the MLP layer to edit)", argument="layer")
-    if eta is None and layer is not None:
-        raise TLBackwardError(
-            "eta is missing: layer= asks for FPS edits, which need a step size; pass eta= (finite, > 0), "
-            "or pass neither layer nor eta to score the unedited baseline", argument="eta")
-    baseline = eta is None
-    if not baseline:
-        _check_raw(model)
-        layer, eta = ad.check_layer(layer), _eta(eta)
-    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
-    checks.flag(progress, "progress")
-    reqs = [_check_request(ad, r, i, prepend_bos) for i, r in enumerate(_as_list(requests))]
-    eff, par, nb, applied = [], [], [], []
-    desc = "unedited" if baseline else f"FPS edits (layer {layer}, eta {eta:g})"
-    for r in tqdm(reqs, desc=desc, disable=not progress):
-        if baseline:
-            edit = None
-            scores = _score(model, ad, r, prepend_bos)
-        else:
-            with forward_pass_shift(model, r["prompt"], r["target_new"], layer=layer, eta=eta,
-                                    prepend_bos=prepend_bos) as edit:
-                scores = _score(model, ad, r, prepend_bos)
-        eff.append(scores[0])
-        par.append(scores[1])
-        nb.append(scores[2])
-        applied.append(bool(edit is not None and edit.applied))
-    return EditEvaluation(efficacy=torch.tensor(eff), paraphrase=torch.tensor(par),
-                          neighborhood=torch.tensor(nb), applied=torch.tensor(applied),
-                          layer=layer, eta=eta)
-
-
-def continuation_correct(model: Any, prompts: Sequence[str], targets: Sequence[str | int], *,
-                         prepend_bos: bool | None = None) -> Bool[Tensor, " n"]:
-    """Whether, teacher-forced, the model's argmax reproduces every token of each target
-    (string targets get a leading space if missing). One right-padded forward pass."""
-    ad = get_adapter(model)
-    for arg, value in (("prompts", prompts), ("targets", targets)):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
-            raise TLBackwardError(f"{arg} must be a non-empty list (one entry per row), got {value!r:.60}",
-                                  argument=arg)
-    if len(prompts) != len(targets):
-        raise TLBackwardError(f"got {len(prompts)} prompts and {len(targets)} targets; pass one target "
-                              "per prompt", argument="targets")
-    checks.flag(prepend_bos, "prepend_bos", none_ok=True)
-    rows, spans = [], []
-    for i, (p, t) in enumerate(zip(prompts, targets)):
-        if not isinstance(p, str):
-            raise TLBackwardError(f"prompts[{i}] must be a string, got {type(p).__name__}", argument="prompts")
-        ids = _tokens(ad, p, prepend_bos, "prompts", f"prompts[{i}]").rows()[0]
-        tgt = _target_ids(ad, t, "targets", f"targets[{i}]")
-        rows.append(torch.cat([ids, tgt[:-1]]))
-        spans.append((len(ids) - 1, tgt))
-    batch = Batch.from_rows(rows, ad.pad_id)
-    if batch.tokens.shape[1] > ad.n_ctx:
-        raise TLBackwardError(f"a prompt plus its target is {batch.tokens.shape[1]} tokens, more than the "
-                              f"model's context ({ad.n_ctx}); shorten it", argument="prompts")
-    device = device_of(model)
-    with torch.no_grad():
-        pred = model(batch.tokens.to(device), return_type="logits").argmax(-1).cpu()
-    return torch.tensor([bool((pred[i, s:s + len(t)] == t).all()) for i, (s, t) in enumerate(spans)])
-
-
-def _score(model: Any, ad: Any, r: dict, prepend_bos: bool | None) -> tuple[float, float, float]:
-    prompts = [r["prompt"], *r["paraphrases"], *r["neighborhood"]]
-    targets = [r["target_new"]] * (1 + len(r["paraphrases"])) + [r["target_true"]] * len(r["neighborhood"])
-    ok = continuation_correct(model, prompts, targets, prepend_bos=prepend_bos).float()
-    n_par = len(r["paraphrases"])
-    par = ok[1:1 + n_par].mean() if n_par else torch.tensor(float("nan"))
-    nb = ok[1 + n_par:].mean() if r["neighborhood"] else torch.tensor(float("nan"))
-    return float(ok[0]), float(par), float(nb)
-
-
-# ---------------------------------------------------------------- argument checks
-def _check_raw(model: Any) -> None:
+# ------------------------------------------- argument readers (shared with lens/evaluation.py)
+def check_raw(model: Any) -> None:
     if getattr(model, "compatibility_mode", False):
         raise TLBackwardError(
             "forward_pass_shift needs raw weights: this model is in compatibility mode (folded layer "
@@ -390,11 +251,11 @@ def _stores_out_in(module: Any, ad: Any) -> bool:
     return out_in
 
 
-def _eta(eta: Any) -> float:
+def check_eta(eta: Any) -> float:
     return checks.finite_float(eta, "eta", positive=True, hint="the step size, finite and > 0")
 
 
-def _tokens(ad: Any, prompt: str, prepend_bos: bool | None, argument: str, what: str | None = None) -> Any:
+def prompt_tokens(ad: Any, prompt: str, prepend_bos: bool | None, argument: str, what: str | None = None) -> Any:
     """``ad.tokenize(prompt)``, its complaints (empty, too long) naming ``argument`` and ``what``."""
     try:
         return ad.tokenize(prompt, prepend_bos, argument)
@@ -404,7 +265,7 @@ def _tokens(ad: Any, prompt: str, prepend_bos: bool | None, argument: str, what:
         raise TLBackwardError(f"{what} {prompt!r:.60}: {err}", argument=argument) from err
 
 
-def _target_ids(ad: Any, target: Any, argument: str, what: str | None = None) -> Tensor:
+def target_ids_of(ad: Any, target: Any, argument: str, what: str | None = None) -> Tensor:
     what = what or argument
     if target is None:
         raise TLBackwardError(f"{what} is None: pass the new target word or its token id", argument=argument)
@@ -416,46 +277,8 @@ def _target_ids(ad: Any, target: Any, argument: str, what: str | None = None) ->
         raise TLBackwardError(f"{what}: {err}", argument=argument) from err
 
 
-def _target_id(ad: Any, target: Any, argument: str, what: str | None = None) -> int:
-    return int(_target_ids(ad, target, argument, what)[0])
-
-
-def _as_list(requests: Any) -> list:
-    if isinstance(requests, (dict, str)) or not isinstance(requests, Sequence):
-        raise TLBackwardError("requests must be a list of CounterFact-style dicts, got "
-                              f"{type(requests).__name__}", argument="requests")
-    if not requests:
-        raise TLBackwardError("requests is empty: pass at least one request", argument="requests")
-    return list(requests)
-
-
-def _check_request(ad: Any, r: Any, i: int, prepend_bos: bool | None) -> dict:
-    """A checked copy of ``requests[i]`` (``neighbourhood`` -> ``neighborhood``); every prompt is
-    tokenised and every target looked up here, so a bad request fails before the first edit."""
-    if not isinstance(r, dict):
-        raise TLBackwardError(f"requests[{i}] must be a dict, got {type(r).__name__}", argument="requests")
-    r = dict(r)
-    if "neighbourhood" in r:
-        if "neighborhood" in r and r["neighborhood"] != r["neighbourhood"]:
-            raise TLBackwardError(f"requests[{i}] has both 'neighborhood' and 'neighbourhood', and they "
-                                  "differ; keep one", argument="requests")
-        r["neighborhood"] = r.pop("neighbourhood")
-    missing = [k for k in REQUIRED if k not in r]
-    if missing:
-        raise TLBackwardError(f"requests[{i}] lacks {missing}; each request needs {list(REQUIRED)}",
-                              argument="requests")
-    for k in ("paraphrases", "neighborhood"):
-        if isinstance(r[k], str) or not isinstance(r[k], (list, tuple)):
-            raise TLBackwardError(f"requests[{i}][{k!r}] must be a list of prompts", argument="requests")
-    prompts = [(f"requests[{i}]['prompt']", r["prompt"])] + [
-        (f"requests[{i}][{k!r}][{j}]", p) for k in ("paraphrases", "neighborhood") for j, p in enumerate(r[k])]
-    for what, p in prompts:
-        if not isinstance(p, str):
-            raise TLBackwardError(f"{what} must be a string, got {type(p).__name__}", argument="requests")
-        _tokens(ad, p, prepend_bos, "requests", what)
-    for k in ("target_new", "target_true"):
-        _target_ids(ad, r[k], "requests", f"requests[{i}][{k!r}]")
-    return r
+def target_id_of(ad: Any, target: Any, argument: str, what: str | None = None) -> int:
+    return int(target_ids_of(ad, target, argument, what)[0])
 
 
 def _with_space(target: Any) -> Any:

@@ -26,7 +26,7 @@ from ..core.loading import load_model
 from ..core.results import Record
 from ..zoo import model_card
 from ..zoo.world import World
-from .editing import EditEvaluation, evaluate_edits
+from .evaluation import EditEvaluation, evaluate_edits
 
 # η scales with ‖x_n‖²‖e_t‖², and ‖x_n‖² differs by ~35x across facts-gpt2's layers: a wide grid.
 DEFAULT_ETAS = (0.05, 0.1, 0.14, 0.2, 0.28, 0.4, 0.8, 1.6, 3.2, 6.4)
@@ -61,7 +61,7 @@ class GridPoint(Record):
 
 @dataclass(frozen=True)
 class EditScores(Record):
-    """An :class:`~tl_backward.lens.editing.EditEvaluation` summarised: mean efficacy, paraphrase and
+    """An :class:`~tl_backward.lens.evaluation.EditEvaluation` summarised: mean efficacy, paraphrase and
     neighbourhood accuracy (fractions), their :func:`harmonic_score`, ``n`` requests, ``applied``
     edits (0 for the unedited baseline)."""
 
