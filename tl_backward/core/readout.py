@@ -38,6 +38,8 @@ from torch import Tensor
 
 from tl_backward.errors import TLBackwardError
 
+from . import checks
+
 __all__ = ["Readout", "Unembed", "readout", "logits_readout", "normalize_rows", "entropy_bits", "as_targets",
            "TILE_ELEMENTS", "ROW_CHUNK"]
 
@@ -364,10 +366,8 @@ def _merge(running: tuple[Tensor, Tensor] | None, new: tuple[Tensor, Tensor], k:
 
 
 def _check_k(k: Any, vocab: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
-        raise TLBackwardError(f"k must be an int in [1, {vocab}] (the vocabulary size), got {k!r}", argument="k")
+    checks.count(k, "k", minimum=1, maximum=vocab, hint="the vocabulary size")
 
 
 def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TLBackwardError(f"{name} must be a positive int, got {value!r}", argument=name)
+    checks.count(value, name, minimum=1)

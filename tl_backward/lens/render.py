@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..render.figures import colored_tokens_multi, heatmap_table, line_plot
+from ..core import checks
 from ..errors import TLBackwardError
-
+from ..render.figures import colored_tokens_multi, heatmap_table, line_plot
 from ..render.page import Figure, Page
 
 _WEIGHT = {"mlp_in": "W_in (FF1)", "mlp_gate": "W_gate", "mlp_out": "W_out (FF2)", "q": "W_Q", "k": "W_K",
@@ -30,8 +30,7 @@ _ATTN = ("q", "k", "v", "o")
 
 def _row(lens: Any, row: int) -> torch.Tensor:
     n_rows = lens.factors.tokens.shape[0]
-    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < n_rows:
-        raise ValueError(f"row must be a batch index in [0, {n_rows}), got {row!r}")
+    row = checks.count(row, "row", maximum=n_rows - 1, hint="a batch index")
     return (lens.factors.positions[:, 0] == row).nonzero()[:, 0]
 
 
