@@ -7,10 +7,12 @@ from __future__ import annotations
 import torch
 
 import tl_backward as tlb
-from tl_backward.flow import ln_filter, merge, regularisation_neurons
+from tl_backward.attention import ra_hook_names, reversed_attention_from_cache
+from tl_backward.flow import flow_hook_names, ln_filter, merge, regularisation_neurons
+from tl_backward.lens import factor_hook_names, factors_from_cache, lens_from_factors
 from tl_backward.masking import answer_loss, attention_patterns, finetune
 from tl_backward.masking import segments as S
-from tests.bad_inputs import PROMPT, Row, reenter
+from tests.bad_inputs import NLL, PROMPT, TARGET, Row, reenter
 
 R = Row
 nan, inf = float("nan"), float("inf")
@@ -138,6 +140,27 @@ FLOW = [
     R("regularisation_neurons baseline=0", lambda e: regularisation_neurons(e.gpt2, [PROMPT], baseline=0),
       "baseline"),
     R("regularisation_neurons k=0", lambda e: regularisation_neurons(e.gpt2, [PROMPT], k=0), "k"),
+]
+
+# Analyses read off one shared capture (the report's single pass).
+SHARED = [
+    R("flow_graph cache= lacking the flow hooks", lambda e: flow(e, cache=e.cache, target=TARGET), "cache"),
+    R("flow_graph cache='x'", lambda e: flow(e, cache="x", target=TARGET), "cache"),
+    R("flow_graph cache= of another prompt", lambda e: flow(e, target=TARGET, cache=tlb.capture(
+        e.gpt2, "a big dog ran to the", NLL, names=flow_hook_names(e.gpt2, 0))), "cache"),
+    R("flow_graph cache= and metric=", lambda e: flow(e, backward=True, cache=e.cache,
+                                                     metric=lambda logits, tokens: logits.sum()), "metric"),
+    R("reversed_attention_from_cache lacking hooks", lambda e: reversed_attention_from_cache(e.gpt2, e.cache), "cache"),
+    R("reversed_attention_from_cache cache=42", lambda e: reversed_attention_from_cache(e.gpt2, 42), "cache"),
+    R("reversed_attention_from_cache layers=9", lambda e: reversed_attention_from_cache(e.gpt2, e.cache, layers=9),
+      "layer"),
+    R("factors_from_cache lacking hooks", lambda e: factors_from_cache(e.gpt2, e.cache), "cache"),
+    R("factors_from_cache modules='x'", lambda e: factors_from_cache(e.gpt2, e.cache, modules="x"), "modules"),
+    R("lens_from_factors top_k=0", lambda e: lens_from_factors(e.gpt2, e.gf, TARGET, top_k=0), "top_k"),
+    R("lens_from_factors target=None", lambda e: lens_from_factors(e.gpt2, e.gf, None), "target"),
+    R("ra_hook_names layers=[0, 0]", lambda e: ra_hook_names(e.gpt2, [0, 0]), "layers"),
+    R("factor_hook_names modules=3", lambda e: factor_hook_names(e.gpt2, 3), "modules"),
+    R("flow_hook_names layer=-9", lambda e: flow_hook_names(e.gpt2, -9), "layer"),
 ]
 
 SEGMENTS = [
@@ -280,4 +303,4 @@ MAS = [
     R("answer_loss segments=None", lambda e: answer_loss(e.gpt2, None), "segments"),
 ]
 
-ROWS = FLOW + SEGMENTS + MAS
+ROWS = FLOW + SHARED + SEGMENTS + MAS
