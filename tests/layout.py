@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Layers, lowest first. A module may import from its own folder and from any layer below its own.
 LAYERS: dict[str, int] = {
-    "errors": 0, "zoo": 0,           # zoo is data: shipped models, their tokenizer and world
+    "errors": -1, "zoo": 0,          # zoo is data: shipped models, their tokenizer and world
     "core": 1, "render": 1,
     "attention": 2, "lens": 2, "flow": 2, "masking": 2,
     "report": 3,

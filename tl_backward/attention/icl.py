@@ -55,13 +55,14 @@ def icl_prompts(train: Sequence[Pair], queries: Sequence[Pair], n_shots: int, *,
     """``(prompt, target)`` per query pair, with ``n_shots`` demonstrations drawn from ``train``
     (seeded; excluding pairs whose input is the query's). ``target`` is ``" " + y``."""
     if not isinstance(n_shots, int) or n_shots < 0:
-        raise ValueError(f"n_shots must be a non-negative int, got {n_shots!r}")
+        raise TLBackwardError(f"n_shots must be a non-negative int, got {n_shots!r}", argument="n_shots")
     rng = random.Random(f"icl-{n_shots}-{seed}")
     out = []
     for x, y in queries:
         pool = [p for p in train if p[0] != x]
         if len(pool) < n_shots:
-            raise ValueError(f"only {len(pool)} training pairs to draw {n_shots} demonstrations from")
+            raise TLBackwardError(f"only {len(pool)} training pairs to draw {n_shots} demonstrations from",
+                                  argument="n_shots")
         out.append((icl_prompt(rng.sample(pool, n_shots), x), " " + y))
     return out
 
@@ -117,7 +118,7 @@ def constant_length_pairs(model: Any, pairs: Sequence[Pair], *, prepend_bos: boo
         keyed.append((key, (x, y)))
         groups[key] += 1
     if not groups:
-        raise ValueError("no pair has a single-token answer under this tokenizer")
+        raise TLBackwardError("no pair has a single-token answer under this tokenizer")
     best = groups.most_common(1)[0][0]
     return [p for k, p in keyed if k == best]
 
@@ -255,10 +256,11 @@ def icl_patching(
     near-zero RA, hence small effects at the paper's η). Prints its table when ``verbose``.
     """
     if len(train) < 2 or not test:
-        raise ValueError("need at least 2 training pairs and 1 test pair")
+        raise TLBackwardError("need at least 2 training pairs and 1 test pair", argument="test")
     queries = list(train if fit_queries is None else fit_queries)
     if not queries:
-        raise ValueError("fit_queries is empty: pass (x, y) pairs to average the maps over, or None")
+        raise TLBackwardError("fit_queries is empty: pass (x, y) pairs to average the maps over, or None",
+                              argument="fit_queries")
     n_train = min(n_train, len(queries))
     etas = [float(e) for e in etas]
     rows, fit_loss = [], {}
@@ -267,7 +269,7 @@ def icl_patching(
         evals = icl_prompts(train, test, k, seed=seed + 1)
         lengths = set(_lengths(model, [p for p, _ in fit + evals], prepend_bos))
         if len(lengths) != 1:
-            raise ValueError(
+            raise TLBackwardError(
                 f"{k}-shot prompts have token lengths {sorted(lengths)}: RA maps are averaged and added "
                 "cell by cell, so every prompt needs the same length; filter the pairs with "
                 "constant_length_pairs(model, pairs)")

@@ -1,11 +1,11 @@
-"""Head perturbation study (Katz & Wolf, NAACL 2025; docs/reversed_attention.md): keep the top fraction f of heads under a
-ranking, zero-ablate the rest (``hook_z`` zeroed per head, b_O kept; weights untouched), and score
-top-1/2/3 accuracy on test prompts, for f in {0, 0.1, ..., 1}.
+"""Head perturbation study (Katz & Wolf, NAACL 2025; docs/reversed_attention.md): keep the top fraction
+f of heads under a ranking, zero-ablate the rest (``hook_z`` zeroed per head, b_O kept; weights
+untouched), and score top-1/2/3 accuracy on test prompts, for f in {0, 0.1, ..., 1}.
 
 Rankings: ``"reversed"`` (mean ‖RA‖_F over training prompts), ``"forward"`` (mean ‖P‖_F) and
 ``"random"`` (seeded shuffle); each optionally also in ascending order (``"<name>_asc"``, least
-important first -- the paper's reversed ranking). A ranking whose top heads matter keeps accuracy high at small f, and its
-reversal loses it fast.
+important first -- the paper's reversed ranking). A ranking whose top heads matter keeps accuracy
+high at small f, and its reversal loses it fast.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from .patching import zero_heads
-from .ranking import HeadRanking, rank_heads
-from .icl import PAPER_SHOTS, Pair, topk_scores, answer_ids, icl_prompts, topk_hits
 from ..core.results import Record
 from ..errors import TLBackwardError
+from .icl import PAPER_SHOTS, Pair, answer_ids, icl_prompts, topk_hits, topk_scores
+from .patching import zero_heads
+from .ranking import HeadRanking, rank_heads
 
 __all__ = ["PAPER_FRACTIONS", "head_perturbation", "icl_perturbation", "format_perturbation_table",
            "HeadPerturbation", "PerturbationRow", "ICLPerturbation"]
@@ -156,10 +156,11 @@ def head_perturbation(
     """
     for f in fractions:
         if not 0.0 <= float(f) <= 1.0:
-            raise ValueError(f"fractions must lie in [0, 1], got {f!r}")
+            raise TLBackwardError(f"fractions must lie in [0, 1], got {f!r}", argument="fractions")
     unknown = [r for r in rankings if r not in ("reversed", "forward", "random")]
     if unknown:
-        raise ValueError(f"rankings must be among 'reversed', 'forward', 'random'; got {unknown}")
+        raise TLBackwardError(f"rankings must be among 'reversed', 'forward', 'random'; got {unknown}",
+                              argument="rankings")
     if ranking is None:
         ranking = rank_heads(model, list(train_prompts), answer_ids(model, train_targets),
                              batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
@@ -202,7 +203,7 @@ def icl_perturbation(
     Returns an :class:`ICLPerturbation`, which reads as ``{n_shots: HeadPerturbation}``."""
     queries = list(train if fit_queries is None else fit_queries)[:n_train]
     if not queries:
-        raise ValueError("no queries to rank the heads on: pass non-empty train or fit_queries")
+        raise TLBackwardError("no queries to rank the heads on: pass non-empty train or fit_queries", argument="train")
     runs = []
     for k in n_shots:
         fit = icl_prompts(train, queries, k, seed=seed)

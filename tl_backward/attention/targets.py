@@ -9,7 +9,7 @@ spells out the single-token, one-id-per-row case on its own (tests check that it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
-from tl_backward.core.readout import entropy_bits
 from tl_backward.core.device import device_of
+from tl_backward.core.readout import entropy_bits
 from tl_backward.errors import TLBackwardError
 
 # Rows per full-distribution chunk: 64 x 50k fp32 probabilities = 13 MB.

@@ -1,4 +1,5 @@
-"""Forward Pass Shift editing on the embedded model's CounterFact-style requests (Katz et al., EMNLP 2024, §5; docs/backward_lens.md).
+"""Forward Pass Shift editing on the embedded model's CounterFact-style requests (Katz et al.,
+EMNLP 2024, §5; docs/backward_lens.md).
 
 Protocol (the paper's, scaled down): requests come from the synthetic world
 (:meth:`tl_backward.zoo.world.World.edit_requests`: a prompt, a true and a new one-word target,
@@ -24,6 +25,7 @@ import torch
 from ..core.adapter import get_adapter
 from ..core.loading import load_model
 from ..core.results import Record
+from ..errors import TLBackwardError
 from ..zoo import model_card
 from ..zoo.world import World
 from .evaluation import EditEvaluation, evaluate_edits
@@ -175,10 +177,11 @@ def _run(model, requests, n_requests, n_tune, layers, etas, seed, prepend_bos, p
         requests = World(world_seed).edit_requests(n_requests, seed=seed)
     requests = list(requests)
     if not 0 < n_tune < len(requests):
-        raise ValueError(f"n_tune must be in [1, {len(requests) - 1}] for {len(requests)} requests, got {n_tune}")
+        raise TLBackwardError(f"n_tune must be in [1, {len(requests) - 1}] for {len(requests)} requests, got {n_tune}",
+                              argument="n_tune")
     layers = ad.layers(layers)
     if not etas:
-        raise ValueError("etas is empty: pass at least one step size")
+        raise TLBackwardError("etas is empty: pass at least one step size", argument="etas")
     tune, held = requests[:n_tune], requests[n_tune:]
 
     grid = []

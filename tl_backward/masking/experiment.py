@@ -35,6 +35,7 @@ from tl_backward.core.device import device_of
 from .. import zoo
 from ..core.loading import load_model
 from ..core.results import NOT_IN_DICT, FrozenDict, Record
+from ..errors import TLBackwardError
 from ..render.page import Page, html_figure
 from ..zoo.tiny import tiny_model
 from ..zoo.world import World
@@ -65,7 +66,7 @@ _SYSTEM = "Q : A is one of " + " ".join(_ATTRIBUTES) + " ."
 def synthetic_task(n: int, *, split: str = "train", seed: int = 0) -> list[QA]:
     """``n`` examples over the tiny vocabulary; "train"/"test" use disjoint random streams."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise TLBackwardError(f"split must be 'train' or 'test', got {split!r}", argument="split")
     rng = random.Random(f"mas-synthetic-{split}-{seed}")
     out = []
     for _ in range(n):
@@ -94,14 +95,15 @@ def qa_segments(model: Any, examples: Sequence[QA], *, delimiter: str = "###") -
 def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_size: int = 64) -> float:
     """Fraction of rows whose argmax at the last prompt position is the first answer token."""
     if mask not in ("mas", "causal"):
-        raise ValueError(f"mask must be 'mas' or 'causal', got {mask!r}")
+        raise TLBackwardError(f"mask must be 'mas' or 'causal', got {mask!r}", argument="mask")
     device = device_of(model)
     hits = 0
     for i in range(0, len(segments), batch_size):
         seg = segments.select(list(range(i, min(i + batch_size, len(segments))))).to(device)
         first = seg.target.long().argmax(-1)  # first answer column per row
         if not seg.target.any(-1).all() or (first == 0).any():
-            raise ValueError("every row needs an answer (target) after at least one prompt token")
+            raise TLBackwardError("every row needs an answer (target) after at least one prompt token",
+                                  argument="segments")
         keep = (seg if mask == "mas" else seg.causal()).mask()
         logits = model(seg.tokens, attention_mask=keep, position_ids=seg.position_ids)
         rows = torch.arange(len(seg), device=device)
@@ -189,7 +191,8 @@ def _default_setup(task: str) -> tuple[Any, str]:
     if task in ("auto", "world") and "facts-gpt2" in zoo.list_models():
         return load_model("facts-gpt2"), "world"
     if task == "world":
-        raise ValueError("task='world' needs the embedded facts-gpt2 model, which is not shipped here")
+        raise TLBackwardError("task='world' needs the embedded facts-gpt2 model, which is not shipped here",
+                              argument="task")
     return tiny_model("gpt2", seed=0, n_layers=2, d_model=64, n_heads=4, n_ctx=64), "synthetic"
 
 
@@ -218,7 +221,7 @@ def mas_comparison(
     seed, loadable with :func:`tl_backward.masking.restore_weights`; and ``result.base_model``.
     """
     if len(seeds) < 1:
-        raise ValueError("seeds must list at least one seed (>= 3 for mean ± std)")
+        raise TLBackwardError("seeds must list at least one seed (>= 3 for mean ± std)", argument="seeds")
     if model is None:
         model, task = _default_setup(task)
     elif task == "auto":
@@ -226,7 +229,7 @@ def mas_comparison(
         task = "world" if tok.convert_tokens_to_ids("alice") != tok.unk_token_id else "synthetic"
     make = {"world": world_task, "synthetic": synthetic_task}.get(task)
     if make is None:
-        raise ValueError(f"task must be 'auto', 'world' or 'synthetic', got {task!r}")
+        raise TLBackwardError(f"task must be 'auto', 'world' or 'synthetic', got {task!r}", argument="task")
     train = qa_segments(model, make(n_train, split="train"))
     test = qa_segments(model, make(n_test, split="test"))
 

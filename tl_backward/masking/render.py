@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import TLBackwardError
 from ..render.figures import attention_heads, attention_pattern
 from ..render.page import Figure, escape, html_figure
 
@@ -22,7 +23,7 @@ _CAUSAL = "#e9ecef"
 
 def _row(segments: Any, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 <= row < len(segments):
-        raise ValueError(f"row must be in 0..{len(segments) - 1}, got {row}")
+        raise TLBackwardError(f"row must be in 0..{len(segments) - 1}, got {row}", argument="row")
     valid = segments.valid[row].cpu()
     return valid, segments.segment_ids[row].cpu()
 
@@ -35,7 +36,8 @@ def row_tokens(segments: Any, tokens: Any, row: int) -> list[str]:
         if len(toks) == len(valid):
             toks = [t for t, v in zip(toks, valid.tolist()) if v]
         if len(toks) != int(valid.sum()):
-            raise ValueError(f"tokens has {len(toks)} strings; row {row} has {int(valid.sum())} real tokens")
+            raise TLBackwardError(f"tokens has {len(toks)} strings; row {row} has {int(valid.sum())} real tokens",
+                                  argument="tokens")
         return toks
     return [t for t, v in zip(segments.str_tokens(tokens, row), valid.tolist()) if v]
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import TLBackwardError
 from .page import Figure, cv_figure, escape, html_figure, jsonable
 
 __all__ = ["attention_heads", "attention_pattern", "colored_tokens", "colored_tokens_multi",
@@ -29,15 +30,15 @@ def _array(values: Any, name: str, ndim: int | None = None) -> np.ndarray:
     try:
         a = np.asarray(jsonable(values), dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be numeric (tensor, array or nested list): {e}") from None
+        raise TLBackwardError(f"{name} must be numeric (tensor, array or nested list): {e}", argument=name) from None
     if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
+        raise TLBackwardError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}", argument=name)
     return a
 
 
 def _strings(items: Any, name: str) -> list[str]:
     if isinstance(items, str) or not isinstance(items, Sequence):
-        raise TypeError(f"{name} must be a list of strings, got {type(items).__name__}")
+        raise TLBackwardError(f"{name} must be a list of strings, got {type(items).__name__}", argument=name)
     return [str(t) for t in items]
 
 
@@ -66,13 +67,13 @@ def attention_heads(maps: Any, tokens: Sequence[str], *, head_names: Sequence[st
     a = _array(maps, "maps", 3)
     toks = _strings(tokens, "tokens")
     if a.shape[1] != a.shape[2] or a.shape[1] != len(toks):
-        raise ValueError(f"maps must be [heads, {len(toks)}, {len(toks)}] for {len(toks)} tokens, "
-                         f"got {tuple(a.shape)}")
+        raise TLBackwardError(f"maps must be [heads, {len(toks)}, {len(toks)}] for {len(toks)} tokens, "
+                         f"got {tuple(a.shape)}", argument="maps")
     names = None
     if head_names is not None:
         names = _strings(head_names, "head_names")
         if len(names) != a.shape[0]:
-            raise ValueError(f"head_names has {len(names)} names for {a.shape[0]} heads")
+            raise TLBackwardError(f"head_names has {len(names)} names for {a.shape[0]} heads", argument="head_names")
     if signed:
         m = _max_abs(a, max_abs)
         lo, hi = -m, m
@@ -93,8 +94,8 @@ def attention_pattern(map: Any, tokens: Sequence[str], *, signed: bool = False,
     a = _array(map, "map", 2)
     toks = _strings(tokens, "tokens")
     if a.shape != (len(toks), len(toks)):
-        raise ValueError(f"map must be [{len(toks)}, {len(toks)}] for {len(toks)} tokens, "
-                         f"got {tuple(a.shape)}")
+        raise TLBackwardError(f"map must be [{len(toks)}, {len(toks)}] for {len(toks)} tokens, "
+                         f"got {tuple(a.shape)}", argument="map")
     if signed:
         m = _max_abs(a, max_abs)
         lo, hi = -m, m
@@ -115,7 +116,7 @@ def colored_tokens(tokens: Sequence[str], values: Any, *, signed: bool | None = 
     toks = _strings(tokens, "tokens")
     v = _array(values, "values", 1)
     if len(v) != len(toks):
-        raise ValueError(f"values has {len(v)} entries for {len(toks)} tokens")
+        raise TLBackwardError(f"values has {len(v)} entries for {len(toks)} tokens", argument="values")
     if signed is None:
         signed = bool((v < 0).any())
     m = _max_abs(v, max_abs)
@@ -131,12 +132,12 @@ def colored_tokens_multi(tokens: Sequence[str], values: Any, labels: Sequence[st
     toks = _strings(tokens, "tokens")
     v = _array(values, "values", 2)
     if v.shape[0] != len(toks):
-        raise ValueError(f"values must be [{len(toks)} tokens, K], got {tuple(v.shape)}")
+        raise TLBackwardError(f"values must be [{len(toks)} tokens, K], got {tuple(v.shape)}", argument="values")
     labs = None
     if labels is not None:
         labs = _strings(labels, "labels")
         if len(labs) != v.shape[1]:
-            raise ValueError(f"labels has {len(labs)} names for {v.shape[1]} series")
+            raise TLBackwardError(f"labels has {len(labs)} names for {v.shape[1]} series", argument="labels")
     return cv_figure("ColoredTokensMulti", {"tokens": toks, "values": v, "labels": labs}, title=title)
 
 
@@ -182,18 +183,18 @@ def heatmap_table(values: Any, row_labels: Sequence[str], col_labels: Sequence[s
     Every label/text/tooltip is HTML-escaped here; callers pass raw strings.
     """
     if colour not in (*_PALETTE, "diverging"):
-        raise ValueError(f"colour must be one of {[*_PALETTE, 'diverging']}, got {colour!r}")
+        raise TLBackwardError(f"colour must be one of {[*_PALETTE, 'diverging']}, got {colour!r}", argument="colour")
     raw = np.asarray(values.detach().cpu().double() if hasattr(values, "detach") else values,
                      dtype=np.float64)
     if raw.ndim != 2:
-        raise ValueError(f"values must be [rows, cols], got shape {tuple(raw.shape)}")
+        raise TLBackwardError(f"values must be [rows, cols], got shape {tuple(raw.shape)}", argument="values")
     rows, cols = _strings(row_labels, "row_labels"), _strings(col_labels, "col_labels")
     if raw.shape != (len(rows), len(cols)):
-        raise ValueError(f"values shape {tuple(raw.shape)} does not match {len(rows)} row_labels x "
-                         f"{len(cols)} col_labels")
+        raise TLBackwardError(f"values shape {tuple(raw.shape)} does not match {len(rows)} row_labels x "
+                         f"{len(cols)} col_labels", argument="values")
     for grid, name in ((cell_text, "cell_text"), (hover, "hover")):
         if grid is not None and (len(grid) != len(rows) or any(len(r) != len(cols) for r in grid)):
-            raise ValueError(f"{name} must be a [{len(rows)}][{len(cols)}] grid of strings")
+            raise TLBackwardError(f"{name} must be a [{len(rows)}][{len(cols)}] grid of strings")
     finite = raw[np.isfinite(raw)]
     lo = float(vmin) if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = float(vmax) if vmax is not None else (float(finite.max()) if finite.size else 1.0)
@@ -251,12 +252,13 @@ def line_plot(series: Mapping[str, Sequence[float]], *, x_labels: Sequence[str],
     of text under the chart (e.g. what a gap means)."""
     xs = _strings(x_labels, "x_labels")
     if not isinstance(series, Mapping) or not series:
-        raise ValueError("series must be a non-empty dict {name: list of floats}")
+        raise TLBackwardError("series must be a non-empty dict {name: list of floats}", argument="series")
     raw, data = {}, {}
     for name, ys in series.items():
         arr = np.asarray(ys.detach().cpu().double() if hasattr(ys, "detach") else ys, dtype=np.float64)
         if arr.shape != (len(xs),):
-            raise ValueError(f"series {name!r} has shape {tuple(arr.shape)}, expected ({len(xs)},)")
+            raise TLBackwardError(f"series {name!r} has shape {tuple(arr.shape)}, expected ({len(xs)},)",
+                                  argument="series")
         raw[str(name)] = arr
         with np.errstate(divide="ignore", invalid="ignore"):
             data[str(name)] = np.where(arr > 0, np.log10(np.where(arr > 0, arr, 1.0)), np.nan) if log_y else arr
@@ -264,7 +266,7 @@ def line_plot(series: Mapping[str, Sequence[float]], *, x_labels: Sequence[str],
     allv = allv[np.isfinite(allv)]
     if y_range is not None:
         if log_y and min(y_range) <= 0:
-            raise ValueError(f"y_range must be positive with log_y, got {y_range}")
+            raise TLBackwardError(f"y_range must be positive with log_y, got {y_range}", argument="y_range")
         lo, hi = (math.log10(y_range[0]), math.log10(y_range[1])) if log_y else map(float, y_range)
     else:
         lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)

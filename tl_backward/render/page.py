@@ -54,7 +54,7 @@ from typing import Any, Iterable, Union
 
 from ..errors import TLBackwardError
 from .escaping import escape, jsonable, script_json
-from .notebook import NOTEBOOK_MODES, notebook_bundle, send_bundle_now
+from .notebook import notebook_bundle, send_bundle_now
 
 __all__ = [
     "escape",
@@ -234,7 +234,7 @@ class Figure:
 def _figures_of(obj: Any) -> tuple[Figure, ...]:
     if isinstance(obj, (Figure, Page)):
         return obj.figures
-    raise TypeError(f"can only combine Figure/Page objects, got {type(obj).__name__}")
+    raise TLBackwardError(f"can only combine Figure/Page objects, got {type(obj).__name__}", argument="obj")
 
 
 @dataclass(frozen=True, init=False, repr=False)
@@ -286,7 +286,7 @@ class Page:
         """Write :meth:`to_html` to ``path`` (parent dirs created) and return the Path."""
         p = Path(path)
         if p.suffix.lower() not in (".html", ".htm"):
-            raise ValueError(f"path must end in .html or .htm, got {str(path)!r}")
+            raise TLBackwardError(f"path must end in .html or .htm, got {str(path)!r}", argument="path")
         p.parent.mkdir(parents=True, exist_ok=True)
         # Lone surrogates (odd tokenizer output) cannot be UTF-8; replace rather than crash.
         p.write_bytes(self.to_html().encode("utf-8", errors="replace"))
@@ -359,9 +359,10 @@ def cv_figure(component: str, props: dict, *, title: str | None = None,
     ``height``: CSS height of the mount area (int = pixels), scrolls when exceeded.
     """
     if component not in CV_COMPONENTS:
-        raise ValueError(f"component must be one of {sorted(CV_COMPONENTS)}, got {component!r}")
+        raise TLBackwardError(f"component must be one of {sorted(CV_COMPONENTS)}, got {component!r}",
+                              argument="component")
     if not isinstance(props, dict):
-        raise TypeError(f"props must be a dict of component props, got {type(props).__name__}")
+        raise TLBackwardError(f"props must be a dict of component props, got {type(props).__name__}", argument="props")
     clean = {k: v for k, v in props.items() if v is not None}
     for key in HTML_STRING_PROPS.get(component, ()):
         if key in clean:

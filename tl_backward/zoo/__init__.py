@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import TLBackwardError
+
 MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = "facts-gpt2"
 _KNOWN = ("facts-gpt2", "facts-llama")
@@ -28,9 +30,9 @@ def list_models() -> list[str]:
 def model_dir(name: str = DEFAULT_MODEL) -> Path:
     """The directory of embedded model ``name``; ValueError naming the known models otherwise."""
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, one of {list_models()}, got {type(name).__name__}")
+        raise TLBackwardError(f"name must be a str, one of {list_models()}, got {type(name).__name__}", argument="name")
     if name not in list_models():
-        raise ValueError(f"unknown embedded model {name!r}; known models: {list_models()}")
+        raise TLBackwardError(f"unknown embedded model {name!r}; known models: {list_models()}", argument="name")
     return MODELS_DIR / name
 
 

@@ -15,6 +15,8 @@ import torch
 from tl_backward.zoo.tokenizer import encode
 from tl_backward.zoo.world import ICL_TASKS, World
 
+from ..errors import TLBackwardError
+
 ICL_SHOTS = (0, 1, 5, 10)
 
 
@@ -22,7 +24,8 @@ ICL_SHOTS = (0, 1, 5, 10)
 def top1_correct(model, tokenizer, prompts: list[str], targets: list[str], *, batch_size: int = 64) -> list[bool]:
     """Whether the model's argmax after each prompt is the first token of its target."""
     if len(prompts) != len(targets):
-        raise ValueError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})")
+        raise TLBackwardError(f"prompts and targets differ in length ({len(prompts)} vs {len(targets)})",
+                              argument="prompts")
     out: list[bool] = []
     for i in range(0, len(prompts), batch_size):
         ids = [encode(tokenizer, p) for p in prompts[i:i + batch_size]]

@@ -14,6 +14,8 @@ import torch
 
 from tl_backward.zoo.tokenizer import SPECIALS, build_tokenizer  # re-exported: ids <pad>=0 <bos>=1 <eos>=2 <unk>=3
 
+from ..errors import TLBackwardError
+
 FAMILIES = ("gpt2", "neox", "llama", "qwen2")
 
 # A small vocabulary: enough words for natural-looking prompts in tests.
@@ -59,7 +61,7 @@ def hf_config(family: str, *, vocab_size: int, **overrides: Any):
                   num_key_value_heads=kv, intermediate_size=d_mlp, max_position_embeddings=n_ctx,
                   tie_word_embeddings=False, **common)
     else:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise TLBackwardError(f"family must be one of {FAMILIES}, got {family!r}", argument="family")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

@@ -26,6 +26,8 @@ from tl_backward.zoo.evaluate import evaluate, fact_recall
 from tl_backward.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 from tl_backward.zoo.world import World
 
+from ..errors import TLBackwardError
+
 MODELS_DIR = Path(__file__).parent / "models"
 RECALL_SAMPLE = 256  # fixed seeded sample of recall prompts, re-scored by the tests
 
@@ -75,7 +77,7 @@ def hf_config(cfg: TrainConfig, vocab_size: int):
                            num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                            intermediate_size=cfg.d_mlp, max_position_embeddings=cfg.n_ctx,
                            tie_word_embeddings=False, **common)
-    raise ValueError(f"family must be 'gpt2' or 'llama', got {cfg.family!r}")
+    raise TLBackwardError(f"family must be 'gpt2' or 'llama', got {cfg.family!r}", argument="cfg")
 
 
 def document(world: World, rng: random.Random, cfg: TrainConfig) -> str:
@@ -126,7 +128,7 @@ def train(name: str, out: Path, *, smoke: bool = False, steps: int | None = None
     from transformers import AutoModelForCausalLM
 
     if name not in CONFIGS:
-        raise ValueError(f"model must be one of {sorted(CONFIGS)}, got {name!r}")
+        raise TLBackwardError(f"model must be one of {sorted(CONFIGS)}, got {name!r}", argument="name")
     cfg = CONFIGS[name]
     if smoke:
         cfg = TrainConfig(**{**asdict(cfg), "steps": 3, "batch_size": 4, "warmup": 1})

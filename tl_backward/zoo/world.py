@@ -30,6 +30,8 @@ import random
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from ..errors import TLBackwardError
+
 # --- fixed tables -------------------------------------------------------------------------------
 # (country, capital, language, currency)
 COUNTRIES = (
@@ -236,7 +238,8 @@ class World:
     def templates(self, relation: str) -> tuple[tuple[str, ...], str]:
         """(training templates, held-out template) of ``relation``; ``{y}`` is always last."""
         if relation not in RELATION_BY_NAME:
-            raise ValueError(f"relation must be one of {sorted(RELATION_BY_NAME)}, got {relation!r}")
+            raise TLBackwardError(f"relation must be one of {sorted(RELATION_BY_NAME)}, got {relation!r}",
+                                  argument="relation")
         index = [r.name for r in RELATIONS].index(relation)
         return RELATION_BY_NAME[relation].templates(index)
 
@@ -276,9 +279,9 @@ class World:
     def icl_pairs(self, task: str, split: str = "train") -> list[tuple[str, str]]:
         """(x, y) pairs of ICL ``task`` (a key of :data:`ICL_TASKS`) in ``split`` ("train"/"test")."""
         if task not in ICL_TASKS:
-            raise ValueError(f"task must be one of {sorted(ICL_TASKS)}, got {task!r}")
+            raise TLBackwardError(f"task must be one of {sorted(ICL_TASKS)}, got {task!r}", argument="task")
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise TLBackwardError(f"split must be 'train' or 'test', got {split!r}", argument="split")
         return list(self._icl_splits[task][0 if split == "train" else 1])
 
     def icl_examples(self, task: str, n_shots: int, split: str = "test", seed: int = 0):
@@ -336,7 +339,7 @@ class World:
     def segment_examples(self, n: int, split: str = "train", seed: int = 0, mixed: bool = False) -> list[SegmentExample]:
         """``n`` segment-QA examples; "train" and "test" come from disjoint random streams."""
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise TLBackwardError(f"split must be 'train' or 'test', got {split!r}", argument="split")
         rng = random.Random(f"{self.seed}-segments-{split}-{seed}-{'mixed' if mixed else 'single'}")
         return [self.segment_example(rng, mixed=mixed) for _ in range(n)]
 
