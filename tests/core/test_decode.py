@@ -1,5 +1,5 @@
-"""The one token-id decoder (``tl_backward.core.adapter.decode_ids``) that every display string goes
-through: adapter, Backward Lens, flow graphs, findings, segments and the report."""
+"""The one token-id decoder (``tl_backward.core.tokens.decode_ids``, re-exported by ``core.adapter``)
+that every display string goes through: adapter, Backward Lens, flow graphs, findings, segments and the report."""
 
 import torch
 

@@ -23,6 +23,7 @@ from tl_backward.errors import TLBackwardError
 
 from . import checks
 from .readout import Unembed
+from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
 
 # Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path
 # (TransformerLens classes, matched exactly: a subclass may move the hook; tests/core/test_adapter.py).
@@ -292,11 +293,17 @@ class ModelAdapter:
 
     @property
     def pad_id(self) -> int:
-        tok = getattr(self.model, "tokenizer", None)
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        if pad is None:
-            pad = getattr(tok, "eos_token_id", None) if tok is not None else None
-        return int(pad) if pad is not None else 0
+        """Padding id: the pad token, else EOS, else 0 (see core/tokens.py)."""
+        return pad_token_id(getattr(self.model, "tokenizer", None))
+
+    def encode(self, text: str, *, offsets: bool = False):
+        """Ids of ``text`` without special tokens, and with ``offsets=True`` each token's
+        ``(char_start, char_end)`` (:func:`tl_backward.core.tokens.encode_text`)."""
+        return encode_text(self.tokenizer, text, offsets=offsets)
+
+    def bos_ids(self, prepend_bos: bool) -> list[int]:
+        """``[bos_token_id]`` when ``prepend_bos``, else ``[]`` (:func:`tl_backward.core.tokens.bos_prefix`)."""
+        return bos_prefix(self.tokenizer, prepend_bos)
 
     def tokenize(self, input: Any, prepend_bos: bool | None = None, argument: str = "input") -> Batch:
         """Turn a string, a list of strings (right-padded) or token ids into a :class:`Batch`.
@@ -370,20 +377,6 @@ class ModelAdapter:
     def to_str_tokens(self, tokens: Int[Tensor, "batch pos"], mask: Tensor | None = None) -> list[list[str]]:
         """Token strings per row (padding dropped when ``mask`` is given)."""
         return [self.decode_ids(row if mask is None else row[mask[i]]) for i, row in enumerate(tokens)]
-
-
-def decode_ids(tokenizer: Any, ids: Sequence[int] | Tensor) -> list[str]:
-    """The one token-id decoder: each id on its own, ``tokenizer.decode([id])`` (through
-    ``batch_decode`` when the tokenizer has it: one call for many ids), or ``str(id)`` without a
-    tokenizer. ``ids``: any shape of tensor (flattened) or a sequence of ints."""
-    flat = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids)]
-    if tokenizer is None:
-        return [str(i) for i in flat]
-    if not flat:
-        return []
-    if hasattr(tokenizer, "batch_decode"):
-        return list(tokenizer.batch_decode([[i] for i in flat]))
-    return [tokenizer.decode([i]) for i in flat]
 
 
 def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "batch pos rot"],

@@ -1,4 +1,4 @@
-"""Validation of :class:`~tl_backward.masking.segments.Segments` and of its builders' arguments.
+"""Validation of :class:`~tl_backward.masking.batch.Segments` and of its builders' arguments.
 
 Every check raises :class:`~tl_backward.errors.TLBackwardError` naming the argument (``tokens``,
 ``segment_ids``, ``valid``, ``target``, ``spans``, ``index``). The rules checked by

@@ -47,7 +47,7 @@ def _cache_len(past: Any) -> int:
     return int(get()) if callable(get) else 1
 
 
-def _check_segments(model: Any, segments: Any) -> Segments:
+def check_segments(model: Any, segments: Any) -> Segments:
     """``segments`` fits ``model``: its length within n_ctx, its ids inside the vocabulary (checked
     here, before any embedding)."""
     if not isinstance(segments, Segments):
@@ -81,7 +81,7 @@ def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
             logits, cache = model.run_with_cache(seg.tokens)
     """
     hf = hf_module(model)
-    segments = _check_segments(model, segments)
+    segments = check_segments(model, segments)
     # Held before the nesting check, so another thread waits here instead of seeing _ACTIVE.
     with model_lock(model):
         yield from _masked(model, hf, segments)
@@ -145,7 +145,7 @@ def attention_patterns(
     checks.one_of(mask, "mask", ("mas", "causal"))
     ad = get_adapter(model)
     names = [ad.hook_name("pattern", layer) for layer in ad.layers(layers)]
-    seg = _check_segments(model, segments).to(device_of(hf_module(model)))
+    seg = check_segments(model, segments).to(device_of(hf_module(model)))
     with torch.no_grad():
         if mask == "mas":
             with segment_mask(model, seg):

@@ -23,9 +23,10 @@ from tl_backward.core.device import device_of
 
 from ..core import checks
 from ..core.lock import model_lock
+from ..core.tokens import pad_token_id
 from ..errors import TLBackwardError
-from .context import _check_segments, hf_module
-from .segments import Segments, _pad_id
+from .batch import Segments
+from .context import check_segments, hf_module
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def mas_generate(
         :class:`Generation`. The model's weights, mode and hooks are untouched.
     """
     hf = hf_module(model)
-    segments = _check_segments(model, segments)
+    segments = check_segments(model, segments)
     vocab = int(model.cfg.d_vocab)
     max_new_tokens = checks.count(max_new_tokens, "max_new_tokens", minimum=1)
     temperature = checks.finite_float(temperature, "temperature", minimum=0.0, hint="0 = greedy")
@@ -148,7 +149,7 @@ def mas_generate(
     else:
         eos_token_id = checks.count(eos_token_id, "eos_token_id", maximum=vocab - 1, none_ok=True,
                                     hint="a token id, 'auto' or None")
-    pad = _pad_id(tok) if tok is not None else 0
+    pad = pad_token_id(tok)
     device = device_of(hf)
     seg = segments.to(device)
     gen = None
