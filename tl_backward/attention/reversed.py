@@ -25,6 +25,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
+from tl_backward.core.capture import require_hooks
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
 from tl_backward.errors import TLBackwardError
@@ -348,11 +349,7 @@ def reversed_attention_from_cache(model: Any, cache: Any, *,
     """
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
-    names = ra_hook_names(model, layers)
-    missing = [n for n in names if n not in getattr(cache, "activations", {})]
-    if missing:
-        raise TLBackwardError(f"cache holds no {missing[:2]}{' ...' if len(missing) > 2 else ''}: capture "
-                              "with names=ra_hook_names(model, layers)", argument="cache")
+    require_hooks(cache, ra_hook_names(model, layers), "ra_hook_names(model, layers)")
     scales = [adapter.attn_scale(l) for l in layers]
     written = {i: cache.grad(adapter.hook_name("attn_scores", l)).float() / scales[i] for i, l in enumerate(layers)}
     seen = {i: cache[adapter.hook_name("pattern", l)] for i, l in enumerate(layers)}

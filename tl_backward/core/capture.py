@@ -375,3 +375,14 @@ def _plan(adapter: ModelAdapter, aliases: dict[str, str], names: Names, argument
     for name in chosen:
         adapter.resolve_hook(name, argument)
     return [_point(aliases, n) for n in chosen], True
+
+
+def require_hooks(cache: Any, names: Sequence[str], fix: str) -> None:
+    """Refuse a ``cache`` (argument ``cache``) that is not a :class:`GradientCache` holding every
+    hook in ``names``; ``fix`` is the ``names=...`` expression the message tells the caller to
+    capture with (analyses that read a shared cache: RA, factors, flow graphs)."""
+    held = getattr(cache, "activations", {})
+    missing = [n for n in names if n not in held]
+    if missing:
+        more = " ..." if len(missing) > 2 else ""
+        raise TLBackwardError(f"cache holds no {missing[:2]}{more}: capture with names={fix}", argument="cache")

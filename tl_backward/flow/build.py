@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
-from tl_backward.core.capture import capture
+from tl_backward.core.capture import capture, require_hooks
 from tl_backward.core.device import device_of
 from tl_backward.errors import TLBackwardError
 
@@ -125,10 +125,7 @@ def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: b
     if tuple(cache.tokens.shape) != tuple(tokens.shape) or not torch.equal(cache.tokens.cpu(), tokens.cpu()):
         raise TLBackwardError("cache was captured on other tokens than this prompt: capture the same input "
                               "(with the same prepend_bos)", argument="cache")
-    missing = [n for n in flat if n not in cache.activations]
-    if missing:
-        raise TLBackwardError(f"cache holds no {missing[:2]}{' ...' if len(missing) > 2 else ''}: capture with "
-                              "names=flow_hook_names(model, layer, backward=True)", argument="cache")
+    require_hooks(cache, flat, "flow_hook_names(model, layer, backward=True)")
     if target is None:
         if p != tokens.shape[1] - 1:
             raise TLBackwardError("with cache= at a position other than the last, pass target= (the cache "

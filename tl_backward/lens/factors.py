@@ -26,7 +26,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
-from tl_backward.core.capture import capture
+from tl_backward.core.capture import capture, require_hooks
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.errors import TLBackwardError
 
@@ -311,10 +311,7 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
     ad = get_adapter(model)
     mods, lays = resolve_modules(ad, modules), ad.layers(layers)
     hooks = _factor_hooks(ad, mods, lays)
-    missing = [n for pair in hooks.values() for n in pair if n not in getattr(cache, "activations", {})]
-    if missing:
-        raise TLBackwardError(f"cache holds no {missing[:2]}{' ...' if len(missing) > 2 else ''}: capture "
-                              "with names=factor_hook_names(model, modules, layers)", argument="cache")
+    require_hooks(cache, [n for pair in hooks.values() for n in pair], "factor_hook_names(model, modules, layers)")
     mask = cache.mask
     factors: dict[tuple[int, str], Factor] = {}
     seen_x: dict[int, list[Tensor]] = {}  # per layer: x tensors already kept (q/k/v, in/gate share one)
