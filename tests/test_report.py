@@ -152,6 +152,26 @@ def test_orchestrates_the_feature_apis(reports, gpt2_model):
     assert bwd.metric == pytest.approx(ref_bwd.metric, rel=fp32_rtol(MODEL_TERMS))
 
 
+def test_lens_tokens_projects_the_last_tokens_only(reports, gpt2_model):
+    """lens_tokens=2: the lens equals the standalone lens restricted to the last two tokens, while
+    the layer gradient norms (and so the flow layer) still use every token."""
+    full = reports["gpt2", " rome"]
+    r = build_report(gpt2_model, PROMPT, target=" rome", lens_tokens=2, flow=False)
+    alone = backward_lens(gpt2_model, PROMPT, " rome", modules=("mlp_in", "mlp_out"))
+    n = alone.factors.n_tokens
+    assert r.lens.factors.n_tokens == 2 and r.lens.token_strs == alone.token_strs[-2:]
+    assert any(f"last 2 of {n}" in note for note in r.notes)
+    for module in ("mlp_in", "mlp_out"):
+        mine, ref = r.lens[module], alone[module]
+        assert torch.equal(mine.top_ids, ref.top_ids[:, -2:]) and torch.equal(mine.bottom_ids, ref.bottom_ids[:, -2:])
+        assert torch.equal(mine.target_rank, ref.target_rank[:, -2:])
+    assert r.layer_grad_norms == pytest.approx(full.layer_grad_norms, rel=fp32_rtol(MODEL_TERMS))
+    assert r.flow_layer == full.flow_layer
+    for mine, ref in zip(r.lens_rows(), full.lens_rows(), strict=True):  # the last token's rows
+        assert mine.pop("delta_norm") == pytest.approx(ref.pop("delta_norm"), rel=fp32_rtol(MODEL_TERMS))
+        assert mine == ref
+
+
 def test_one_forward_and_one_backward(gpt2_model, monkeypatch):
     """RA, Backward Lens and both flow graphs come from a single forward + backward pass."""
     counts = {"forward": 0, "backward": 0}
@@ -255,6 +275,7 @@ def test_leaves_no_trace(gpt2_model):
     (dict(target="zzz"), ValueError, "not in the model's vocabulary"),
     (dict(target=""), ValueError, "target is empty"),
     (dict(heads=0), ValueError, "heads"),
+    (dict(lens_tokens=0), ValueError, "lens_tokens"),
     (dict(progress="yes"), TypeError, "progress"),
 ])
 def test_bad_input(gpt2_model, kwargs, error, match):

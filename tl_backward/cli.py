@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="analyse only these layers, e.g. --layers 0 2 (default: all)")
     rep.add_argument("--heads", metavar="K", type=int, default=10,
                      help="how many top heads' maps the page shows (default: 10)")
+    rep.add_argument("--lens-tokens", metavar="N", type=int, default=16,
+                     help="the Backward Lens tables project the last N prompt tokens (default: 16; 0 = all)")
     rep.add_argument("--no-flow", action="store_true", help="skip the flow graphs (faster, smaller page)")
     rep.add_argument("--quiet", "-q", action="store_true", help="print only the page's path")
 
@@ -149,7 +151,7 @@ def cmd_models() -> int:
 # ------------------------------------------------------------------------------------------ report
 # The library names arguments as its functions spell them; on the command line they are options.
 _OPTIONS = {"prompt": "PROMPT", "input": "PROMPT", "target": "--target", "layers": "--layers", "layer": "--layers",
-            "heads": "--heads", "name": "--model", "out": "--out"}
+            "heads": "--heads", "lens_tokens": "--lens-tokens", "name": "--model", "out": "--out"}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -161,7 +163,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             model = loading.load_model(args.model)
         _check_against_model(model, args)
         report = build_report(model, args.prompt, target=args.target, layers=args.layers, heads=args.heads,
-                              flow=not args.no_flow, progress=progress)
+                              lens_tokens=args.lens_tokens or None, flow=not args.no_flow, progress=progress)
     except (ValueError, TypeError) as err:  # TLBackwardError is both
         _fail(_one_line(err))
     try:
@@ -187,6 +189,8 @@ def _check_args(args: argparse.Namespace) -> Path:
                               "prediction")
     if args.heads < 1:
         raise TLBackwardError(f"--heads must be at least 1, got {args.heads}")
+    if args.lens_tokens < 0:
+        raise TLBackwardError(f"--lens-tokens must be 0 (all) or more, got {args.lens_tokens}")
     out = Path(args.out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise TLBackwardError(f"--out must end in .html, got {args.out!r}")

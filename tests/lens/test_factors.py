@@ -187,6 +187,31 @@ def test_layout_heads_and_storage(llama_model):
     assert gf.token_strs[0] == "<bos>" and len(gf.token_strs) == n
 
 
+def test_select_tokens_splits_the_gradient(llama_model):
+    """Selected tokens and their complement add up to the full gradient (∂L/∂W = Σ_i x_i ⊗ δ_i is
+    a sum over tokens); each part equals the sum over its own rows of the full factors."""
+    gf = gradient_factors(llama_model, ["the cat sat", "a dog"], [" on", " ran"], modules="all", prepend_bos=True)
+    n = gf.n_tokens
+    part, rest = gf.select_tokens([-1, 0, 2]), gf.select_tokens([i for i in range(n) if i not in (0, 2, n - 1)])
+    assert part.positions.tolist() == [gf.positions[i].tolist() for i in (n - 1, 0, 2)]
+    assert int(part.mask.sum()) == 3 and bool(part.mask[tuple(gf.positions[0].tolist())])
+    assert part.token_strs == [gf.token_strs[i] for i in (n - 1, 0, 2)]
+    for key, full in gf.items():
+        whole = full.reconstruct(torch.float64)
+        a, b = part.factors[key].reconstruct(torch.float64), rest.factors[key].reconstruct(torch.float64)
+        assert float((a + b - whole).norm() / whole.norm()) < 1e-12  # fp64 sums of the same fp32 terms
+        rows = torch.tensor([n - 1, 0, 2])
+        ref = torch.einsum("...ti,...to->...io", full.x[..., rows, :].double(), full.delta[..., rows, :].double())
+        assert torch.allclose(a, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert ptr(part[1, "q"].x) == ptr(part[1, "k"].x) == ptr(part[1, "v"].x)  # sharing survives
+    assert part[1, "q"].x.stride(0) == 0  # the head axis stays an expand view
+    assert gf.select_tokens(slice(-2, None)).positions.tolist() == gf.positions[-2:].tolist()
+    for bad, match in (([], "at least one"), ([1, 1], "each once"), ([n], "out of range"), ("0", "slice or")):
+        with pytest.raises(ValueError, match=match):
+            gf.select_tokens(bad)
+
+
 def test_leaves_no_trace(gpt2_model):
     before = [p.detach().clone() for p in gpt2_model.parameters()]
     gradient_factors(gpt2_model, "the cat", " sat", modules="all")

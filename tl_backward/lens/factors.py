@@ -17,6 +17,7 @@ axis: ``W_Q/W_K/W_V[h] = Σ_i x_i ⊗ q/k/v_grad[i, h]`` (k/v per *kv* head unde
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -237,6 +238,45 @@ class GradientFactors:
     def token_strs(self) -> list[str]:
         """Token strings along the factors' token axis."""
         return [self.str_tokens[b][p] for b, p in self.positions.tolist()]
+
+    def select_tokens(self, tokens: slice | Sequence[int]) -> "GradientFactors":
+        """The factors restricted to some entries of the token axis (Python-style indices or a slice,
+        e.g. ``slice(-16, None)`` for the last 16 real tokens), in the given order.
+
+        Each factor becomes ``Σ_{i ∈ tokens} x_i ⊗ δ_i`` -- the gradient's share from those tokens,
+        not the full gradient -- so its norms and ``reconstruct()`` change; use it to project or
+        show fewer tokens (the projection costs one readout per token). Tensors that factors shared
+        (q/k/v's input, the expanded side of attention factors) stay shared. ``mask`` then marks
+        the kept (batch, pos) pairs.
+        """
+        n = self.n_tokens
+        if isinstance(tokens, slice):
+            idx = list(range(*tokens.indices(n)))
+        elif isinstance(tokens, (list, tuple, range)) or (isinstance(tokens, Tensor) and tokens.ndim == 1):
+            idx = [checks.index(t, n, "tokens", "token", "these factors (non-padding tokens)") for t in tokens]
+        else:
+            raise TLBackwardError(f"tokens must be a slice or a sequence of token-axis indices, got "
+                                  f"{type(tokens).__name__}", argument="tokens")
+        if not idx or len(set(idx)) != len(idx):
+            raise TLBackwardError(f"tokens must select at least one token, each once; got {len(idx)} entries "
+                                  f"with {len(set(idx))} distinct", argument="tokens")
+        keep = torch.tensor(idx, dtype=torch.long)
+        memo: dict[tuple, Tensor] = {}
+
+        def pick(t: Tensor) -> Tensor:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            if key not in memo:
+                if t.ndim == 3 and t.stride(0) == 0:  # a head-expanded view: pick once, expand again
+                    memo[key] = pick(t[0]).expand(t.shape[0], len(idx), t.shape[-1])
+                else:
+                    memo[key] = t.index_select(-2, keep.to(t.device))
+            return memo[key]
+
+        factors = {k: Factor(f.layer, f.module, pick(f.x), pick(f.delta)) for k, f in self.factors.items()}
+        positions = self.positions[keep]
+        mask = torch.zeros_like(self.mask)
+        mask[positions[:, 0], positions[:, 1]] = True
+        return dataclasses.replace(self, factors=factors, positions=positions, mask=mask)
 
     def nbytes(self) -> int:
         """Bytes held by all factors (shared storage counted once)."""

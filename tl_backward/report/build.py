@@ -9,7 +9,8 @@ reads; each analysis then reads its tensors off that cache):
 2. Reversed Attention (:func:`tl_backward.attention.reversed_attention_from_cache`): ‖RA‖_F per
    head, the top heads;
 3. Backward Lens (:func:`tl_backward.lens.factors_from_cache`, W_in and W_out): per layer, what W_in reads
-   at the last token (top of LL(x)) and what a descent step writes through W_out (bottom of LL(δ));
+   at the last token (top of LL(x)) and what a descent step writes through W_out (bottom of LL(δ)),
+   projected for the last ``lens_tokens`` tokens only (:meth:`GradientFactors.select_tokens`);
 4. VISIT flow graphs (:func:`tl_backward.flow.flow_graph` with ``cache=``), forward and backward, of the *most
    affected layer*: the layer whose MLP weights get the largest gradient,
    ``sqrt(‖∂L/∂W_in‖_F² + ‖∂L/∂W_out‖_F²)`` (from the Backward Lens factors).
@@ -54,6 +55,7 @@ def build_report(
     layers: int | Sequence[int] | None = None,
     heads: int = 10,
     flow: bool = True,
+    lens_tokens: int | None = 16,
     progress: Any = False,
 ) -> Report:
     """Run the analyses on ``prompt`` and assemble a :class:`Report`.
@@ -68,6 +70,9 @@ def build_report(
         layers: restrict every analysis to these layers (None = all).
         heads: number of top heads whose maps the page shows.
         flow: add the forward and backward VISIT flow graphs of the most affected layer.
+        lens_tokens: project the Backward Lens factors of the last ``lens_tokens`` prompt tokens
+            only (None = all): the projection costs one vocabulary readout per layer, module and
+            token, and the page's tables show these tokens. Layer gradient norms use every token.
         progress: True announces steps longer than 1 s on stderr; a callable receives the lines.
     """
     steps = as_progress(progress)
@@ -76,6 +81,8 @@ def build_report(
     if not prompt.strip():
         raise TLBackwardError("prompt is empty: pass some text, e.g. 'the capital of france is'", argument="prompt")
     checks.count(heads, "heads", minimum=1)
+    if lens_tokens is not None:
+        checks.count(lens_tokens, "lens_tokens", minimum=1, hint="prompt tokens to project, or None for all")
     ad = get_adapter(model)
     layers = sorted(set(ad.layers(layers, distinct=False)))
     name = str(getattr(model.cfg, "model_name", "model"))
@@ -106,10 +113,15 @@ def build_report(
 
     # 2-3. Reversed Attention and Backward Lens from the cache.
     ra = reversed_attention_from_cache(model, cache, layers=layers)
+    factors = factors_from_cache(model, cache, modules=LENS_MODULES, layers=layers)
+    grad_norms = {l: math.hypot(float(factors[l, "mlp_in"].norms().grad),
+                                float(factors[l, "mlp_out"].norms().grad)) for l in layers}
+    if lens_tokens is not None and lens_tokens < factors.n_tokens:
+        notes.append(f"the Backward Lens tables show the last {lens_tokens} of {factors.n_tokens} prompt tokens "
+                     "(lens_tokens / --lens-tokens)")
+        factors = factors.select_tokens(slice(-lens_tokens, None))
     with steps("Backward Lens (vocabulary projection)"):
-        lens = lens_from_factors(model, factors_from_cache(model, cache, modules=LENS_MODULES, layers=layers), tid)
-    grad_norms = {l: math.hypot(float(lens.factors[l, "mlp_in"].norms().grad),
-                                float(lens.factors[l, "mlp_out"].norms().grad)) for l in layers}
+        lens = lens_from_factors(model, factors, tid)
     flow_layer = max(layers, key=lambda l: grad_norms[l])
     notes += _confidence_note(lens, preds, tgt)
 
