@@ -26,7 +26,7 @@ notebooks: $(STAMP)
 	$(BIN)/python -m pytest -m notebooks
 
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+	status=0; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info demos/out
