@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Pin torch first so no later requirement can pull a multi-GB CUDA build; override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test notebooks bench clean
+.PHONY: demo test notebooks processes bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest -m notebooks
+
+processes: $(STAMP)
+	$(BIN)/python -m pytest -m processes
 
 bench: $(STAMP)
 	status=0; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || status=1; done; exit $$status

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+import os
+from typing import Any, Iterable, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_backward.core import checks
+from tl_backward.core.adapter import get_adapter
+from tl_backward.core.sweep import run_sweep
 from tl_backward.errors import TLBackwardError
 
 from .render import head_ranking_page
 from .reversed import frobenius, reversed_attention
-from .targets import batch_target, check_prompts
+from .targets import dataset_size, example_batches
 
 __all__ = ["HeadRanking", "rank_heads"]
 
@@ -95,7 +98,7 @@ class HeadRanking:
 
 def rank_heads(
     model: Any,
-    prompts: Sequence[str] | Tensor,
+    prompts: Sequence[str] | Tensor | Iterable[Any],
     targets: Any = None,
     *,
     metric: Any = None,
@@ -103,34 +106,37 @@ def rank_heads(
     batch_size: int = 8,
     prepend_bos: bool | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> HeadRanking:
     """Rank heads by mean ‖RA‖_F over a dataset, one forward + backward per batch.
 
+    ``prompts``: a list of strings or token ids ``[n, pos]``, or any iterable of examples (a
+    generator, a ``datasets.Dataset``): strings, ``(prompt, target)`` pairs or ``{"prompt",
+    "target"}`` mappings, batched ``batch_size`` at a time and never held in memory all at once.
     ``targets``: one per prompt (strings or token ids) or one for all; or pass ``metric``.
     Only per-example norms are accumulated (float64 sums and sums of squares), never maps.
-    A tqdm bar shows progress (``progress=False`` hides it).
+    Under ``torchrun`` the batches are sharded over the ranks and every rank returns the same
+    ranking; ``checkpoint=path`` makes the run resumable (core/sweep.py). A tqdm bar shows progress
+    (``progress=False`` hides it).
     """
-    n = check_prompts(prompts, batch_size)
     checks.flag(progress, "progress")
-    from tqdm.auto import tqdm
+    ad = get_adapter(model)
+    layer_ids = tuple(ad.layers(layers))
 
-    sums = None
-    done = 0
-    layer_ids: tuple[int, ...] = ()
-    with tqdm(total=n, desc="rank_heads", unit="prompt", disable=not progress) as bar:
-        for i in range(0, n, batch_size):
-            chunk = prompts[i:i + batch_size]
-            tgt, met = batch_target(targets, metric, n, i, i + batch_size, "targets")
-            ra = reversed_attention(model, chunk, tgt, metric=met, layers=layers, prepend_bos=prepend_bos)
-            r = frobenius(ra.maps).double()  # [layer, batch, head]
-            f = frobenius(ra.patterns).double()
-            layer_ids = ra.layers
-            del ra  # the maps of this batch are no longer needed
-            part = torch.stack([r.sum(1), (r * r).sum(1), f.sum(1), (f * f).sum(1)])
-            sums = part if sums is None else sums + part
-            done += r.shape[1]
-            bar.update(r.shape[1])
-    mean_r, mean_f = sums[0] / done, sums[2] / done
+    def step(batch: tuple[Any, Any, Any]) -> tuple[dict[str, Tensor], int]:
+        chunk, tgt, met = batch
+        ra = reversed_attention(model, chunk, tgt, metric=met, layers=layer_ids, prepend_bos=prepend_bos)
+        r = frobenius(ra.maps).double()  # [layer, batch, head]
+        f = frobenius(ra.patterns).double()
+        return {"ra": r.sum(1), "ra_sq": (r * r).sum(1), "p": f.sum(1), "p_sq": (f * f).sum(1)}, r.shape[1]
+
+    fingerprint = (f"rank_heads {getattr(model.cfg, 'model_name', '?')} layers={list(layer_ids)} "
+                   f"batch_size={batch_size} prepend_bos={prepend_bos} targets={_describe(targets)} "
+                   f"metric={_describe(metric)}")
+    sums, done = run_sweep(example_batches(prompts, targets, metric, batch_size, "targets"), step,
+                           fingerprint=fingerprint, checkpoint=checkpoint, progress=progress, desc="rank_heads",
+                           total=dataset_size(prompts))
+    mean_r, mean_f = sums["ra"] / done, sums["p"] / done
 
     def std(sq: Tensor, mean: Tensor) -> Tensor:
         if done < 2:
@@ -138,7 +144,16 @@ def rank_heads(
         return ((sq - done * mean * mean) / (done - 1)).clamp_min(0).sqrt()
 
     return HeadRanking(
-        reversed_mean=mean_r.float(), reversed_std=std(sums[1], mean_r).float(),
-        forward_mean=mean_f.float(), forward_std=std(sums[3], mean_f).float(),
+        reversed_mean=mean_r.float(), reversed_std=std(sums["ra_sq"], mean_r).float(),
+        forward_mean=mean_f.float(), forward_std=std(sums["p_sq"], mean_f).float(),
         layers=layer_ids, n_examples=done,
     )
+
+
+def _describe(value: Any) -> str:
+    """A short stable description of a target/metric argument for a checkpoint's fingerprint."""
+    if value is None or isinstance(value, (str, int)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} per-prompt targets, first {value[0]!r:.30}" if value else "[]"
+    return getattr(value, "__qualname__", type(value).__name__)

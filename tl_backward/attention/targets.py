@@ -9,15 +9,16 @@ spells out the single-token, one-id-per-row case on its own (tests check that it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from tl_backward.core import checks
+from tl_backward.core.sweep import batched
 from tl_backward.errors import TLBackwardError
 
-__all__ = ["RowTargetNLL", "batch_target", "check_prompts"]
+__all__ = ["RowTargetNLL", "batch_target", "check_prompts", "example_batches", "dataset_size"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,66 @@ def batch_target(target: Any, metric: Any, n: int, i: int, j: int, argument: str
                                   "prompt; pass one per prompt, or a single target for all", argument=argument)
         return list(target[i:j]), None
     return target, None
+
+
+def dataset_size(prompts: Any) -> int | None:
+    """The number of examples when the dataset knows it (lists, tensors, ``datasets.Dataset``)."""
+    try:
+        return len(prompts)
+    except TypeError:  # a generator or another plain iterable
+        return None
+
+
+def example_batches(prompts: Any, target: Any, metric: Any, batch_size: int,
+                    argument: str = "target") -> Iterator[tuple[Any, Any, Any]]:
+    """``(prompts, target, metric)`` per batch of a dataset, drawn lazily (for the sweeps).
+
+    ``prompts`` is a list of strings or token ids ``[n, pos]`` (with ``target`` one for all or one per
+    prompt, as :func:`batch_target`), or any iterable of examples -- a generator, a
+    ``datasets.Dataset`` -- each a string (``target`` one for all, or ``metric``), a ``(prompt,
+    target)`` pair or a mapping with ``"prompt"`` and ``"target"`` keys.
+    """
+    checks.count(batch_size, "batch_size", minimum=1)
+    if isinstance(prompts, Tensor) or (isinstance(prompts, (list, tuple)) and all(isinstance(p, str)
+                                                                                 for p in prompts)):
+        n = check_prompts(prompts, batch_size)
+        for i in range(0, n, batch_size):
+            yield (prompts[i:i + batch_size], *batch_target(target, metric, n, i, i + batch_size, argument))
+        return
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+        check_prompts(prompts, batch_size)  # raises the list-of-strings error
+    seen = 0
+    for chunk in batched(prompts, batch_size):
+        texts, targets = zip(*(_example(e, seen + j, target, metric, argument) for j, e in enumerate(chunk)))
+        seen += len(chunk)
+        per_row = targets[0] is not _SHARED
+        yield list(texts), (list(targets) if per_row else (None if metric is not None else target)), metric
+    if not seen:
+        raise TLBackwardError("prompts is empty: pass at least one example", argument="prompts")
+
+
+_SHARED = object()  # marks an example without its own target
+
+
+def _example(e: Any, i: int, target: Any, metric: Any, argument: str) -> tuple[str, Any]:
+    """One example as ``(prompt, its target or _SHARED)``; clear errors name the example's index."""
+    if isinstance(e, str):
+        if isinstance(target, (list, tuple)) or (target is None) == (metric is None):
+            raise TLBackwardError(f"prompts: example {i} is a bare string: with a streamed dataset pass one {argument} for "
+                                  "all (or metric=), or make each example a (prompt, target) pair",
+                                  argument=argument)
+        return e, _SHARED
+    if isinstance(e, dict) and {"prompt", "target"} <= set(e):
+        prompt, own = e["prompt"], e["target"]
+    elif isinstance(e, (tuple, list)) and len(e) == 2:
+        prompt, own = e
+    else:
+        raise TLBackwardError(f"prompts: example {i} must be a string, a (prompt, target) pair or a mapping with 'prompt' "
+                              f"and 'target', got {type(e).__name__}", argument="prompts")
+    if not isinstance(prompt, str):
+        raise TLBackwardError(f"prompts: example {i}: the prompt must be a string, got {type(prompt).__name__}",
+                              argument="prompts")
+    if target is not None or metric is not None:
+        raise TLBackwardError(f"prompts: example {i} carries its own target: leave {argument}= and metric= unset",
+                              argument=argument)
+    return prompt, own
