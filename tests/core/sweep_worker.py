@@ -3,6 +3,7 @@
 ``python -m tests.core.sweep_worker OUT [--checkpoint PATH] [--slow SECONDS]`` ranks the heads of
 the gpt2 test fixture over PROMPTS and saves the ranking (every rank writes ``OUT.rank{r}``).
 ``--slow`` sleeps inside each batch's metric, so a test can kill the run between checkpoints.
+``--job finetune`` instead runs ``mas_finetune`` (2 epochs, global batch 3) and saves the weights.
 """
 
 import argparse
@@ -13,10 +14,17 @@ import torch
 
 from tests.conftest import build
 from tl_backward import rank_heads
+from tl_backward.masking import mas_finetune
+from tl_backward.masking import segments as S
 
 PROMPTS = [("the capital of france is", " paris"), ("the cat sat on the", " mat"), ("a big dog ran", " up"),
            ("the capital of italy is", " rome"), ("one two three", " four"), ("red blue", " green"),
            ("who lives in paris", " yes"), ("the dog sat", " on"), ("five six seven", " eight")] * 2
+# Five examples, global batch 3: the second batch has 2 rows, so with 2 ranks one rank gets one row.
+BLOCKS = [["the cat sat on the mat", "where is the cat ?"], ["a big dog ran", "what ran ?"],
+          ["red and blue", "what is red ?"], ["paris is in france", "where is paris ?"],
+          ["one two three", "what is two ?"]]
+ANSWERS = ["A : mat", "A : dog", "A : blue", "A : france", "A : two"]
 
 
 def main() -> None:
@@ -24,12 +32,20 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--slow", type=float, default=0.0)
+    parser.add_argument("--job", choices=("rank_heads", "finetune"), default="rank_heads")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     model = build("gpt2")
+    if args.job == "finetune":
+        result = mas_finetune(model, S.from_blocks(model, BLOCKS, ANSWERS), epochs=2, batch_size=3, lr=1e-2,
+                              seed=3, progress=False)
+        torch.save({"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "losses": result.losses}, f"{args.out}.rank{rank}")
+        _finish()
+        return
     metric = None
     if args.slow:
         cat = int(model.tokenizer.convert_tokens_to_ids("cat"))
@@ -43,6 +59,10 @@ def main() -> None:
     ranking = rank_heads(model, data, metric=metric, batch_size=2, progress=False, checkpoint=args.checkpoint)
     torch.save({"reversed_mean": ranking.reversed_mean, "reversed_std": ranking.reversed_std,
                 "forward_mean": ranking.forward_mean, "n": ranking.n_examples}, f"{args.out}.rank{rank}")
+    _finish()
+
+
+def _finish() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_backward.core.device import device_of
+from tl_backward.core.sweep import rank_and_world
 
 from ..core import checks
 from ..core.lock import model_lock
@@ -88,16 +89,67 @@ def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[T
     (both given as explicit 4-D masks with the segments' position ids). Differentiable.
     """
     checks.one_of(mask, "mask", MASKS)
-    device = device_of(hf_module(model))
     if not isinstance(segments, Segments):
         raise TLBackwardError(f"segments must be a tl_backward.segments.Segments, got {type(segments).__name__}",
                               argument="segments")
-    seg = _check_answers(segments, "segments").to(device)
+    seg = _check_answers(segments, "segments")
+    return _answer_nll_sum(model, seg, mask) / int(seg.target[:, 1:].sum())
+
+
+def _answer_nll_sum(model: Any, segments: Segments, mask: str) -> Float[Tensor, ""]:
+    """``Σ_{t: target[t]} -log p(tokens[t] | context of t-1)`` (differentiable), for checked segments."""
+    seg = segments.to(device_of(hf_module(model)))
     keep = (seg if mask == "mas" else seg.causal()).mask()
     logits = model(seg.tokens, attention_mask=keep, position_ids=seg.position_ids)
     logp = logits[:, :-1].float().log_softmax(-1)
     nll = -logp.gather(-1, seg.tokens[:, 1:, None]).squeeze(-1)
-    return nll[seg.target[:, 1:]].mean()
+    return nll[seg.target[:, 1:]].sum()
+
+
+def _train_step(model: Any, data: Segments, idx: Tensor, mask: str, params: list[Tensor], opt: Any,
+                max_grad_norm: float | None) -> float:
+    """One AdamW step on the global batch ``idx``; returns its mean answer NLL.
+
+    Under ``torchrun`` rank r computes rows ``idx[r::world]`` and the gradients are summed over the
+    ranks: with S_r the rank's NLL sum and N the batch's answer-token count,
+    ``Σ_r ∂(S_r / N)/∂θ = ∂(mean NLL)/∂θ`` -- the single-process gradient (DDP's all-reduce, with
+    the global token count instead of a per-rank mean). Every rank then takes the same step.
+    """
+    rank, world = rank_and_world()
+    total = int(data.select(idx).target[:, 1:].sum())
+    mine = idx[rank::world]
+    opt.zero_grad(set_to_none=True)
+    part = torch.zeros((), dtype=torch.float64)
+    if len(mine):
+        nll = _answer_nll_sum(model, data.select(mine), mask)
+        (nll / total).backward()
+        part = nll.detach().double().cpu()
+    if world > 1:
+        part = _sum_over_ranks(params, part)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    return float(part) / total
+
+
+def _sum_over_ranks(params: list[Tensor], loss_sum: Tensor) -> Tensor:
+    """All-reduce the gradients (one flat buffer) and the loss sum. A parameter keeps ``grad=None``
+    only if it got no gradient on any rank, so AdamW skips it exactly as in one process."""
+    dist = torch.distributed
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has)
+    live = [p for p, h in zip(params, has.tolist()) if h]
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if live:
+        flat = torch.cat([p.grad.reshape(-1) for p in live])
+        dist.all_reduce(flat)
+        for p, g in zip(live, flat.split([p.numel() for p in live])):
+            p.grad.copy_(g.view_as(p))
+    loss_sum = loss_sum.to(live[0].device if live else "cpu")
+    dist.all_reduce(loss_sum)
+    return loss_sum.cpu()
 
 
 def _check_answers(seg: Segments, argument: str) -> Segments:
@@ -198,6 +250,9 @@ def finetune(
     Every argument is checked before the model is touched: ``lr`` finite and > 0,
     ``weight_decay`` finite and >= 0, ``max_grad_norm`` finite and > 0 (or None: no clipping).
     If the run fails, requires_grad flags and train/eval modes are restored as they were.
+    Under ``torchrun`` every rank computes its share of each global batch and all ranks take the
+    same step (gradients summed over the ranks, scaled by the global answer-token count), so the weights equal a one-process run's within fp32
+    tolerance -- exactly so only without dropout (each rank draws its own dropout masks).
     """
     checks.one_of(mask, "mask", MASKS)
     epochs = checks.count(epochs, "epochs", minimum=1)
@@ -240,13 +295,8 @@ def finetune(
             for _ in range(epochs):
                 perm = torch.randperm(n, generator=order)
                 for i in range(0, n, batch_size):
-                    loss = answer_loss(model, data.select(perm[i : i + batch_size]), mask=mask)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    opt.step()
-                    losses.append(loss.item())
+                    losses.append(_train_step(model, data, perm[i : i + batch_size], mask, params, opt,
+                                              max_grad_norm))
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.close()
