@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import build
 from tl_backward import rank_heads
+from tl_backward.lens import evaluate_edits
 from tl_backward.masking import mas_finetune
 from tl_backward.masking import segments as S
 
@@ -25,6 +26,11 @@ BLOCKS = [["the cat sat on the mat", "where is the cat ?"], ["a big dog ran", "w
           ["red and blue", "what is red ?"], ["paris is in france", "where is paris ?"],
           ["one two three", "what is two ?"]]
 ANSWERS = ["A : mat", "A : dog", "A : blue", "A : france", "A : two"]
+EDIT_REQUESTS = [dict(prompt=p, target_new=new, target_true=old, paraphrases=[p.replace("the ", "a ", 1)],
+                      neighborhood=["the dog sat on the", "red blue"])
+                 for p, new, old in (("the capital of france is", "rome", "paris"), ("the cat sat on the", "dog", "mat"),
+                                     ("a big dog ran", "down", "up"), ("one two three", "five", "four"),
+                                     ("the capital of italy is", "paris", "rome"))]
 
 
 def main() -> None:
@@ -32,7 +38,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--slow", type=float, default=0.0)
-    parser.add_argument("--job", choices=("rank_heads", "finetune"), default="rank_heads")
+    parser.add_argument("--job", choices=("rank_heads", "finetune", "edits"), default="rank_heads")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "RANK" in os.environ:
@@ -44,6 +50,12 @@ def main() -> None:
                               seed=3, progress=False)
         torch.save({"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
                     "losses": result.losses}, f"{args.out}.rank{rank}")
+        _finish()
+        return
+    if args.job == "edits":
+        ev = evaluate_edits(model, EDIT_REQUESTS, layer=-1, eta=3.0, progress=False)
+        torch.save({"efficacy": ev.efficacy, "paraphrase": ev.paraphrase, "neighborhood": ev.neighborhood,
+                    "applied": ev.applied}, f"{args.out}.rank{rank}")
         _finish()
         return
     metric = None

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from tests.conftest import build
-from tests.core.sweep_worker import PROMPTS
+from tests.core.sweep_worker import EDIT_REQUESTS, PROMPTS
 from tl_backward import rank_heads
+from tl_backward.lens import evaluate_edits
 from tl_backward.core.sweep import batched, run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +57,8 @@ def test_draws_one_batch_at_a_time():
         seen.append(len(drawn))  # items drawn from the dataset when this batch is computed
         return {"s": torch.tensor([float(sum(batch))])}, len(batch)
 
-    sums, n = run_sweep(batched(items(), 3), step, fingerprint="t")
+    swept = run_sweep(batched(items(), 3), step, fingerprint="t")
+    sums, n = swept.sums, swept.count
     assert n == 10 and float(sums["s"]) == 45.0
     assert seen == [3, 6, 9, 10]  # never more than the batch being computed
 
@@ -66,7 +68,7 @@ def _values(k):
 
 
 def test_resume_after_a_crash_returns_the_uninterrupted_result(tmp_path):
-    ref, n_ref = run_sweep(range(9), lambda k: (_values(k), 1), fingerprint="t")
+    ref = run_sweep(range(9), lambda k: (_values(k), 1, [f"record {k}"]), fingerprint="t")
     path = tmp_path / "ck.pt"
     calls = []
 
@@ -74,7 +76,7 @@ def test_resume_after_a_crash_returns_the_uninterrupted_result(tmp_path):
         calls.append(k)
         if k == 5:
             raise RuntimeError("power cut")
-        return _values(k), 1
+        return _values(k), 1, [f"record {k}"]
 
     with pytest.raises(RuntimeError, match="power cut"):
         run_sweep(range(9), crashing, fingerprint="t", checkpoint=path)
@@ -82,11 +84,12 @@ def test_resume_after_a_crash_returns_the_uninterrupted_result(tmp_path):
 
     def recording(k):
         calls.append(k)
-        return _values(k), 1
+        return _values(k), 1, [f"record {k}"]
 
-    sums, n = run_sweep(range(9), recording, fingerprint="t", checkpoint=path)
+    swept = run_sweep(range(9), recording, fingerprint="t", checkpoint=path)
     assert calls == [5, 6, 7, 8]  # nothing summed before the crash is computed again
-    assert n == n_ref == 9 and all(torch.equal(sums[k], ref[k]) for k in ref)
+    assert swept.count == ref.count == 9 and all(torch.equal(swept.sums[k], ref.sums[k]) for k in ref.sums)
+    assert swept.records == ref.records == tuple(f"record {k}" for k in range(9))
 
 
 def test_a_checkpoint_of_another_run_is_refused(tmp_path):
@@ -171,3 +174,32 @@ def test_mas_finetune_under_torchrun_equals_one_process(tmp_path):
             err = float((r["weights"][k] - w).norm() / (w - start[k]).norm().clamp_min(1e-12))
             assert err < 1e-4, (k, err)  # relative to the update: AdamW steps of fp32 gradients summed in another order
     assert all(torch.equal(ranks[0]["weights"][k], ranks[1]["weights"][k]) for k in ranks[0]["weights"])
+
+
+def test_evaluate_edits_streams_and_resumes(gpt2_model, tmp_path):
+    ref = evaluate_edits(gpt2_model, EDIT_REQUESTS, layer=-1, eta=3.0, progress=False)
+    streamed = evaluate_edits(gpt2_model, iter(EDIT_REQUESTS), layer=-1, eta=3.0, progress=False)
+    assert str(streamed) == str(ref) and torch.equal(streamed.efficacy, ref.efficacy)
+    assert torch.equal(streamed.applied, ref.applied) and torch.equal(streamed.neighborhood, ref.neighborhood)
+
+    def failing():
+        yield from EDIT_REQUESTS[:3]
+        raise OSError("the dataset's disk went away")
+
+    ck = tmp_path / "edits.pt"
+    with pytest.raises(OSError):
+        evaluate_edits(gpt2_model, failing(), layer=-1, eta=3.0, progress=False, checkpoint=ck)
+    assert torch.load(ck, weights_only=True)["drawn"] == 3  # three edits scored and kept
+    resumed = evaluate_edits(gpt2_model, iter(EDIT_REQUESTS), layer=-1, eta=3.0, progress=False, checkpoint=ck)
+    for a, b in ((resumed.efficacy, ref.efficacy), (resumed.paraphrase, ref.paraphrase),
+                 (resumed.neighborhood, ref.neighborhood), (resumed.applied, ref.applied)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="another run"):
+        evaluate_edits(gpt2_model, EDIT_REQUESTS, layer=-1, eta=2.0, progress=False, checkpoint=ck)
+
+
+@pytest.mark.processes
+def test_evaluate_edits_under_torchrun_equals_one_process(tmp_path):
+    (single,) = _run(tmp_path / "single", "--job", "edits")
+    for r in _run(tmp_path / "dist", "--job", "edits", torchrun=True):
+        assert all(torch.equal(r[k], single[k]) for k in single)  # per-request scores, in request order

@@ -19,12 +19,12 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
-from tl_backward.core.sweep import run_sweep
+from tl_backward.core.sweep import dataset_size, run_sweep
 from tl_backward.errors import TLBackwardError
 
 from .render import head_ranking_page
 from .reversed import frobenius, reversed_attention
-from .targets import dataset_size, example_batches
+from .targets import example_batches
 
 __all__ = ["HeadRanking", "rank_heads"]
 
@@ -133,9 +133,10 @@ def rank_heads(
     fingerprint = (f"rank_heads {getattr(model.cfg, 'model_name', '?')} layers={list(layer_ids)} "
                    f"batch_size={batch_size} prepend_bos={prepend_bos} targets={_describe(targets)} "
                    f"metric={_describe(metric)}")
-    sums, done = run_sweep(example_batches(prompts, targets, metric, batch_size, "targets"), step,
+    swept = run_sweep(example_batches(prompts, targets, metric, batch_size, "targets"), step,
                            fingerprint=fingerprint, checkpoint=checkpoint, progress=progress, desc="rank_heads",
                            total=dataset_size(prompts))
+    sums, done = swept.sums, swept.count
     mean_r, mean_f = sums["ra"] / done, sums["p"] / done
 
     def std(sq: Tensor, mean: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from tl_backward.core import checks
 from tl_backward.core.sweep import batched
 from tl_backward.errors import TLBackwardError
 
-__all__ = ["RowTargetNLL", "batch_target", "check_prompts", "example_batches", "dataset_size"]
+__all__ = ["RowTargetNLL", "batch_target", "check_prompts", "example_batches"]
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,6 @@ def batch_target(target: Any, metric: Any, n: int, i: int, j: int, argument: str
                                   "prompt; pass one per prompt, or a single target for all", argument=argument)
         return list(target[i:j]), None
     return target, None
-
-
-def dataset_size(prompts: Any) -> int | None:
-    """The number of examples when the dataset knows it (lists, tensors, ``datasets.Dataset``)."""
-    try:
-        return len(prompts)
-    except TypeError:  # a generator or another plain iterable
-        return None
 
 
 def example_batches(prompts: Any, target: Any, metric: Any, batch_size: int,

@@ -1,14 +1,15 @@
 """Dataset sweeps: stream batches, reduce sums, shard under ``torchrun``, resume from a checkpoint.
 
 A sweep is a sum over batches: each batch's ``step`` returns float64 partial sums (per-head norms,
-sums of squares, ...) and the number of examples it covered; the sweep adds them up. Because only
-sums travel, three things come for free:
+sums of squares, ...), the number of examples it covered and, optionally, one small record per
+example (e.g. an edit's scores); the sweep adds the sums and keeps the records in dataset order.
+Because only sums and small records travel, three things come for free:
 
 * **Streaming**: batches are drawn from any iterable, one at a time; the dataset never sits in memory.
 * **Data parallel**: when ``torch.distributed`` is initialised (``torchrun``; gloo on CPU, NCCL on
   GPU), batch ``k`` of the stream is computed by rank ``k mod world_size`` and the sums are
-  ``all_reduce``-d at the end, so every rank returns the single-process result (up to the order of
-  float64 additions; counts exactly).
+  ``all_reduce``-d at the end (records are gathered), so every rank returns the single-process
+  result (up to the order of float64 additions; counts and records exactly).
 * **Resume**: with ``checkpoint=path`` the partial sums and the number of batches drawn are written
   atomically (temporary file + ``os.replace``) every ``every`` batches; a restarted run with the same
   arguments skips the batches already summed and returns exactly what an uninterrupted run returns.
@@ -18,6 +19,7 @@ sums travel, three things come for free:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -28,11 +30,24 @@ from tl_backward.errors import TLBackwardError
 
 from . import checks
 
-__all__ = ["Sums", "batched", "rank_and_world", "run_sweep"]
+__all__ = ["Sums", "SweepResult", "batched", "dataset_size", "rank_and_world", "run_sweep"]
 
 T = TypeVar("T")
 Sums = dict[str, Tensor]
 CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What a sweep returns on every rank: the summed tensors, the number of examples, and the
+    per-example records in dataset order (empty when the steps return none)."""
+
+    sums: Sums
+    count: int
+    records: tuple[Any, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"SweepResult({self.count} examples, sums {sorted(self.sums)}, {len(self.records)} records)"
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -41,6 +56,14 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def dataset_size(items: Any) -> int | None:
+    """The number of examples when the dataset knows it (lists, tensors, ``datasets.Dataset``)."""
+    try:
+        return len(items)
+    except TypeError:  # a generator or another plain iterable
+        return None
 
 
 def batched(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
@@ -56,13 +79,14 @@ def batched(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def run_sweep(batches: Iterable[T], step: Callable[[T], tuple[Sums, int]], *, fingerprint: str,
+def run_sweep(batches: Iterable[T], step: Callable[[T], tuple], *, fingerprint: str,
               checkpoint: str | os.PathLike | None = None, every: int = 1, progress: bool = False,
-              desc: str = "sweep", total: int | None = None) -> tuple[Sums, int]:
-    """Sum ``step(batch)`` over ``batches``; returns ``(sums, n_examples)`` reduced over all ranks.
+              desc: str = "sweep", total: int | None = None) -> SweepResult:
+    """Sum ``step(batch)`` over ``batches``, reduced over all ranks (see :class:`SweepResult`).
 
-    ``step`` returns ``({name: float64 tensor}, examples in the batch)``; every batch must return the
-    same names and shapes. ``fingerprint`` describes the run's arguments: a checkpoint written by a
+    ``step`` returns ``({name: float64 tensor}, examples in the batch)`` or ``(sums, n, records)``
+    with a list of picklable per-example records; every batch must return the same names and
+    shapes (an empty dict when the sweep only collects records). ``fingerprint`` describes the run's arguments: a checkpoint written by a
     run with another fingerprint or world size is refused, never mixed in. ``total``: examples in
     the dataset, for the progress bar (None = unknown).
     """
@@ -70,7 +94,7 @@ def run_sweep(batches: Iterable[T], step: Callable[[T], tuple[Sums, int]], *, fi
     checks.flag(progress, "progress")
     rank, world = rank_and_world()
     path = _rank_path(checkpoint, rank, world)
-    sums, count, drawn = _load(path, fingerprint, world) if path is not None else ({}, 0, 0)
+    sums, count, drawn, records = _load(path, fingerprint, world) if path is not None else ({}, 0, 0, [])
     from tqdm.auto import tqdm  # an optional display dependency, imported when a sweep runs
 
     with tqdm(total=total, desc=desc, unit="example", disable=not progress or rank != 0) as bar:
@@ -79,15 +103,18 @@ def run_sweep(batches: Iterable[T], step: Callable[[T], tuple[Sums, int]], *, fi
         for k, batch in enumerate(batches):
             if k < drawn or k % world != rank:
                 continue  # summed before the restart, or another rank's batch
-            part, n = step(batch)
+            part, n, *own = step(batch)
             sums = _add(sums, part)
             count += n
+            if own:
+                records.append((k, list(own[0])))
             bar.update(n * world)
             if path is not None and (k // world + 1) % every == 0:
-                _save(path, fingerprint, world, sums, count, k + 1)
+                _save(path, fingerprint, world, (sums, count, k + 1, records))
         if path is not None:
-            _save(path, fingerprint, world, sums, count, max(k + 1, drawn))
-    return _all_reduce(sums, count, world)
+            _save(path, fingerprint, world, (sums, count, max(k + 1, drawn), records))
+    sums, count = _all_reduce(sums, count, world)
+    return SweepResult(sums, count, _gathered(records, world))
 
 
 def _add(sums: Sums, part: Sums) -> Sums:
@@ -111,10 +138,10 @@ def _rank_path(checkpoint: Any, rank: int, world: int) -> Path | None:
     return path
 
 
-def _load(path: Path, fingerprint: str, world: int) -> tuple[Sums, int, int]:
-    """The saved ``(sums, count, batches drawn)``, or a fresh start when there is no file."""
+def _load(path: Path, fingerprint: str, world: int) -> tuple[Sums, int, int, list]:
+    """The saved ``(sums, count, batches drawn, records)``, or a fresh start when there is no file."""
     if not path.exists():
-        return {}, 0, 0
+        return {}, 0, 0, []
     try:
         state = torch.load(path, weights_only=True)
     except Exception as err:  # a torn or foreign file: refuse rather than guess
@@ -127,14 +154,24 @@ def _load(path: Path, fingerprint: str, world: int) -> tuple[Sums, int, int]:
         raise TLBackwardError(f"checkpoint {str(path)!r} belongs to another run ({state['fingerprint']}, "
                               f"{state['world']} process(es)); this run is ({fingerprint}, {world}): delete it or "
                               "pass another path", argument="checkpoint")
-    return dict(state["sums"]), int(state["count"]), int(state["drawn"])
+    return dict(state["sums"]), int(state["count"]), int(state["drawn"]), list(state["records"])
 
 
-def _save(path: Path, fingerprint: str, world: int, sums: Sums, count: int, drawn: int) -> None:
+def _save(path: Path, fingerprint: str, world: int, state: tuple[Sums, int, int, list]) -> None:
+    sums, count, drawn, records = state
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "world": world, "sums": sums,
-                "count": count, "drawn": drawn}, tmp)
+                "count": count, "drawn": drawn, "records": records}, tmp)
     os.replace(tmp, path)  # atomic: a kill leaves the old file or the new one, never half of one
+
+
+def _gathered(records: list[tuple[int, list]], world: int) -> tuple[Any, ...]:
+    """Every rank's ``(batch index, records)`` pairs, merged in dataset order."""
+    if world > 1:
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, records)
+        records = [pair for part in parts for pair in part]
+    return tuple(r for _, batch in sorted(records, key=lambda pair: pair[0]) for r in batch)
 
 
 def _all_reduce(sums: Sums, count: int, world: int) -> tuple[Sums, int]:

@@ -10,7 +10,8 @@ model as a baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+import os
+from typing import Any, Iterable, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -19,6 +20,7 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import Batch, get_adapter
 from tl_backward.core.device import device_of
+from tl_backward.core.sweep import dataset_size, run_sweep
 from tl_backward.errors import TLBackwardError
 
 from .editing import check_eta, check_raw, forward_pass_shift, prompt_tokens, target_ids_of
@@ -72,6 +74,7 @@ def evaluate_edits(
     eta: float | None = None,
     prepend_bos: bool | None = None,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> EditEvaluation:
     """Efficacy / paraphrase / neighbourhood accuracy of single FPS edits, or of the unedited model.
 
@@ -83,9 +86,11 @@ def evaluate_edits(
     ``requests``: CounterFact-style dicts with ``prompt``, ``target_new``, ``target_true``,
     ``paraphrases`` (list of prompts) and ``neighborhood`` (list of prompts; ``neighbourhood`` is
     accepted too). A prediction is correct when, teacher-forced, the argmax at every target
-    position is the target token. Every argument and request is checked before the first edit.
+    position is the target token. Every argument and request of a list is checked before the
+    first edit; any iterable of requests works too (streamed, each checked when drawn). Under
+    ``torchrun`` the requests are sharded over the ranks (every rank returns all scores);
+    ``checkpoint=path`` makes the run resumable (core/sweep.py).
     """
-    from tqdm.auto import tqdm  # lazy: keeps `import tl_backward` light
 
     ad = get_adapter(model)
     if layer is None and eta is not None:
@@ -100,21 +105,24 @@ def evaluate_edits(
         layer, eta = ad.check_layer(layer), check_eta(eta)
     checks.flag(prepend_bos, "prepend_bos", none_ok=True)
     checks.flag(progress, "progress")
-    reqs = [_check_request(ad, r, i, prepend_bos) for i, r in enumerate(_as_list(requests))]
-    eff, par, nb, applied = [], [], [], []
-    desc = "unedited" if baseline else f"FPS edits (layer {layer}, eta {eta:g})"
-    for r in tqdm(reqs, desc=desc, disable=not progress):
+    reqs = _requests(ad, requests, prepend_bos)
+
+    def step(indexed: tuple[int, Any]) -> tuple[dict, int, list]:
+        r = _check_request(ad, indexed[1], indexed[0], prepend_bos)  # streamed requests: checked when drawn
         if baseline:
-            edit = None
+            return {}, 1, [(*_score(model, ad, r, prepend_bos), False)]
+        with forward_pass_shift(model, r["prompt"], r["target_new"], layer=layer, eta=eta,
+                                prepend_bos=prepend_bos) as edit:
             scores = _score(model, ad, r, prepend_bos)
-        else:
-            with forward_pass_shift(model, r["prompt"], r["target_new"], layer=layer, eta=eta,
-                                    prepend_bos=prepend_bos) as edit:
-                scores = _score(model, ad, r, prepend_bos)
-        eff.append(scores[0])
-        par.append(scores[1])
-        nb.append(scores[2])
-        applied.append(bool(edit is not None and edit.applied))
+        return {}, 1, [(*scores, bool(edit.applied))]
+
+    what = "unedited" if baseline else f"FPS edits (layer {layer}, eta {eta:g})"
+    fingerprint = f"evaluate_edits {getattr(model.cfg, 'model_name', '?')} {what} prepend_bos={prepend_bos}"
+    swept = run_sweep(enumerate(reqs), step, fingerprint=fingerprint, checkpoint=checkpoint, progress=progress,
+                      desc=what, total=dataset_size(requests))
+    if not swept.records:
+        raise TLBackwardError("requests is empty: pass at least one request", argument="requests")
+    eff, par, nb, applied = zip(*swept.records)
     return EditEvaluation(efficacy=torch.tensor(eff), paraphrase=torch.tensor(par),
                           neighborhood=torch.tensor(nb), applied=torch.tensor(applied),
                           layer=layer, eta=eta)
@@ -161,13 +169,18 @@ def _score(model: Any, ad: Any, r: dict, prepend_bos: bool | None) -> tuple[floa
     return float(ok[0]), float(par), float(nb)
 
 
-def _as_list(requests: Any) -> list:
-    if isinstance(requests, (dict, str)) or not isinstance(requests, Sequence):
-        raise TLBackwardError("requests must be a list of CounterFact-style dicts, got "
+def _requests(ad: Any, requests: Any, prepend_bos: bool | None) -> Iterable[Any]:
+    """The requests to draw: a list is checked whole before the first edit; any other iterable (a
+    generator, a ``datasets.Dataset``) is checked request by request as it is drawn."""
+    if isinstance(requests, (dict, str)) or not isinstance(requests, Iterable):
+        raise TLBackwardError("requests must be a list of CounterFact-style dicts (or another iterable of them), got "
                               f"{type(requests).__name__}", argument="requests")
-    if not requests:
-        raise TLBackwardError("requests is empty: pass at least one request", argument="requests")
-    return list(requests)
+    if isinstance(requests, Sequence):
+        if not requests:
+            raise TLBackwardError("requests is empty: pass at least one request", argument="requests")
+        for i, r in enumerate(requests):
+            _check_request(ad, r, i, prepend_bos)
+    return requests
 
 
 def _check_request(ad: Any, r: Any, i: int, prepend_bos: bool | None) -> dict:
