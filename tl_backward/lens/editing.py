@@ -183,6 +183,7 @@ def forward_pass_shift(
     """
     ad = get_adapter(model)
     check_raw(model)
+    check_dense_mlp(ad, layer)
     if not isinstance(prompt, str):
         raise TLBackwardError(f"prompt must be a string, got {type(prompt).__name__}", argument="prompt")
     layer = ad.check_layer(layer)  # negative counts from the end
@@ -223,6 +224,15 @@ def check_raw(model: Any) -> None:
             "forward_pass_shift needs raw weights: this model is in compatibility mode (folded layer "
             "norms, centred W_U), where W_out and the unembedding column mean something else; boot it "
             "without enable_compatibility_mode()", argument="model")
+
+
+def check_dense_mlp(ad: Any, layer: Any) -> None:
+    """Refuse Forward Pass Shift on a mixture-of-experts layer."""
+    if checks.is_int(layer) and ad.moe(ad.check_layer(layer)) is not None:
+        raise TLBackwardError(
+            f"forward_pass_shift edits one W_out, but layer {layer}'s MLP is a mixture of experts: its output is a "
+            "routing-weighted sum of several experts' down projections, chosen per token, so the edit and its "
+            "predicted output change η‖x_n‖²·e_t are not defined for it; edit a dense layer", argument="layer")
 
 
 def _stores_out_in(module: Any, ad: Any) -> bool:
