@@ -234,6 +234,10 @@ def test_expert_lens_against_explicit_projection(family):
             assert bool((el.bottom_ids[i, e][~f.routed[e]] == -1).all())
     assert_no_hooks(bridge)
     assert_untouched(bridge)
+    for obj in (el, get_adapter(bridge).moe(0), gf, gf[0, "mlp_out"]):  # one short line (tests/test_reprs.py)
+        text = repr(obj)
+        assert text.startswith(type(obj).__name__ + "(") and "\n" not in text and len(text) < 200
+        assert "tensor(" not in text
 
 
 def test_backward_lens_runs_on_moe_and_reads_the_experts_sum():
