@@ -256,11 +256,40 @@ def test_backward_lens_runs_on_moe_and_reads_the_experts_sum():
     assert torch.equal(sub[0, "mlp_out"].routed, gf[0, "mlp_out"].routed[:, [0, 2]])
 
 
+@pytest.mark.parametrize("family", ("mixtral", "qwen2_moe", "gpt_oss"))
+def test_forward_pass_shift_on_moe(family):
+    """FPS edits the routed experts' down projections: the MoE output at the last position changes by
+    η Σ_e w_e‖h^e‖² e_t (measured on the model before / after), and undo restores every bit."""
+    bridge, ref = build(family)
+    prompt, layer = "the capital of france is", 0
+    down = ref.model.layers[layer].mlp.experts.down_proj
+    param = get_adapter(bridge).moe(layer).experts.down_proj
+    before_w = param.detach().clone()
+    tokens = get_adapter(bridge).tokenize(prompt).tokens
+    name = f"blocks.{layer}.hook_mlp_out"
+    with torch.no_grad():
+        before = bridge.run_with_cache(tokens, names_filter=[name])[1][name][0, -1]
+        hf_in = _mlp_inputs(ref, tokens)[layer][-1]
+        _, w, idx = (ref.model.layers[layer].mlp.router if family == "gpt_oss" else ref.model.layers[layer].mlp.gate)(hf_in[None])
+    t = next(i for i in range(5, 40) if i != int(bridge(tokens)[0, -1].argmax()))
+    with forward_pass_shift(bridge, prompt, t, layer=layer, eta=0.5) as edit:
+        assert edit.applied and list(edit.experts) == idx[0].tolist()
+        assert torch.allclose(edit.weights, w[0], rtol=1e-6)
+        with torch.no_grad():
+            after = bridge.run_with_cache(tokens, names_filter=[name])[1][name][0, -1]
+        changed = (param != before_w).flatten(1).any(-1)
+        assert changed.nonzero()[:, 0].tolist() == sorted(edit.experts)  # only the routed experts
+        err = rel_err(after - before, edit.mlp_out_change)
+        assert err < 1e-4, f"{family}: predicted vs actual mlp_out change, rel. error {err:.2e}"
+        assert edit.delta.shape == (TOP_K, *edit.x.shape[1:], 32)
+        assert "experts" in repr(edit)
+    assert torch.equal(param, before_w) and down.shape == param.shape
+    assert_no_hooks(bridge)
+    assert_untouched(bridge)
+
+
 def test_refusals_name_the_argument():
     bridge, _ = build("olmoe")
-    with pytest.raises(TLBackwardError, match="mixture of experts") as err:
-        forward_pass_shift(bridge, "the cat sat", "dog", layer=0, eta=0.1)
-    assert err.value.argument == "layer"
     gf = gradient_factors(bridge, PROMPTS[0], TARGET, modules=("mlp_out",), prepend_bos=False)
     with pytest.raises(TLBackwardError) as err:
         gf[0, "mlp_out"].expert(N_EXPERTS)

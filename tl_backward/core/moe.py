@@ -92,10 +92,28 @@ class MoELayer:
         return w.clone()
 
     @torch.no_grad()
-    def route(self, x: Float[Tensor, "tokens d_model"]) -> tuple[Tensor, Tensor]:
-        """The HF router's ``(top-k weights, top-k indices)`` ``[tokens, top_k]`` for inputs x."""
-        _, weights, idx = self.router(x.to(self.router.weight.dtype))
-        return weights.float(), idx
+    def expert_inputs(self, x: Float[Tensor, " d_model"]) -> tuple[list[int], Tensor, Tensor]:
+        """For one token's block input x: the experts it is routed to, their weights ``[top_k]`` and
+        the inputs of their down projections ``h^e [top_k, d_expert]`` (fp32; HF router and gate)."""
+        ex = self.experts
+        _, weights, idx = self.router(x[None].to(self.router.weight.dtype))
+        hs = []
+        for e in idx[0].tolist():
+            w_in = ex.gate_up_proj[e] if self.gated else ex.up_proj[e]
+            b_in = _bias(ex, "gate_up_proj_bias" if self.gated else "up_proj_bias", e)
+            pre = _linear(x[None].to(w_in.dtype), w_in, b_in, ex.is_transposed)
+            hs.append((ex._apply_gate(pre) if self.gated else ex.act_fn(pre))[0].float())
+        return idx[0].tolist(), weights[0].float(), torch.stack(hs)
+
+    def down_update(self, experts: list[int], h: Tensor, e_t: Tensor, eta: float) -> Tensor:
+        """``η h^e ⊗ e_t`` for each listed expert, written into a zero tensor in the layout of the HF
+        ``down_proj`` (``[expert, d_model, d_expert]``, or ``[expert, d_expert, d_model]`` transposed)."""
+        param = self.experts.down_proj
+        update = torch.zeros(param.shape, dtype=torch.float32)
+        for j, e in enumerate(experts):
+            outer = eta * torch.outer(h[j].cpu(), e_t.cpu())  # TL [d_expert, d_model]
+            update[e] = outer if self.experts.is_transposed else outer.T
+        return update.to(device=param.device, dtype=param.dtype)
 
     def factor_parts(self, x: Float[Tensor, "tokens d_model"], g: Float[Tensor, "tokens d_model"],
                      dw: Float[Tensor, "tokens expert"]) -> dict[str, Any]:

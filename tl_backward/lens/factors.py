@@ -322,7 +322,10 @@ def gradient_factors(
             summed over the batch; multi-token targets are teacher-forced) or a callable
             ``(logits, tokens) -> scalar``.
         modules: any of ``mlp_in`` (W_in; the up projection of gated MLPs), ``mlp_gate``
-            (W_gate), ``mlp_out`` (W_out), ``q``, ``k``, ``v``, ``o`` (per head), or ``"all"``.
+            (W_gate), ``mlp_out`` (W_out), ``q``, ``k``, ``v``, ``o`` (per head), ``router``
+            (mixture-of-experts layers: the router's logits map), or ``"all"``. On MoE layers the
+            three MLP modules are the experts' up / gate / down projections, with an expert axis
+            (:class:`Factor`); the router is never taken for a gate.
         layers: None for all layers, an int, or a list.
         prepend_bos: None uses the model's default; the papers differ, so be explicit.
 
