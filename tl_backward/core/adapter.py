@@ -22,6 +22,7 @@ from transformer_lens.model_bridge.generalized_components import (JointQKVAttent
 from tl_backward.errors import TLBackwardError
 
 from . import checks
+from .moe import MoELayer, moe_layer
 from .readout import Unembed
 from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
 
@@ -114,6 +115,7 @@ class ModelAdapter:
         # Only this bridge fires hook_rot_q/k; GPT-NeoX's rotates inside without the hook
         # (rotate q/k yourself with apply_rotary and the hook_cos/hook_sin tensors).
         self.rot_hooks: bool = isinstance(model.blocks[0].attn, PositionEmbeddingsAttentionBridge)
+        self._moe: dict[int, MoELayer | None] = {}
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:
@@ -264,10 +266,22 @@ class ModelAdapter:
         }
         if module not in table:
             raise TLBackwardError(f"module must be one of {sorted(table)}, got {module!r}", argument="module")
+        if module.startswith("mlp_") and self.moe(layer) is not None:
+            raise TLBackwardError(
+                f"layer {layer}'s MLP is a mixture of experts: {module} is a batched matrix per expert with no bridged "
+                "linear module (its 'gate' child is the router); read its factors with "
+                "tl_backward.lens.gradient_factors (an expert axis) or adapter.moe(layer)", argument="module")
         if module == "mlp_gate" and not self.gated_mlp:
             raise TLBackwardError("mlp_gate exists only for gated MLPs (Llama-style); this MLP is not gated",
                                   argument="module")
         return table[module]()
+
+    def moe(self, layer: int) -> MoELayer | None:
+        """``layer``'s sparse MLP (:class:`tl_backward.core.moe.MoELayer`), None if dense; cached."""
+        layer = self.check_layer(layer)
+        if layer not in self._moe:
+            self._moe[layer] = moe_layer(self._mlp(layer), layer)
+        return self._moe[layer]
 
     # ---------------------------------------------------------------- readout
     @torch.no_grad()

@@ -36,7 +36,7 @@ from .render import render_backward_lens
 # module -> (projected side, reading direction)
 READING = {
     "mlp_in": ("x", "top"), "mlp_gate": ("x", "top"), "q": ("x", "top"), "k": ("x", "top"),
-    "v": ("x", "top"), "mlp_out": ("delta", "bottom"), "o": ("delta", "bottom"),
+    "v": ("x", "top"), "mlp_out": ("delta", "bottom"), "o": ("delta", "bottom"), "router": ("x", "top"),
 }
 
 
@@ -174,6 +174,10 @@ class BackwardLens:
         t = self.token_index(token_index)
         lr = checks.finite_float(lr, "lr", hint="the SGD learning rate")
         have = [m for m in ("mlp_in", "mlp_out") if m in self.factors.modules]
+        if any(self.factors[l, m].per_expert for l in self.layers for m in have):
+            raise TLBackwardError("imprint/shift are defined for one dense MLP matrix per layer; these layers are "
+                                  "mixtures of experts: use factors[l, m].expert(e).sgd_output_change(t, lr) per "
+                                  "expert", argument="factors")
         if not have:
             raise TLBackwardError("imprint/shift need the MLP factors: call backward_lens(..., modules=('mlp_in', "
                                   "'mlp_out'))", argument="modules")
@@ -259,9 +263,7 @@ def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: 
         side = READING[m][0]
         vecs = []
         for l in gf.layers:
-            f = gf[l, m]
-            v = f.x if side == "x" else f.delta
-            vecs.append(v[0] if f.per_head else v)  # the d_model side is shared by all heads
+            vecs.append(gf[l, m].projected(side))  # shared by all heads; Σ over experts for their δ
         key = tuple((v.untyped_storage().data_ptr(), v.storage_offset()) for v in vecs)
         if key not in keys:
             keys[key] = len(blocks)

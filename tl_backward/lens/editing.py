@@ -25,6 +25,12 @@ is written back, so the weights are the originals bit for bit. Each edit keeps t
 the applied/skipped decision measured when it was applied (on the model as it was then). Changes
 made to an edited weight by other means while an edit is active are overwritten by the next undo.
 
+Mixture-of-experts layers (tl_backward/core/moe.py): the last prompt token is routed to experts e
+with weights w_e, and h^e is the input of expert e's down projection there. Each routed expert gets
+``W_down^e += η·h^e ⊗ e_t`` (written into transformers' batched ``down_proj`` in its own layout), so
+the MoE output at that position gains exactly ``η Σ_e w_e‖h^e‖² e_t``: the router reads the block
+input, which the edit does not change. Other experts are untouched.
+
 Scoring edits (:func:`~tl_backward.lens.evaluation.evaluate_edits`) lives in ``lens/evaluation.py``.
 """
 
@@ -94,6 +100,8 @@ class Edit:
 
     ``applied`` is False when the model already predicted the target (the edit is skipped, as in
     the reference). ``x [d_mlp]`` and ``e_t [d_model]`` are the two factors of the update
+    (on a mixture-of-experts layer ``x [top_k, d_expert]`` holds the routed ``experts``' down
+    projection inputs, ``weights [top_k]`` their routing weights, one update per expert)
     ``delta = η x ⊗ e_t`` (TL layout). ``undo()`` removes this edit and keeps the others (see the
     module docstring: exact in any order, originals bit for bit once all are undone); it is
     idempotent. An Edit is entered at most once and never after ``undo()``: its exit undoes it,
@@ -103,10 +111,12 @@ class Edit:
     layer: int
     eta: float
     target_id: int
-    x: Float[Tensor, " d_mlp"]
+    x: Float[Tensor, "*top_k d_mlp"]
     e_t: Float[Tensor, " d_model"]
     applied: bool
     model: Any = field(repr=False)
+    experts: tuple[int, ...] | None = None
+    weights: Float[Tensor, " top_k"] | None = field(default=None, repr=False)
     _ledger: _WeightLedger | None = field(default=None, repr=False)
     _slot: int | None = field(default=None, repr=False)
     _undone: bool = field(default=False, repr=False)
@@ -114,7 +124,8 @@ class Edit:
 
     def __repr__(self) -> str:
         state = ("active" if self.active else "undone") if self.applied else "skipped: already predicted"
-        return f"Edit(FPS layer {self.layer}, eta {self.eta:g}, target id {self.target_id}, {state})"
+        moe = f", experts {list(self.experts)}" if self.experts is not None else ""
+        return f"Edit(FPS layer {self.layer}{moe}, eta {self.eta:g}, target id {self.target_id}, {state})"
 
     @property
     def active(self) -> bool:
@@ -122,16 +133,20 @@ class Edit:
         return self._ledger is not None
 
     @property
-    def delta(self) -> Float[Tensor, "d_mlp d_model"]:
-        """The update added to ``W_out[layer]`` (TL layout); zeros if the edit was skipped."""
-        if not self.applied:
-            return torch.zeros(self.x.shape[0], self.e_t.shape[0])
-        return self.eta * torch.outer(self.x, self.e_t)
+    def delta(self) -> Float[Tensor, "*top_k d_mlp d_model"]:
+        """The update added to ``W_out[layer]`` (TL layout; per routed expert on MoE layers);
+        zeros if the edit was skipped."""
+        d = self.eta * torch.einsum("...i,o->...io", self.x, self.e_t)
+        return d if self.applied else torch.zeros_like(d)
 
     @property
     def mlp_out_change(self) -> Float[Tensor, " d_model"]:
-        """Exact change of ``mlp_out[layer]`` at the edited prompt's last position: η‖x‖² e_t."""
-        return self.eta * self.x.pow(2).sum() * self.e_t if self.applied else torch.zeros_like(self.e_t)
+        """Exact change of ``mlp_out[layer]`` at the edited prompt's last position: η‖x‖² e_t, or
+        on MoE layers ``η Σ_e w_e‖h^e‖² e_t`` over the routed experts (the routing is unchanged)."""
+        if not self.applied:
+            return torch.zeros_like(self.e_t)
+        sq = self.x.pow(2).sum(-1)
+        return self.eta * (sq if self.weights is None else (self.weights * sq).sum()) * self.e_t
 
     def undo(self) -> None:
         """Take this edit out of the weights, keeping the other active edits. Safe to call again."""
@@ -190,6 +205,8 @@ def forward_pass_shift(
     checks.flag(prepend_bos, "prepend_bos", none_ok=True)
     t = target_id_of(ad, target, "target")
     tokens = prompt_tokens(ad, prompt, prepend_bos, "prompt").tokens
+    if ad.moe(layer) is not None:
+        return _moe_shift(model, ad, ad.moe(layer), eta, t, tokens)
     lin = ad.linear(layer, "mlp_out")
     module = lin.original_component
     out_in = _stores_out_in(module, ad)
@@ -202,18 +219,7 @@ def forward_pass_shift(
     edit = Edit(layer=layer, eta=eta, target_id=t, x=x, e_t=e_t, applied=False, model=model)
     if int(logits[0, -1].argmax()) == t:
         return edit
-    param = module.weight
-    update = eta * (torch.outer(e_t, x) if out_in else torch.outer(x, e_t))
-    ledger = _ledger(param)
-    slot = ledger.push(update.to(device=param.device, dtype=param.dtype))
-    if not bool(torch.isfinite(param).all()):
-        ledger.remove(slot)
-        raise TLBackwardError(
-            f"eta={eta:g} makes W_out[{layer}] non-finite in {param.dtype} (the update is eta·x⊗e_t "
-            f"with ‖x‖²‖e_t‖² = {float(x.pow(2).sum() * e_t.pow(2).sum()):.3g}); pass a smaller eta",
-            argument="eta")
-    edit.applied, edit._ledger, edit._slot = True, ledger, slot
-    return edit
+    return _push(edit, module.weight, eta * (torch.outer(e_t, x) if out_in else torch.outer(x, e_t)))
 
 
 # ------------------------------------------- argument readers (shared with lens/evaluation.py)
@@ -223,6 +229,36 @@ def check_raw(model: Any) -> None:
             "forward_pass_shift needs raw weights: this model is in compatibility mode (folded layer "
             "norms, centred W_U), where W_out and the unembedding column mean something else; boot it "
             "without enable_compatibility_mode()", argument="model")
+
+
+def _moe_shift(model: Any, ad: Any, moe: Any, eta: float, t: int, tokens: Tensor) -> Edit:
+    """FPS on a mixture-of-experts layer: every expert e the last prompt token is routed to gets
+    ``W_down^e += η h^e ⊗ e_t`` (h^e its down projection's input there), so the MoE output at that
+    position gains ``η Σ_e w_e‖h^e‖² e_t`` (the router reads the unchanged block input)."""
+    name = moe.hooks[0]  # mlp.hook_in: the block input, read by the router and the experts
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=[name], return_type="logits")
+    experts, weights, h = moe.expert_inputs(cache[name][0, -1].detach())
+    e_t = ad.W_U[:, t].cpu().clone()
+    edit = Edit(layer=moe.layer, eta=eta, target_id=t, x=h.cpu(), e_t=e_t, applied=False, model=model,
+                experts=tuple(experts), weights=weights.cpu())
+    if int(logits[0, -1].argmax()) == t:
+        return edit
+    return _push(edit, moe.experts.down_proj, moe.down_update(experts, h, e_t, eta))
+
+
+def _push(edit: Edit, param: Tensor, update: Tensor) -> Edit:
+    """Add ``update`` to ``param`` through its ledger; refuse (and take it back) if non-finite."""
+    ledger = _ledger(param)
+    slot = ledger.push(update.to(device=param.device, dtype=param.dtype))
+    if not bool(torch.isfinite(param).all()):
+        ledger.remove(slot)
+        raise TLBackwardError(
+            f"eta={edit.eta:g} makes W_out[{edit.layer}] non-finite in {param.dtype} (the update is eta·x⊗e_t "
+            f"with ‖x‖²‖e_t‖² = {float(edit.x.pow(2).sum() * edit.e_t.pow(2).sum()):.3g}); pass a smaller eta",
+            argument="eta")
+    edit.applied, edit._ledger, edit._slot = True, ledger, slot
+    return edit
 
 
 def _stores_out_in(module: Any, ad: Any) -> bool:

@@ -29,48 +29,17 @@ from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import capture, require_hooks
 from tl_backward.core.metrics import resolve_metric
+from tl_backward.core.moe import has_moe
 from tl_backward.errors import TLBackwardError
+
+from .factor_stats import FactorNorms, FactorSVD
 
 # Module names -> (TL weight name, is attention). Order is the display order.
 MODULES = {
     "mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out",
-    "q": "W_Q", "k": "W_K", "v": "W_V", "o": "W_O",
+    "q": "W_Q", "k": "W_K", "v": "W_V", "o": "W_O", "router": "W_router",
 }
 ATTENTION = ("q", "k", "v", "o")
-
-
-@dataclass(frozen=True)
-class FactorNorms:
-    """Norms of a factor: per token ``x`` = ‖x_i‖, ``delta`` = ‖δ_i‖, ``term`` = ‖x_i ⊗ δ_i‖_F =
-    ‖x_i‖·‖δ_i‖, and ``grad`` = ‖Σ_i x_i ⊗ δ_i‖_F (via Gram matrices, fp64). Shapes ``[tokens]``
-    (``[head, tokens]`` / ``[head]`` for attention)."""
-
-    x: Float[Tensor, "*head tokens"]
-    delta: Float[Tensor, "*head tokens"]
-    term: Float[Tensor, "*head tokens"]
-    grad: Float[Tensor, "*head"]
-
-    def __repr__(self) -> str:
-        g = self.grad.reshape(-1)
-        what = f"‖∂L/∂W‖_F {float(g[0]):.4g}" if g.numel() == 1 else f"‖∂L/∂W‖_F per head, max {float(g.max()):.4g}"
-        return f"FactorNorms({self.x.shape[-1]} tokens, {what})"
-
-
-@dataclass(frozen=True)
-class FactorSVD:
-    """``∂L/∂W ≈ U diag(S) Vᵀ`` (exact when ``k`` ≥ rank). ``U: [*head, d_in, k]``,
-    ``S: [*head, k]`` (descending), ``V: [*head, d_out, k]``; fp64."""
-
-    U: Float[Tensor, "*head d_in k"]
-    S: Float[Tensor, "*head k"]
-    V: Float[Tensor, "*head d_out k"]
-
-    def __repr__(self) -> str:
-        smax = f", σ_max {float(self.S.max()):.4g}" if self.S.numel() else ""
-        return f"FactorSVD(k={self.S.shape[-1]}, U {list(self.U.shape)}, V {list(self.V.shape)}{smax})"
-
-    def reconstruct(self) -> Float[Tensor, "*head d_in d_out"]:
-        return torch.einsum("...ik,...k,...ok->...io", self.U, self.S, self.V)
 
 
 @dataclass(frozen=True)
@@ -81,16 +50,53 @@ class Factor:
     leading head axis (``[head, tokens, d]``; ``factor.head(h)`` gives the 2-D factor of one head).
     ``reconstruct()`` returns the dense gradient in TransformerLens layout (``W_in [d_model, d_mlp]``,
     ``W_out [d_mlp, d_model]``, ``W_Q [head, d_model, d_head]``, ``W_O [head, d_head, d_model]``).
+
+    Mixture-of-experts layers (core/moe.py): ``mlp_in``/``mlp_gate``/``mlp_out`` carry a leading
+    *expert* axis instead (``[expert, tokens, d]``, the same token axis, with zero rows where a token
+    was not routed to the expert, so ``Σ_i x_i ⊗ δ_i^e`` runs over the tokens routed to e and
+    ``reconstruct()`` is ``[expert, d_in, d_out]``: up/gate ``[expert, d_model, d_expert]``, down
+    ``[expert, d_expert, d_model]``); ``routed [expert, tokens]`` marks the routing, ``expert(e)``
+    gives one expert's factor, ``tokens_of(e)`` its tokens. ``router``: ``W_router [d_model, expert]``.
     """
 
     layer: int
     module: str
     x: Float[Tensor, "*head tokens d_in"]
     delta: Float[Tensor, "*head tokens d_out"]
+    routed: Bool[Tensor, "expert tokens"] | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
-        return (f"Factor(layer {self.layer} {self.module}: ∂L/∂{self.weight_name} {list(self.shape)} "
+        per = " per expert" if self.per_expert else ""
+        return (f"Factor(layer {self.layer} {self.module}: ∂L/∂{self.weight_name} {list(self.shape)}{per} "
                 f"from {self.n_tokens} tokens)")
+
+    @property
+    def per_expert(self) -> bool:
+        """True for the experts' factors of a mixture-of-experts layer (leading expert axis)."""
+        return self.routed is not None
+
+    def tokens_of(self, e: int) -> Int[Tensor, " routed"]:
+        """Token-axis indices of the tokens routed to expert ``e``."""
+        return self.routed[self._expert_index(e)].nonzero()[:, 0]
+
+    def expert(self, e: int) -> "Factor":
+        """Expert ``e``'s 2-D factor over the same token axis (zero rows where not routed)."""
+        e = self._expert_index(e)
+        return Factor(self.layer, self.module, self.x[e], self.delta[e])
+
+    def _expert_index(self, e: int) -> int:
+        if not self.per_expert:
+            raise TLBackwardError(f"{self.module} at layer {self.layer} is not an experts' factor", argument="expert")
+        return checks.head_index(e, self.routed.shape[0], "expert", "this layer's experts")
+
+    def projected(self, side: str) -> Float[Tensor, "tokens d"]:
+        """The ``side`` ("x" or "delta") the vocabulary lens reads, ``[tokens, d]``: the one shared
+        by all heads / experts, or for the experts' δ (down projection) its sum over experts,
+        ``Σ_e w_ie·g_i`` (the gradient at the MoE output times the routed weights' total)."""
+        v = self.x if side == "x" else self.delta
+        if v.ndim == 2:
+            return v
+        return v.sum(0) if self.per_expert and v.stride(0) != 0 else v[0]
 
     @property
     def weight_name(self) -> str:
@@ -99,7 +105,7 @@ class Factor:
 
     @property
     def per_head(self) -> bool:
-        return self.x.ndim == 3
+        return self.x.ndim == 3 and not self.per_expert
 
     @property
     def n_tokens(self) -> int:
@@ -111,7 +117,9 @@ class Factor:
         return (*self.x.shape[:-2], self.x.shape[-1], self.delta.shape[-1])
 
     def head(self, h: int) -> "Factor":
-        """The 2-D factor of head ``h`` (a kv head for k/v under GQA)."""
+        """The 2-D factor of head ``h`` (a kv head for k/v under GQA); of expert ``h`` on MoE layers."""
+        if self.per_expert:
+            return self.expert(h)
         if not self.per_head:
             raise TLBackwardError(f"{self.module} is not an attention factor: it has no heads; index it as "
                                   "gf[layer, module]", argument="head")
@@ -272,7 +280,8 @@ class GradientFactors:
                     memo[key] = t.index_select(-2, keep.to(t.device))
             return memo[key]
 
-        factors = {k: Factor(f.layer, f.module, pick(f.x), pick(f.delta)) for k, f in self.factors.items()}
+        factors = {k: Factor(f.layer, f.module, pick(f.x), pick(f.delta),
+                             None if f.routed is None else f.routed[:, keep]) for k, f in self.factors.items()}
         positions = self.positions[keep]
         mask = torch.zeros_like(self.mask)
         mask[positions[:, 0], positions[:, 1]] = True
@@ -313,7 +322,10 @@ def gradient_factors(
             summed over the batch; multi-token targets are teacher-forced) or a callable
             ``(logits, tokens) -> scalar``.
         modules: any of ``mlp_in`` (W_in; the up projection of gated MLPs), ``mlp_gate``
-            (W_gate), ``mlp_out`` (W_out), ``q``, ``k``, ``v``, ``o`` (per head), or ``"all"``.
+            (W_gate), ``mlp_out`` (W_out), ``q``, ``k``, ``v``, ``o`` (per head), ``router``
+            (mixture-of-experts layers: the router's logits map), or ``"all"``. On MoE layers the
+            three MLP modules are the experts' up / gate / down projections, with an expert axis
+            (:class:`Factor`); the router is never taken for a gate.
         layers: None for all layers, an int, or a list.
         prepend_bos: None uses the model's default; the papers differ, so be explicit.
 
@@ -325,13 +337,24 @@ def gradient_factors(
     return factors_from_cache(model, cache, modules=modules, layers=layers)
 
 
-def _factor_hooks(ad: Any, modules: Any, layers: Any) -> dict[tuple[int, str], tuple[str, str]]:
-    """(layer, module) -> (hook of the matrix's input x, hook of its output z, whose gradient is δ)."""
+def _factor_hooks(ad: Any, modules: Any, layers: Any) -> dict[tuple[int, str], tuple[str, ...]]:
+    """(layer, module) -> (hook of the matrix's input x, hook of its output z, whose gradient is δ);
+    on mixture-of-experts layers, the MLP and router modules read :attr:`MoELayer.hooks`."""
     hooks = {}
     for l in ad.layers(layers):
         for m in resolve_modules(ad, modules):
-            lin = ad.linear(l, m)
-            hooks[(l, m)] = (lin.hook_in.name, lin.hook_out.name)
+            moe = ad.moe(l) if m.startswith("mlp_") or m == "router" else None
+            if m == "router" and moe is None:
+                raise TLBackwardError(f"modules: 'router' exists only on mixture-of-experts layers; layer {l}'s "
+                                      "MLP is dense", argument="modules")
+            if m == "mlp_gate" and moe is not None and not moe.gated:
+                raise TLBackwardError(f"modules: layer {l}'s experts are not gated (no gate projection); "
+                                      "drop 'mlp_gate'", argument="modules")
+            if moe is not None:
+                hooks[(l, m)] = moe.hooks
+            else:
+                lin = ad.linear(l, m)
+                hooks[(l, m)] = (lin.hook_in.name, lin.hook_out.name)
     return hooks
 
 
@@ -355,7 +378,13 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
     mask = cache.mask
     factors: dict[tuple[int, str], Factor] = {}
     seen_x: dict[int, list[Tensor]] = {}  # per layer: x tensors already kept (q/k/v, in/gate share one)
-    for (l, m), (in_name, out_name) in hooks.items():
+    moe_parts: dict[int, dict[str, Any]] = {}
+    for (l, m), names in hooks.items():
+        if len(names) == 3:  # a mixture-of-experts layer: expert axis, zero rows where not routed
+            parts = moe_parts.get(l) or moe_parts.setdefault(l, _moe_parts(ad.moe(l), cache, names))
+            factors[(l, m)] = Factor(l, m, *parts[m], parts["routed"] if m != "router" else None)
+            continue
+        in_name, out_name = names
         x = _share(cache[in_name][mask], seen_x.setdefault(l, []))
         d = cache.grad(out_name)[mask]
         if m in ("q", "k", "v"):  # x [n, d_model], δ [n, head, d_head]
@@ -373,11 +402,20 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
     )
 
 
+def _moe_parts(moe: Any, cache: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """:meth:`tl_backward.core.moe.MoELayer.factor_parts` at the cache's real tokens."""
+    x_name, g_name, w_name = names
+    mask = cache.mask
+    dw = cache.grad(w_name).reshape(*mask.shape, -1)[mask]  # the router hooks see [batch·pos, expert]
+    return moe.factor_parts(cache[x_name][mask], cache.grad(g_name)[mask], dw)
+
+
 def resolve_modules(ad: Any, modules: str | Sequence[str]) -> tuple[str, ...]:
     """Validate a ``modules`` argument: names from :data:`MODULES` or ``"all"``; clear errors."""
     if isinstance(modules, str):
         if modules == "all":
-            return tuple(m for m in MODULES if m != "mlp_gate" or ad.gated_mlp)
+            moe = has_moe(ad.model)
+            return tuple(m for m in MODULES if (m != "mlp_gate" or ad.gated_mlp) and (m != "router" or moe))
         modules = (modules,)
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
         raise TLBackwardError(f"modules must be a module name or a list of names from {list(MODULES)}, got "
