@@ -15,23 +15,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
-from transformer_lens.model_bridge.generalized_components import (JointQKVAttentionBridge,
-                                                                 JointQKVPositionEmbeddingsAttentionBridge,
-                                                                 PositionEmbeddingsAttentionBridge)
+from transformer_lens.model_bridge.generalized_components import PositionEmbeddingsAttentionBridge
 
 from tl_backward.errors import TLBackwardError
 
 from . import checks
+from .attention_kinds import ScoreRoute, Unsupported, ValueRoute, attention_route, attention_scale
 from .readout import Unembed
 from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
 
-# Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path
-# (TransformerLens classes, matched exactly: a subclass may move the hook; tests/core/test_adapter.py).
-RECONSTRUCTING_ATTENTION = (
-    JointQKVAttentionBridge,
-    JointQKVPositionEmbeddingsAttentionBridge,
-    PositionEmbeddingsAttentionBridge,
-)
 # Per-layer hook kinds -> legacy TransformerLens name templates.
 _HOOKS = {
     "pattern": "blocks.{l}.attn.hook_pattern",
@@ -114,6 +106,10 @@ class ModelAdapter:
         # Only this bridge fires hook_rot_q/k; GPT-NeoX's rotates inside without the hook
         # (rotate q/k yourself with apply_rotary and the hook_cos/hook_sin tensors).
         self.rot_hooks: bool = isinstance(model.blocks[0].attn, PositionEmbeddingsAttentionBridge)
+        # How Reversed Attention is read per layer (core/attention_kinds.py): on-path score hook,
+        # z = P·V, or refused with a reason.
+        self.routes: tuple[ScoreRoute | ValueRoute | Unsupported, ...] = tuple(
+            attention_route(block.attn, self.n_heads) for block in model.blocks)
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:
@@ -166,22 +162,35 @@ class ModelAdapter:
 
     # ---------------------------------------------------------------- attention
     def attn_scale(self, layer: int) -> float:
-        """s such that ``attn_scores = q·kᵀ / s`` (before the mask) at ``layer``.
+        """s such that ``attn_scores = q·kᵀ / s`` (before mask and soft-cap) at ``layer``.
 
-        ``cfg.attn_scale`` reads -1 on bridges, so this uses the HF module's ``scaling``, which in
-        transformers 5 already includes GPT-2's ``scale_attn_by_inverse_layer_idx`` factor; without
-        that attribute it falls back to √d_head (×(layer+1) under inverse-layer scaling).
-        Checked against the bridge's real scores in the tests.
+        ``cfg.attn_scale`` reads -1 on bridges; the HF module's own constant is used
+        (:func:`tl_backward.core.attention_kinds.attention_scale`: ``scaling``, MPT's
+        ``softmax_scale``, BLOOM's ``inv_norm_factor``, GPT-Neo's 1). Checked against the bridge's
+        real scores and HF autograd in the tests.
         """
-        self.check_layer(layer)
-        hf_attn = self.model.blocks[layer].attn.original_component
-        scaling = getattr(hf_attn, "scaling", None)
-        if scaling is not None:
-            return 1.0 / float(scaling)
-        scale = float(self.d_head) ** 0.5
-        if getattr(hf_attn, "scale_attn_by_inverse_layer_idx", False):
-            scale *= layer + 1
-        return scale
+        layer = self.check_layer(layer)
+        return attention_scale(self.model.blocks[layer].attn, layer, self.d_head)
+
+    def ra_route(self, layer: int, feature: str = "Reversed Attention") -> ScoreRoute | ValueRoute:
+        """How ``feature`` (RA, attention patching) reads or edits attention at ``layer``; raises a
+        ``TLBackwardError`` naming the reason where it cannot be exact."""
+        route = self.routes[self.check_layer(layer)]
+        if isinstance(route, Unsupported):
+            route.refuse(feature)
+        return route
+
+    def require_score_hook(self, feature: str) -> None:
+        """Refuse ``feature`` unless every layer's ``hook_attn_scores`` is on the autograd path and
+        its gradient divided by s is ∂L/∂(q·kᵀ) (no soft-capping)."""
+        for layer in range(self.n_layers):
+            route = self.ra_route(layer, feature)
+            if not isinstance(route, ScoreRoute):
+                Unsupported("its attention bridge fires hook_attn_scores off the autograd path "
+                            "(HF computes the softmax)").refuse(feature)
+            if route.softcap:
+                Unsupported(f"attention soft-capping (c = {route.softcap:g}) sits between q·kᵀ and "
+                            "hook_attn_scores").refuse(feature)
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (GQA)."""
@@ -408,16 +417,6 @@ def _check_supported(model: Any) -> None:
         raise TLBackwardError(
             "this bridge does not wrap a local torch module (remote or inference-only driver): "
             "tl_backward needs autograd through the model", argument="model")
-    attn_cls = type(model.blocks[0].attn)
-    if attn_cls not in RECONSTRUCTING_ATTENTION:
-        raise TLBackwardError(
-            f"attention bridge {attn_cls.__name__} fires hook_attn_scores outside the autograd path (e.g. boot_native "
-            "models), so attention gradients would be wrong; boot the model with "
-            "TransformerBridge.boot_transformers(...) from an HF GPT-2 / GPT-NeoX / Llama / Qwen2 / Mistral model",
-            argument="model")
-    if getattr(model.cfg, "attn_scores_soft_cap", -1) not in (None, -1, -1.0, 0):
-        raise TLBackwardError("attention soft-capping (e.g. Gemma-2) is not supported: grad/scale would not be "
-                              "dL/d(q·k)", argument="model")
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, ModelAdapter]" = weakref.WeakKeyDictionary()
