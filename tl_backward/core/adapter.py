@@ -1,7 +1,8 @@
 """One place that knows the TransformerBridge: shapes, hook names, weights, tokenisation.
 
 Everything else in tl_backward asks :func:`get_adapter` instead of poking at bridge internals,
-so family differences (GPT-2 / GPT-NeoX / Llama-Qwen2-Mistral) live in this file only.
+so family differences live here and, for attention (RA routes, scales, soft-capping), in
+:mod:`tl_backward.core.attention_kinds`.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class ModelAdapter:
         # z = P·V, or refused with a reason.
         self.routes: tuple[ScoreRoute | ValueRoute | Unsupported, ...] = tuple(
             attention_route(block.attn, self.n_heads) for block in model.blocks)
+        # Hook points fired on tensors the model has already consumed: forward values, no gradient.
+        self.values_only_hooks: frozenset[str] = frozenset(
+            _HOOKS[kind].format(l=l) for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)
+            for kind in ("pattern", "attn_scores"))
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:
