@@ -111,6 +111,9 @@ class ModelAdapter:
         # z = P·V, or refused with a reason.
         self.routes: tuple[ScoreRoute | ValueRoute | Unsupported, ...] = tuple(
             attention_route(block.attn, self.n_heads) for block in model.blocks)
+        unknown = [r for r in self.routes if isinstance(r, Unsupported)]
+        if unknown:  # an attention bridge tl_backward has not verified: refuse the model as a whole
+            raise TLBackwardError(f"{unknown[0].reason}", argument="model")
         # Hook points fired on tensors the model has already consumed: forward values, no gradient.
         self.values_only_hooks: frozenset[str] = frozenset(
             _HOOKS[kind].format(l=l) for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)

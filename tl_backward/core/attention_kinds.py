@@ -35,6 +35,7 @@ from transformer_lens.model_bridge.generalized_components import (AttentionBridg
                                                                  JointQKVPositionEmbeddingsAttentionBridge,
                                                                  MPTALiBiAttentionBridge,
                                                                  PositionEmbeddingsAttentionBridge)
+from transformer_lens.model_bridge.sources.native.model import NativeAttention
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
 from tl_backward.errors import TLBackwardError
@@ -164,7 +165,8 @@ ROUTES: tuple[tuple[type, str], ...] = (
     (PositionEmbeddingsAttentionBridge, "scores"),  # soft-cap (Gemma-2) sits before the hook
     (JointQKVAttentionBridge, "scores"),
 )
-# Only the generic bridge itself: its subclasses (MLA, T5Gemma2, boot_native's) compute differently.
+# Only the generic bridge itself wrapping an HF module: its subclasses (MLA, T5Gemma2, …) compute
+# differently, and boot_native's NativeAttention is not verified.
 VALUE_ROUTE_CLASSES = (AttentionBridge,)
 
 
@@ -173,7 +175,7 @@ def attention_route(attn: Any, n_heads: int) -> ScoreRoute | ValueRoute | Unsupp
     for cls, kind in ROUTES:
         if isinstance(attn, cls):
             return ScoreRoute(softcap=softcap_of(attn))
-    if type(attn) in VALUE_ROUTE_CLASSES:
+    if type(attn) in VALUE_ROUTE_CLASSES and not isinstance(attn.original_component, NativeAttention):
         if softcap_of(attn):
             return Unsupported(f"{type(attn).__name__} delegates a soft-capped attention to HF")
         return ValueRoute(n_heads=n_heads)
