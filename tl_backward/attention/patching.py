@@ -127,6 +127,12 @@ def patch_attention(
     a smaller n × n delta is added to the last n query and key positions (for ``align="end"``
     means; the input should not be padded). Shape mismatches raise ``TLBackwardError``.
 
+    Where the bridge's ``hook_pattern`` is off the autograd path (the generic, HF-delegating
+    bridge: GPT-J, OPT, GPT-Neo) the patch is applied as ``z ↦ z + (η·Δ)·V`` at ``hook_z``, i.e.
+    exactly ``z = (P + η·Δ)·V``. Under Gemma-2 soft-capping the patch still acts on P after the
+    softmax, and ``delta`` = RA is ∂L/∂A for the logits before the cap
+    (:func:`tl_backward.attention.reversed_attention`).
+
     Yields the per-layer deltas actually added (before η). Hooks are removed on exit, also when the
     block raises. Every argument is checked on entering the block: NaN/inf in the delta, or an η
     that makes ``η·Δ`` non-finite in the model's dtype, is refused. Each object returned by
