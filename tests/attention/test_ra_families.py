@@ -304,3 +304,17 @@ def test_flow_graph_is_refused_per_feature_while_capture_works(fam):
     cache = capture(fam.bridge, fam.ids, target_nll(fam.target), names=[ad.hook_name("mlp_out", 0)])
     assert float(cache.grad(ad.hook_name("mlp_out", 0)).abs().max()) > 0
     assert _hooks(fam.bridge) == fam.hooks
+
+
+def test_value_route_refuses_an_edited_z(fam):
+    """The z = P·V route's assumption is checked on every run: under patch_attention (which edits
+    hook_z on this bridge) RA is refused with the reason instead of being silently wrong."""
+    if fam.route is not ValueRoute:
+        pytest.skip("score-hook bridges read RA through any patch (tests/attention/test_reversed.py)")
+    ra = reversed_attention(fam.bridge, fam.ids, fam.target)
+    with patch_attention(fam.bridge, ra, eta=-1.0):
+        with pytest.raises(TLBackwardError, match="hook_z is not hook_pattern · hook_v") as err:
+            reversed_attention(fam.bridge, fam.ids, fam.target)
+    assert err.value.argument == "model" and "patch_attention" in str(err.value)
+    assert _hooks(fam.bridge) == fam.hooks
+    assert_untouched(fam.bridge)

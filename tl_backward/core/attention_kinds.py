@@ -131,8 +131,9 @@ class ValueRoute:
         z, mixed = acts["z"].float(), self.mix(acts["pattern"].float(), acts["v"].float())
         if z.shape != mixed.shape or float((z - mixed).abs().max()) > tol * float(z.abs().max()) + 1e-12:
             raise TLBackwardError(
-                f"Reversed Attention is not available for this model: at layer {layer} hook_z is not "
-                "hook_pattern · hook_v, so ∂L/∂pattern cannot be read from ∂L/∂z", argument="model")
+                f"Reversed Attention is not available here: at layer {layer} hook_z is not hook_pattern · hook_v, "
+                "so ∂L/∂pattern cannot be read from ∂L/∂z on this HF-delegating bridge. A hook on hook_z (an "
+                "active patch_attention or zero_heads) edits z: compute RA outside that block", argument="model")
 
     def logit_grad(self, acts: dict[str, Tensor], grads: dict[str, Tensor],
                    scale: float) -> Float[Tensor, "batch head query_pos key_pos"]:
