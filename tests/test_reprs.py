@@ -37,6 +37,8 @@ NOT_RESULTS = {
     "LayerIds": "flow builder internals", "LayerTensors": "flow builder internals",
     "Relation": "zoo world data", "SegmentExample": "zoo world data", "Fact": "zoo world data",
     "World": "zoo world data", "TrainConfig": "zoo training config",
+    "ScoreRoute": "attention-route strategy", "ValueRoute": "attention-route strategy",
+    "Unsupported": "attention-route strategy (a refusal reason)",
 }
 
 
