@@ -318,3 +318,20 @@ def test_value_route_refuses_an_edited_z(fam):
     assert err.value.argument == "model" and "patch_attention" in str(err.value)
     assert _hooks(fam.bridge) == fam.hooks
     assert_untouched(fam.bridge)
+
+
+def test_padded_batch_equals_single_prompts(fam):
+    """Right-padded rows give each prompt's own maps (both routes; the z route's P·V check holds with padding)."""
+    prompts, targets = [PROMPT, "paris is the capital of"], [TARGET, " france"]
+    batch = reversed_attention(fam.bridge, prompts, targets, prepend_bos=True)
+    total = 0.0
+    for row, (prompt, target) in enumerate(zip(prompts, targets)):
+        single = reversed_attention(fam.bridge, prompt, target, prepend_bos=True)
+        n = single.maps.shape[-1]
+        assert int(batch.mask[row].sum()) == n
+        assert _rel(batch.maps[:, row, :, :n, :n], single.maps[:, 0]) < REL
+        if n < batch.maps.shape[-1]:  # padding rows and columns are exactly 0
+            assert float(batch.maps[:, row, :, n:].abs().max()) == 0.0
+            assert float(batch.maps[:, row, :, :, n:].abs().max()) == 0.0
+        total += float(single.metric)
+    assert float(batch.metric) == pytest.approx(total, rel=1e-5)  # batch losses are summed
