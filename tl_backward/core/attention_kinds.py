@@ -68,7 +68,9 @@ def attention_scale(attn: Any, layer: int, d_head: int) -> float:
         return 1.0
     for name in _INVERSE_SCALE_ATTRIBUTES:
         value = getattr(hf_attn, name, None)
-        if isinstance(value, (int, float)) and value > 0:
+        if isinstance(value, Tensor) and value.numel() == 1:  # some modules keep it as a buffer
+            value = float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             return 1.0 / float(value)
     scale = float(d_head) ** 0.5
     if getattr(hf_attn, "scale_attn_by_inverse_layer_idx", False):
