@@ -39,6 +39,8 @@ NOT_RESULTS = {
     "World": "zoo world data", "TrainConfig": "zoo training config",
     "MoELayer": "needs an MoE model: repr checked in tests/lens/test_moe_factors.py",
     "ExpertLens": "needs an MoE model: repr checked in tests/lens/test_moe_factors.py",
+    "ScoreRoute": "attention-route strategy", "ValueRoute": "attention-route strategy",
+    "Unsupported": "attention-route strategy (a refusal reason)",
 }
 
 

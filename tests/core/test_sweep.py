@@ -17,8 +17,8 @@ import torch
 from tests.conftest import build
 from tests.core.sweep_worker import EDIT_REQUESTS, PROMPTS
 from tl_backward import rank_heads
-from tl_backward.lens import evaluate_edits
 from tl_backward.core.sweep import batched, run_sweep
+from tl_backward.lens import evaluate_edits
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,8 @@
 """Forward-side attention interventions as context managers (hooks removed on exit, also on error).
 
 * :func:`patch_attention` -- the paper's attention patching: ``P' = P + η·Δ`` at every patched
-  layer's ``hook_pattern``, *after* the softmax, with no renormalisation, clipping or re-softmax
+  layer, *after* the softmax (at ``hook_pattern``; on HF-delegating bridges -- GPT-J, OPT, GPT-Neo --
+  whose ``hook_pattern`` is off the autograd path, as ``z' = (P + η·Δ)·V`` at ``hook_z``), with no renormalisation, clipping or re-softmax
   (rows of ``P + η·RA`` still sum to 1 since RA rows sum to 0; ``P + η·P̄`` rows sum to 1 + η;
   entries may go negative). Negative η is the descent direction for an NLL's RA.
 * :func:`zero_heads` -- zero-ablate heads by zeroing their slice of ``hook_z`` (the o-projection
@@ -126,6 +127,12 @@ def patch_attention(
     a smaller n × n delta is added to the last n query and key positions (for ``align="end"``
     means; the input should not be padded). Shape mismatches raise ``TLBackwardError``.
 
+    Where the bridge's ``hook_pattern`` is off the autograd path (the generic, HF-delegating
+    bridge: GPT-J, OPT, GPT-Neo) the patch is applied as ``z ↦ z + (η·Δ)·V`` at ``hook_z``, i.e.
+    exactly ``z = (P + η·Δ)·V``. Under Gemma-2 soft-capping the patch still acts on P after the
+    softmax, and ``delta`` = RA is ∂L/∂A for the logits before the cap
+    (:func:`tl_backward.attention.reversed_attention`).
+
     Yields the per-layer deltas actually added (before η). Hooks are removed on exit, also when the
     block raises. Every argument is checked on entering the block: NaN/inf in the delta, or an η
     that makes ``η·Δ`` non-finite in the model's dtype, is refused. Each object returned by
@@ -151,39 +158,72 @@ def patch_attention(
         _check_step(eta, l, d, dtype)
         deltas[l] = d
 
-    def make_hook(layer: int, d: Tensor):
-        cache: dict[tuple, Tensor] = {}
-
-        def hook(pattern: Tensor, hook: Any) -> Tensor:
-            b, h, q, k = pattern.shape
-            n = d.shape[-1]
-            if d.shape[0] not in (1, b):
-                raise TLBackwardError(f"patch_attention: delta for layer {layer} has batch {d.shape[0]} but the "
-                                      f"input has {b} rows; use a delta with batch 1 (broadcast) or {b}",
-                                      argument="delta")
-            if align == "exact" and (q, k) != (n, n):
-                raise TLBackwardError(
-                    f"patch_attention: delta for layer {layer} covers {n} x {n} positions but the input's "
-                    f"pattern is {q} x {k}: patch prompts with the same token length as the maps, or "
-                    "use align='end' with a smaller delta", argument="delta")
-            if align == "end" and (n > q or n > k):
-                raise TLBackwardError(f"patch_attention: delta for layer {layer} covers {n} positions but the "
-                                      f"input has only {q} queries x {k} keys", argument="delta")
-            key = (pattern.device, pattern.dtype)
-            if key not in cache:
-                cache[key] = (eta * d).to(device=pattern.device, dtype=pattern.dtype)
-            step = cache[key]
-            if align == "exact":
-                return pattern + step
-            out = pattern.clone()
-            out[..., q - n:, k - n:] += step
-            return out
-
-        return hook
-
-    hooks = [(adapter.hook_name("pattern", l), make_hook(l, d)) for l, d in deltas.items()]
+    hooks = []
+    for l, d in deltas.items():
+        route = adapter.ra_route(l, "attention patching")
+        step = _stepper(l, d, eta, align)
+        if route.patch_kind == "pattern":
+            hooks.append((adapter.hook_name("pattern", l), _pattern_hook(step)))
+        else:
+            hooks += _value_hooks(adapter, l, route, step)
     with model_lock(model), model.hooks(fwd_hooks=hooks):  # other threads wait (core/lock.py)
         yield deltas
+
+
+def _stepper(layer: int, d: Tensor, eta: float, align: str):
+    """``step(shape, device, dtype)``: ``η·Δ`` of ``layer`` as a ``[batch|1, head, q, k]`` tensor for a
+    pattern of ``shape`` (zero outside the last n × n block under ``align="end"``), checked and cached."""
+    cache: dict[tuple, Tensor] = {}
+
+    def step(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        b, h, q, k = shape
+        n = d.shape[-1]
+        if d.shape[0] not in (1, b):
+            raise TLBackwardError(f"patch_attention: delta for layer {layer} has batch {d.shape[0]} but the "
+                                  f"input has {b} rows; use a delta with batch 1 (broadcast) or {b}",
+                                  argument="delta")
+        if align == "exact" and (q, k) != (n, n):
+            raise TLBackwardError(
+                f"patch_attention: delta for layer {layer} covers {n} x {n} positions but the input's "
+                f"pattern is {q} x {k}: patch prompts with the same token length as the maps, or "
+                "use align='end' with a smaller delta", argument="delta")
+        if align == "end" and (n > q or n > k):
+            raise TLBackwardError(f"patch_attention: delta for layer {layer} covers {n} positions but the "
+                                  f"input has only {q} queries x {k} keys", argument="delta")
+        key = (device, dtype, q, k)
+        if key not in cache:
+            full = (eta * d).to(device=device, dtype=dtype)
+            if align == "end":
+                full = torch.zeros((d.shape[0], h, q, k), device=device, dtype=dtype)
+                full[..., q - n:, k - n:] = (eta * d).to(device=device, dtype=dtype)
+            cache[key] = full
+        return cache[key]
+
+    return step
+
+
+def _pattern_hook(step):
+    """``hook_pattern`` ↦ ``P + η·Δ`` (bridges that multiply the hooked pattern by V)."""
+    def hook(pattern: Tensor, hook: Any) -> Tensor:
+        return pattern + step(tuple(pattern.shape), pattern.device, pattern.dtype)
+    return hook
+
+
+def _value_hooks(adapter: Any, layer: int, route: Any, step) -> list[tuple[str, Any]]:
+    """Generic (HF-delegating) bridges: their ``hook_pattern`` fires after HF has used P, so the patch
+    goes where it is on the autograd path: ``z ↦ z + (η·Δ)·V``, i.e. ``z = (P + η·Δ)·V`` per head,
+    with V read from ``hook_v`` in the same forward."""
+    seen: dict[str, Tensor] = {}
+
+    def keep_v(v: Tensor, hook: Any) -> None:
+        seen["v"] = v
+
+    def patch_z(z: Tensor, hook: Any) -> Tensor:  # z: [batch, pos, head, d_head]
+        v = seen.pop("v")
+        shape = (z.shape[0], adapter.n_heads, z.shape[1], v.shape[1])
+        return z + route.mix(step(shape, z.device, z.dtype), v).to(z.dtype)
+
+    return [(adapter.hook_name("v", layer), keep_v), (adapter.hook_name("z", layer), patch_z)]
 
 
 @checks.single_use

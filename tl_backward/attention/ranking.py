@@ -8,9 +8,9 @@ accumulated; the maps of a batch are dropped as soon as their norms are taken.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
-import os
 from typing import Any, Iterable, Sequence
 
 import torch

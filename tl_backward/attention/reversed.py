@@ -288,41 +288,57 @@ def reversed_attention(
     appended and teacher-forced) or ``metric`` (``tl_backward.metrics.logit_diff(...)`` or any
     callable ``(logits, tokens) -> scalar``). Returns :class:`ReversedAttention`.
 
-    Each layer's map is ``∂metric/∂hook_attn_scores / s_l``, taken during the backward pass
-    (:func:`tl_backward.core.stream.stream`, no cache). It is exactly 0 wherever the pattern is 0
-    (the softmax backward multiplies by P) and is zeroed at padding. ``patterns`` are the tensors ``hook_pattern`` carried in that forward (the model's own,
-    including any active :func:`patch_attention`), kept by reference -- autograd saves them anyway
-    -- and copied once at the end. Peak memory: see benchmarks/bench_reversed_attention.py.
+    Each layer's map is read during the backward pass (:func:`tl_backward.core.stream.stream`, no
+    cache) the way its attention bridge allows (:mod:`tl_backward.core.attention_kinds`):
+
+    * score hook on the autograd path (GPT-2, NeoX, Llama-style, BLOOM, MPT, SmolLM3, Gemma, …):
+      ``∂metric/∂hook_attn_scores / s_l``. With Gemma-2 attention soft-capping the hook sits after
+      the cap, ``S = c·tanh(A/(s·c))``, so RA stays ∂L/∂A for the logits *before* the cap:
+      ``RA = ∂L/∂S · (1 − tanh²(A/(s·c))) / s = ∂L/∂S · (1 − (S/c)²) / s``.
+    * HF computes the softmax (GPT-J, OPT, GPT-Neo: the generic bridge): from ``z = P·V``,
+      ``dP = ∂L/∂z · Vᵀ`` per head (kv heads expanded) and ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``,
+      with P and V the forward values of ``hook_pattern``/``hook_v`` and ∂L/∂z from ``hook_z``.
+
+    A map is exactly 0 wherever the pattern is 0 and is zeroed at padding. ``patterns`` are the
+    tensors ``hook_pattern`` carried in that forward, kept by reference -- autograd saves them
+    anyway -- and copied once at the end: under :func:`patch_attention` they include the patch on
+    score-hook bridges, while on the generic bridge (patched at ``hook_z``) they are the model's
+    softmax. Peak memory: see benchmarks/bench_reversed_attention.py.
     """
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
+    routes = [adapter.ra_route(l) for l in layers]
     metric = resolve_metric(target, metric)
     scales = [adapter.attn_scale(l) for l in layers]
-    seen: dict[int, Tensor] = {}  # layer index -> the live hook_pattern tensor of this forward
+    acts: dict[int, dict[str, Tensor]] = {i: {} for i in range(len(layers))}  # live forward tensors
     written: dict[int, Tensor] = {}  # layer index -> its RA map, filled during the backward
 
-    def keep_pattern(i: int):
-        def fn(pattern: Tensor) -> None:
-            seen[i] = pattern
+    def keep(i: int, kind: str):
+        def fn(tensor: Tensor) -> None:
+            acts[i][kind] = tensor
+            if len(acts[i]) == len(routes[i].activations):  # all of this layer's tensors seen
+                routes[i].check_forward(acts[i], layers[i])
         return fn
 
-    def write_map(i: int):
+    def write_map(i: int, kind: str):
         def fn(grad: Tensor) -> None:
-            # Allocated here, mid-backward, while the graph's saved tensors are being freed: a buffer
-            # for all layers allocated up front would sit on top of the forward's peak (GPU allocators
-            # commit it at once). fp32 whatever the model's dtype (bf16 gradients are too noisy).
-            # No explicit mask needed here: ∂L/∂S = P ⊙ (dP − r) is exactly 0 wherever the softmax
-            # gave exactly 0 (causal future, padded keys, finfo.min or -inf masks); tests check it.
-            # (The *pattern* gradient dP is not 0 there -- that route must mask, see above.)
-            out = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
-            written[i] = torch.div(grad, scales[i], out=out)
+            # Computed here, mid-backward, while the graph's saved tensors are being freed: a buffer
+            # for all layers allocated up front would sit on top of the forward's peak. fp32 whatever
+            # the model's dtype (bf16 gradients are too noisy). Score route: ∂L/∂S is exactly 0 wherever
+            # the softmax gave 0; the value route masks explicitly (dP is not 0 there).
+            written[i] = routes[i].logit_grad(acts[i], {kind: grad}, scales[i])
         return fn
 
-    run = stream(
-        model, input, metric, prepend_bos=prepend_bos,
-        on_activation={adapter.hook_name("pattern", l): keep_pattern(i) for i, l in enumerate(layers)},
-        on_gradient={adapter.hook_name("attn_scores", l): write_map(i) for i, l in enumerate(layers)},
-    )
+    on_activation, on_gradient = {}, {}
+    for i, (l, route) in enumerate(zip(layers, routes)):
+        for kind in route.activations:
+            on_activation[adapter.hook_name(kind, l)] = keep(i, kind)
+        for kind in route.gradients:
+            on_gradient[adapter.hook_name(kind, l)] = write_map(i, kind)
+    run = stream(model, input, metric, prepend_bos=prepend_bos, on_activation=on_activation,
+                 on_gradient=on_gradient)
+    seen = {i: a["pattern"] for i, a in acts.items()}
+    acts.clear()
     maps, patterns = _stack_layers(written, seen, len(layers), run.batch.mask, adapter.n_heads)
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
@@ -331,28 +347,47 @@ def reversed_attention(
     )
 
 
+def _route_names(adapter: Any, layer: int) -> tuple[dict[str, str], dict[str, str]]:
+    """``({kind: hook name}`` of the activations, ``{kind: hook name})`` of the gradients RA reads at ``layer``."""
+    route = adapter.ra_route(layer)
+    return ({k: adapter.hook_name(k, layer) for k in route.activations},
+            {k: adapter.hook_name(k, layer) for k in route.gradients})
+
+
 def ra_hook_names(model: Any, layers: int | Sequence[int] | None = None) -> list[str]:
-    """The hook points :func:`reversed_attention_from_cache` reads: ``hook_pattern`` (activation)
-    and ``hook_attn_scores`` (gradient) of each layer -- pass them to ``capture(names=...)``."""
+    """The hook points :func:`reversed_attention_from_cache` reads, for ``capture(names=...)``: per layer
+    ``hook_pattern`` and ``hook_attn_scores`` where the score hook is on the autograd path, else
+    ``hook_pattern``, ``hook_v`` and ``hook_z`` (see :func:`reversed_attention`)."""
     adapter = get_adapter(model)
-    return [adapter.hook_name(kind, l) for l in adapter.layers(layers) for kind in ("pattern", "attn_scores")]
+    names: list[str] = []
+    for l in adapter.layers(layers):
+        act_names, grad_names = _route_names(adapter, l)
+        names += [n for n in (*act_names.values(), *grad_names.values()) if n not in names]
+    return names
 
 
 def reversed_attention_from_cache(model: Any, cache: Any, *,
                                   layers: int | Sequence[int] | None = None) -> ReversedAttention:
     """:func:`reversed_attention` read off a :func:`~tl_backward.capture` cache instead of its own pass.
 
-    RA_l = ``cache.grad(hook_attn_scores of l) / s_l``, patterns = ``cache[hook_pattern of l]``,
-    zeroed at padding exactly as :func:`reversed_attention` does; ``metric`` is the cache's. Lets
-    several analyses share one forward + backward (:func:`tl_backward.report.build_report`). The
-    cache must hold :func:`ra_hook_names` of ``layers``.
+    The same maps from the cache's activations and gradients (e.g. RA_l = ``cache.grad(hook_attn_scores
+    of l) / s_l`` on score-hook bridges), patterns = ``cache[hook_pattern of l]``, zeroed at padding
+    exactly as :func:`reversed_attention` does; ``metric`` is the cache's. Lets several analyses share
+    one forward + backward (:func:`tl_backward.report.build_report`). The cache must hold
+    :func:`ra_hook_names` of ``layers``.
     """
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
     require_hooks(cache, ra_hook_names(model, layers), "ra_hook_names(model, layers)")
     scales = [adapter.attn_scale(l) for l in layers]
-    written = {i: cache.grad(adapter.hook_name("attn_scores", l)).float() / scales[i] for i, l in enumerate(layers)}
-    seen = {i: cache[adapter.hook_name("pattern", l)] for i, l in enumerate(layers)}
+    written, seen = {}, {}
+    for i, l in enumerate(layers):
+        act_names, grad_names = _route_names(adapter, l)
+        acts = {k: cache[n] for k, n in act_names.items()}
+        adapter.ra_route(l).check_forward(acts, l)
+        written[i] = adapter.ra_route(l).logit_grad(acts, {k: cache.grad(n) for k, n in grad_names.items()},
+                                                    scales[i])
+        seen[i] = acts["pattern"]
     maps, patterns = _stack_layers(written, seen, len(layers), cache.mask, adapter.n_heads)
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),

@@ -1,38 +1,31 @@
 """One place that knows the TransformerBridge: shapes, hook names, weights, tokenisation.
 
 Everything else in tl_backward asks :func:`get_adapter` instead of poking at bridge internals,
-so family differences (GPT-2 / GPT-NeoX / Llama-Qwen2-Mistral) live in this file only.
+so family differences live here and, for attention (RA routes, scales, soft-capping), in
+:mod:`tl_backward.core.attention_kinds`.
 """
 
 from __future__ import annotations
 
 import difflib
 import weakref
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
-from transformer_lens.model_bridge.generalized_components import (JointQKVAttentionBridge,
-                                                                 JointQKVPositionEmbeddingsAttentionBridge,
-                                                                 PositionEmbeddingsAttentionBridge)
+from transformer_lens.model_bridge.generalized_components import PositionEmbeddingsAttentionBridge
 
 from tl_backward.errors import TLBackwardError
 
 from . import checks
+from .attention_kinds import ScoreRoute, Unsupported, ValueRoute, attention_route, attention_scale
+from .batch import Batch
 from .moe import MoELayer, moe_layer
 from .readout import Unembed
 from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
 
-# Attention bridges whose ``hook_attn_scores`` sits before the softmax, on the autograd path
-# (TransformerLens classes, matched exactly: a subclass may move the hook; tests/core/test_adapter.py).
-RECONSTRUCTING_ATTENTION = (
-    JointQKVAttentionBridge,
-    JointQKVPositionEmbeddingsAttentionBridge,
-    PositionEmbeddingsAttentionBridge,
-)
 # Per-layer hook kinds -> legacy TransformerLens name templates.
 _HOOKS = {
     "pattern": "blocks.{l}.attn.hook_pattern",
@@ -56,36 +49,6 @@ _HOOKS = {
     "mlp_post": "blocks.{l}.mlp.hook_post",
     "mlp_out": "blocks.{l}.hook_mlp_out",
 }
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Token ids ready for the model, right-padded.
-
-    ``mask`` marks real (non-padding) tokens; ``last`` is each row's last real position.
-    """
-
-    tokens: Int[Tensor, "batch pos"]
-    mask: Bool[Tensor, "batch pos"]
-    last: Int[Tensor, " batch"]
-
-    def __repr__(self) -> str:
-        B, T = self.tokens.shape
-        return f"Batch({B} × {T} tokens, {int(self.mask.sum())} real)"
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Tensor], pad_id: int) -> "Batch":
-        """Right-pad a list of 1-D token rows into one batch."""
-        lengths = torch.tensor([len(r) for r in rows])
-        tokens = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
-        for i, row in enumerate(rows):
-            tokens[i, : len(row)] = row
-        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        return cls(tokens=tokens, mask=mask, last=lengths - 1)
-
-    def rows(self) -> list[Tensor]:
-        """The unpadded token rows."""
-        return [self.tokens[i, : int(n) + 1] for i, n in enumerate(self.last)]
 
 
 class ModelAdapter:
@@ -116,6 +79,17 @@ class ModelAdapter:
         # (rotate q/k yourself with apply_rotary and the hook_cos/hook_sin tensors).
         self.rot_hooks: bool = isinstance(model.blocks[0].attn, PositionEmbeddingsAttentionBridge)
         self._moe: dict[int, MoELayer | None] = {}
+        # How Reversed Attention is read per layer (core/attention_kinds.py): on-path score hook,
+        # z = P·V, or refused with a reason.
+        self.routes: tuple[ScoreRoute | ValueRoute | Unsupported, ...] = tuple(
+            attention_route(block.attn, self.n_heads) for block in model.blocks)
+        unknown = [r for r in self.routes if isinstance(r, Unsupported)]
+        if unknown:  # an attention bridge tl_backward has not verified: refuse the model as a whole
+            raise TLBackwardError(f"{unknown[0].reason}", argument="model")
+        # Hook points fired on tensors the model has already consumed: forward values, no gradient.
+        self.values_only_hooks: frozenset[str] = frozenset(
+            _HOOKS[kind].format(l=l) for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)
+            for kind in ("pattern", "attn_scores"))
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:
@@ -168,22 +142,35 @@ class ModelAdapter:
 
     # ---------------------------------------------------------------- attention
     def attn_scale(self, layer: int) -> float:
-        """s such that ``attn_scores = q·kᵀ / s`` (before the mask) at ``layer``.
+        """s such that ``attn_scores = q·kᵀ / s`` (before mask and soft-cap) at ``layer``.
 
-        ``cfg.attn_scale`` reads -1 on bridges, so this uses the HF module's ``scaling``, which in
-        transformers 5 already includes GPT-2's ``scale_attn_by_inverse_layer_idx`` factor; without
-        that attribute it falls back to √d_head (×(layer+1) under inverse-layer scaling).
-        Checked against the bridge's real scores in the tests.
+        ``cfg.attn_scale`` reads -1 on bridges; the HF module's own constant is used
+        (:func:`tl_backward.core.attention_kinds.attention_scale`: ``scaling``, MPT's
+        ``softmax_scale``, BLOOM's ``inv_norm_factor``, GPT-Neo's 1). Checked against the bridge's
+        real scores and HF autograd in the tests.
         """
-        self.check_layer(layer)
-        hf_attn = self.model.blocks[layer].attn.original_component
-        scaling = getattr(hf_attn, "scaling", None)
-        if scaling is not None:
-            return 1.0 / float(scaling)
-        scale = float(self.d_head) ** 0.5
-        if getattr(hf_attn, "scale_attn_by_inverse_layer_idx", False):
-            scale *= layer + 1
-        return scale
+        layer = self.check_layer(layer)
+        return attention_scale(self.model.blocks[layer].attn, layer, self.d_head)
+
+    def ra_route(self, layer: int, feature: str = "Reversed Attention") -> ScoreRoute | ValueRoute:
+        """How ``feature`` (RA, attention patching) reads or edits attention at ``layer``; raises a
+        ``TLBackwardError`` naming the reason where it cannot be exact."""
+        route = self.routes[self.check_layer(layer)]
+        if isinstance(route, Unsupported):
+            route.refuse(feature)
+        return route
+
+    def require_score_hook(self, feature: str) -> None:
+        """Refuse ``feature`` unless every layer's ``hook_attn_scores`` is on the autograd path and
+        its gradient divided by s is ∂L/∂(q·kᵀ) (no soft-capping)."""
+        for layer in range(self.n_layers):
+            route = self.ra_route(layer, feature)
+            if not isinstance(route, ScoreRoute):
+                Unsupported("its attention bridge fires hook_attn_scores off the autograd path "
+                            "(HF computes the softmax)").refuse(feature)
+            if route.softcap:
+                Unsupported(f"attention soft-capping (c = {route.softcap:g}) sits between q·kᵀ and "
+                            "hook_attn_scores").refuse(feature)
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (GQA)."""
@@ -422,16 +409,6 @@ def _check_supported(model: Any) -> None:
         raise TLBackwardError(
             "this bridge does not wrap a local torch module (remote or inference-only driver): "
             "tl_backward needs autograd through the model", argument="model")
-    attn_cls = type(model.blocks[0].attn)
-    if attn_cls not in RECONSTRUCTING_ATTENTION:
-        raise TLBackwardError(
-            f"attention bridge {attn_cls.__name__} fires hook_attn_scores outside the autograd path (e.g. boot_native "
-            "models), so attention gradients would be wrong; boot the model with "
-            "TransformerBridge.boot_transformers(...) from an HF GPT-2 / GPT-NeoX / Llama / Qwen2 / Mistral model",
-            argument="model")
-    if getattr(model.cfg, "attn_scores_soft_cap", -1) not in (None, -1, -1.0, 0):
-        raise TLBackwardError("attention soft-capping (e.g. Gemma-2) is not supported: grad/scale would not be "
-                              "dL/d(q·k)", argument="model")
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, ModelAdapter]" = weakref.WeakKeyDictionary()

@@ -299,7 +299,10 @@ def capture(
     for key, g in run.leaf_grads.items():
         # The hook at a leaf itself may not fire (TransformerLens does not fire a leaf's own backward hook); backfill it.
         grads.setdefault(key, g.detach().float())
-    missing = [r.name for r in requests if r.bwd not in grads or r.fwd not in acts]
+    # Hook points that fire after the model used their tensor (generic bridges' hook_pattern /
+    # hook_attn_scores) carry values but, truthfully, no gradient: kept activation-only.
+    values_only = {aliases.get(n, n) for n in adapter.values_only_hooks}
+    missing = [r.name for r in requests if r.fwd not in acts or (r.bwd not in grads and r.bwd not in values_only)]
     if missing and strict:
         raise TLBackwardError(
             f"{argument}: no gradient reached {missing}: these hook points are not on the autograd path from "
@@ -311,7 +314,7 @@ def capture(
     batch = run.batch
     return GradientCache(
         activations={r.name: acts[r.fwd] for r in requests},
-        gradients={r.name: grads[r.bwd] for r in requests},
+        gradients={r.name: grads[r.bwd] for r in requests if r.bwd in grads},
         metric=run.metric,
         tokens=batch.tokens,
         mask=batch.mask,

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from tl_backward.errors import TLBackwardError
 
-from .adapter import Batch, ModelAdapter
+from .adapter import ModelAdapter
+from .batch import Batch
 
 LogitsFn = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 

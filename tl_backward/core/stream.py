@@ -22,7 +22,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapter import Batch, get_adapter
+from .adapter import get_adapter
+from .batch import Batch
 from .device import device_of
 from .lock import model_lock
 from .metrics import bind_metric, check_scalar

@@ -306,6 +306,7 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         raise TLBackwardError("flow_graph needs raw weights: VISIT is not meaningful in compatibility mode "
                               "(fold_ln erases the layer-norm effect, centring changes the edge norms); "
                               "load the model without enable_compatibility_mode()", argument="model")
+    ad.require_score_hook("flow_graph")  # its edges read hook_attn_scores (values and gradients)
     checks.flag(backward, "backward")
     if metric is not None and not backward:
         raise TLBackwardError("metric= only applies to backward graphs (backward=True)", argument="metric")

@@ -9,8 +9,8 @@ model as a baseline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -18,7 +18,8 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_backward.core import checks
-from tl_backward.core.adapter import Batch, get_adapter
+from tl_backward.core.adapter import get_adapter
+from tl_backward.core.batch import Batch
 from tl_backward.core.device import device_of
 from tl_backward.core.sweep import dataset_size, run_sweep
 from tl_backward.errors import TLBackwardError
