@@ -14,6 +14,7 @@ import torch
 import tl_backward as tlb
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.stream import stream
+from tl_backward.core.sweep import run_sweep
 from tl_backward.attention.icl import icl_patching, world_pairs
 from tl_backward.attention.perturbation import icl_perturbation
 from tl_backward.lens.experiment import run as editing_run
@@ -87,6 +88,7 @@ def results() -> dict[str, object]:
     out["Figure"] = report.page.figures[0]
     out["Streamed"] = stream(model, PROMPT, nll)
     out["Batch"] = ad.tokenize(PROMPT)
+    out["SweepResult"] = run_sweep(range(3), lambda k: ({"s": torch.ones(2)}, 1, [k]), fingerprint="repr")
     out.update(_experiments(model))
     return out
 
