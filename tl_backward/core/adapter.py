@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
-from transformer_lens.model_bridge.generalized_components import (JointQKVAttentionBridge,
+from transformer_lens.model_bridge.generalized_components import (CodeGenAttentionBridge, JointQKVAttentionBridge,
                                                                  JointQKVPositionEmbeddingsAttentionBridge,
                                                                  PositionEmbeddingsAttentionBridge)
 
@@ -96,6 +96,7 @@ class ModelAdapter:
     """
 
     def __init__(self, model: Any):
+        check_runnable(model)
         _check_supported(model)
         self.model = model
         cfg = model.cfg
@@ -418,6 +419,19 @@ def _check_supported(model: Any) -> None:
     if getattr(model.cfg, "attn_scores_soft_cap", -1) not in (None, -1, -1.0, 0):
         raise TLBackwardError("attention soft-capping (e.g. Gemma-2) is not supported: grad/scale would not be "
                               "dL/d(q·k)", argument="model")
+
+
+def check_runnable(model: Any) -> None:
+    """Refuse bridges whose own TransformerLens forward pass cannot run with the installed transformers,
+    with the TransformerLens problem named (instead of a deep AttributeError from inside the bridge)."""
+    blocks = getattr(model, "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
+    if isinstance(attn, CodeGenAttentionBridge) and not hasattr(attn.original_component, "embed_positions"):
+        raise TLBackwardError(
+            "TransformerLens's CodeGenAttentionBridge (transformer_lens/model_bridge/generalized_components/"
+            "codegen_attention.py) reads CodeGenAttention.embed_positions, which transformers 5.x no longer has, "
+            "so the bridge's own forward pass crashes before tl_backward can run; use a transformers 4.x "
+            "environment for CodeGen or wait for a TransformerLens fix", argument="model")
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, ModelAdapter]" = weakref.WeakKeyDictionary()

@@ -16,11 +16,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.model_bridge.sources.native.model import NativeModel
 
 from tl_backward.core.device import device_of
 
 from ..core import checks
-from ..core.adapter import get_adapter
+from ..core.adapter import check_runnable, get_adapter
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
 from .segments import Segments
@@ -37,6 +38,12 @@ def hf_module(model: Any) -> torch.nn.Module:
         raise TLBackwardError(
             "MAS needs a reconstructing TransformerBridge booted with boot_transformers "
             "(boot_native uses the opposite bool-mask convention and is unsupported)", argument="model")
+    if isinstance(hf, NativeModel):
+        raise TLBackwardError(
+            "MAS needs a bridge booted with boot_transformers: a boot_native (or legacy TransformerLens "
+            "checkpoint) model ORs every attention mask with its causal mask and reads bool masks as True = "
+            "masked, so a segment mask cannot lift causality there", argument="model")
+    check_runnable(model)
     return hf
 
 
