@@ -79,6 +79,7 @@ class Pass:
     final_in: Tensor
     attentions: tuple[Tensor, ...]
     qk: list[Tensor | None]  # softcap only: u = c·q·kᵀ, pre-cap
+    qk_inputs: list[tuple[Tensor, Tensor]]  # softcap only: (query, key with kv heads repeated)
 
 
 @contextlib.contextmanager
@@ -96,7 +97,7 @@ def _recorded_qk(hf: torch.nn.Module, store: list):
         scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
         rep = query.shape[1] // key.shape[1]
         k = key.repeat_interleave(rep, 1)
-        store.append((query @ k.transpose(-1, -2)) * scaling)
+        store.append(((query @ k.transpose(-1, -2)) * scaling, query, k))
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     mod.eager_attention_forward = wrapper
@@ -146,7 +147,8 @@ def run(hf: torch.nn.Module, tokens: Tensor, mask: Tensor | None = None, **kwarg
         for h in handles:
             h.remove()
     return Pass(logits=out.logits, resid_pre=pre, resid_mid=mid, resid_post=post, final_in=final[0],
-                attentions=tuple(out.attentions), qk=qk or [None] * len(layers))
+                attentions=tuple(out.attentions), qk=[u for u, _, _ in qk] or [None] * len(layers),
+                qk_inputs=[(q, k) for _, q, k in qk])
 
 
 def attention_scale(hf: torch.nn.Module, layer: int, unscaled: bool) -> float:

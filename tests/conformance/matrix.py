@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 JSON_PATH = HERE / "matrix.json"
 README = HERE.parents[1] / "README.md"
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
-FAST_ROWS = ("gpt2", "gpt_neox", "llama", "qwen3", "boot_native", "codegen")
+FAST_ROWS = ("gpt2", "gpt_neox", "llama", "boot_native", "codegen")
 LABELS = {
     "gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
     "qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma-2 (soft-cap on)", "gemma3": "Gemma-3 text", "phi": "Phi",

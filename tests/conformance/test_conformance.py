@@ -74,6 +74,23 @@ def test_cells_can_fail(monkeypatch):
     assert run_cell("gpt2", "RA").status == "FAIL"
 
 
+def test_softcap_reference_is_the_gradient_with_respect_to_q_dot_k():
+    """Gemma-2 (soft-cap on): the RA reference r = ∂L/∂(q·kᵀ) must satisfy ∂L/∂q_i = Σ_j r_ij k_j,
+    q and k as HF's own attention function receives them (autograd on the HF model)."""
+    hf, _ = cells.built("gemma2")
+    tokens = torch.tensor([[1, 20, 25, 26, 24, 22, 7]])
+    ref = R.run(hf, tokens)
+    loss = R.nll(ref.logits, torch.tensor([0]), torch.tensor([6]), torch.tensor([cells.TARGET]))
+    queries = [q for q, _ in ref.qk_inputs]
+    dps = torch.autograd.grad(loss, list(ref.attentions), retain_graph=True)
+    dqs = torch.autograd.grad(loss, queries)
+    cap = hf.config.attn_logit_softcapping
+    for l, (p, dp) in enumerate(zip(ref.attentions, dps)):
+        r = R.reversed_attention(p, dp, R.attention_scale(hf, l, False), ref.qk[l], cap)
+        k = ref.qk_inputs[l][1]
+        cells.close(torch.einsum("bhqk,bhkd->bhqd", r, k.double()), dqs[l], f"dL/dq layer {l}")
+
+
 def test_codegen_is_refused_naming_the_transformerlens_problem():
     o = run_cell("codegen", "capture")
     assert o.status == "refused" and "embed_positions" in o.detail and "TransformerLens" in o.detail
