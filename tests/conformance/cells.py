@@ -214,19 +214,28 @@ def cell_fps(name: str, hf, model) -> None:
     _clean(model)
 
 
-def cell_flow(name: str, hf, model) -> None:
-    """VISIT graphs of the last layer: forward resid nodes = HF activations, backward resid nodes =
-    HF autograd gradients of −log p(target) at the last position."""
+def _flow_setup(model, hf):
     ad = get_adapter(model)
     tokens = ad.tokenize(ONE, prepend_bos=True).tokens
-    L, p = ad.n_layers - 1, tokens.shape[1] - 1
+    return tokens, ad.n_layers - 1, tokens.shape[1] - 1, R.run(hf, tokens)
+
+
+def cell_flow(name: str, hf, model) -> None:
+    """Forward VISIT graph of the last layer: its resid nodes are the HF activations at the last position."""
+    tokens, L, p, ref = _flow_setup(model, hf)
     fwd = flow_graph(model, tokens[0], layer=L, target=TARGET)
-    bwd = flow_graph(model, tokens[0], layer=L, target=TARGET, backward=True, n_heads=-1, n_memory=-1,
-                     n_top_neurons=-1)
-    ref = R.run(hf, tokens)
-    g_pre, g_post = torch.autograd.grad(_last_nll(ref, torch.tensor([p])), [ref.resid_pre[L], ref.resid_post[L]])
     close(fwd.node(f"resid{L}").vector, ref.resid_pre[L][0, p], "forward resid_pre node")
     close(fwd.node(f"resid{L + 1}").vector, ref.resid_post[L][0, p], "forward resid_post node")
+    _clean(model)
+
+
+def cell_flow_backward(name: str, hf, model) -> None:
+    """Backward VISIT graph of the last layer: its resid nodes are HF autograd gradients of
+    −log p(target) at the last position."""
+    tokens, L, p, ref = _flow_setup(model, hf)
+    bwd = flow_graph(model, tokens[0], layer=L, target=TARGET, backward=True, n_heads=-1, n_memory=-1,
+                     n_top_neurons=-1)
+    g_pre, g_post = torch.autograd.grad(_last_nll(ref, torch.tensor([p])), [ref.resid_pre[L], ref.resid_post[L]])
     close(bwd.node(f"resid{L}").vector, g_pre[0, p], "backward resid_pre node")
     close(bwd.node(f"resid{L + 1}").vector, g_post[0, p], "backward resid_post node")
     _clean(model)
@@ -277,7 +286,8 @@ def cell_mas_generate(name: str, hf, model) -> None:
 
 FEATURES: dict[str, Callable[[str, Any, Any], None]] = {
     "capture": cell_capture, "scores": cell_scores, "RA": cell_ra, "factors": cell_factors, "lens": cell_lens,
-    "FPS": cell_fps, "flow": cell_flow, "MAS": cell_mas, "MAS generate": cell_mas_generate,
+    "FPS": cell_fps, "flow": cell_flow,
+    "flow backward": cell_flow_backward, "MAS": cell_mas, "MAS generate": cell_mas_generate,
 }
 
 
