@@ -101,3 +101,10 @@ def test_readme_matrix_is_the_generated_one():
     assert set(saved["rows"]) == set(cells.BUILDERS) and saved["features"] == list(FEATURES)
     assert matrix.readme_block() == matrix.render(saved), (
         "README.md's support matrix is not the generated one: run python -m tests.conformance.matrix")
+
+
+@pytest.mark.parametrize("row", ["cohere", "granite"])
+def test_lens_applies_the_models_output_transform(row):
+    """Cohere multiplies its logits by logit_scale, Granite divides by logits_scaling: the lens (and
+    every readout through ModelAdapter.unembedding) must reproduce them."""
+    assert run_cell(row, "lens").status == "exact"

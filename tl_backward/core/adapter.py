@@ -15,13 +15,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import TransformerBridge
-from transformer_lens.model_bridge.generalized_components import (CodeGenAttentionBridge, JointQKVAttentionBridge,
+from transformer_lens.model_bridge.generalized_components import (JointQKVAttentionBridge,
                                                                  JointQKVPositionEmbeddingsAttentionBridge,
                                                                  PositionEmbeddingsAttentionBridge)
 
 from tl_backward.errors import TLBackwardError
 
-from . import checks
+from . import bridges, checks
 from .readout import Unembed
 from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
 
@@ -96,7 +96,7 @@ class ModelAdapter:
     """
 
     def __init__(self, model: Any):
-        check_runnable(model)
+        bridges.check_runnable(model)
         _check_supported(model)
         self.model = model
         cfg = model.cfg
@@ -279,14 +279,20 @@ class ModelAdapter:
         return norm(v.to(dtype)).float()
 
     @property
+    def logits_transform(self):
+        """The model's post-unembedding transform, or None (:func:`tl_backward.core.bridges.logits_transform`)."""
+        return bridges.logits_transform(self.model)
+
+    @property
     def unembedding(self) -> Unembed:
-        """The readout ``v ↦ ln_final(v) @ W_U + b_U`` (:class:`tl_backward.core.readout.Unembed`:
+        """The readout ``v ↦ f(ln_final(v) @ W_U + b_U)`` (:class:`tl_backward.core.readout.Unembed`:
         full logits, probabilities, or chunked top/bottom-k, ranks and entropy for many vectors)."""
         return Unembed.of(self)
 
     @torch.no_grad()
     def unembed(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """Logit lens: ``ln_final(v) @ W_U + b_U``; reproduces the model's logits at the last layer."""
+        """Logit lens: ``f(ln_final(v) @ W_U + b_U)`` with ``f`` = :attr:`logits_transform`; reproduces the
+        model's logits at the last layer."""
         return self.unembedding.logits(v)
 
     # ---------------------------------------------------------------- tokens
@@ -419,19 +425,6 @@ def _check_supported(model: Any) -> None:
     if getattr(model.cfg, "attn_scores_soft_cap", -1) not in (None, -1, -1.0, 0):
         raise TLBackwardError("attention soft-capping (e.g. Gemma-2) is not supported: grad/scale would not be "
                               "dL/d(q·k)", argument="model")
-
-
-def check_runnable(model: Any) -> None:
-    """Refuse bridges whose own TransformerLens forward pass cannot run with the installed transformers,
-    with the TransformerLens problem named (instead of a deep AttributeError from inside the bridge)."""
-    blocks = getattr(model, "blocks", None)
-    attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
-    if isinstance(attn, CodeGenAttentionBridge) and not hasattr(attn.original_component, "embed_positions"):
-        raise TLBackwardError(
-            "TransformerLens's CodeGenAttentionBridge (transformer_lens/model_bridge/generalized_components/"
-            "codegen_attention.py) reads CodeGenAttention.embed_positions, which transformers 5.x no longer has, "
-            "so the bridge's own forward pass crashes before tl_backward can run; use a transformers 4.x "
-            "environment for CodeGen or wait for a TransformerLens fix", argument="model")
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, ModelAdapter]" = weakref.WeakKeyDictionary()

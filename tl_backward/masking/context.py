@@ -21,7 +21,8 @@ from transformer_lens.model_bridge.sources.native.model import NativeModel
 from tl_backward.core.device import device_of
 
 from ..core import checks
-from ..core.adapter import check_runnable, get_adapter
+from ..core.adapter import get_adapter
+from ..core.bridges import check_runnable
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
 from .segments import Segments
