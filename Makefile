@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Pin torch first so no later requirement can pull a multi-GB CUDA build; override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test notebooks processes bench clean
+.PHONY: demo test notebooks processes conformance matrix bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ notebooks: $(STAMP)
 
 processes: $(STAMP)
 	$(BIN)/python -m pytest -m processes
+
+# Every family x feature cell of the support matrix (tests/conformance), outside make test's budget.
+conformance: $(STAMP)
+	$(BIN)/python -m pytest -m conformance
+
+# Re-run the matrix and rewrite README.md's generated support-matrix block (and its saved JSON).
+matrix: $(STAMP)
+	$(BIN)/python -m tests.conformance.matrix
 
 bench: $(STAMP)
 	status=0; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || status=1; done; exit $$status

@@ -19,7 +19,7 @@ from transformer_lens.model_bridge.generalized_components import PositionEmbeddi
 
 from tl_backward.errors import TLBackwardError
 
-from . import checks
+from . import bridges, checks
 from .attention_kinds import ScoreRoute, Unsupported, ValueRoute, attention_route, attention_scale
 from .batch import Batch
 from .moe import MoELayer, moe_layer
@@ -60,6 +60,7 @@ class ModelAdapter:
     """
 
     def __init__(self, model: Any):
+        bridges.check_runnable(model)
         _check_supported(model)
         self.model = model
         cfg = model.cfg
@@ -279,14 +280,20 @@ class ModelAdapter:
         return norm(v.to(dtype)).float()
 
     @property
+    def logits_transform(self):
+        """The model's post-unembedding transform, or None (:func:`tl_backward.core.bridges.logits_transform`)."""
+        return bridges.logits_transform(self.model)
+
+    @property
     def unembedding(self) -> Unembed:
-        """The readout ``v ↦ ln_final(v) @ W_U + b_U`` (:class:`tl_backward.core.readout.Unembed`:
+        """The readout ``v ↦ f(ln_final(v) @ W_U + b_U)`` (:class:`tl_backward.core.readout.Unembed`:
         full logits, probabilities, or chunked top/bottom-k, ranks and entropy for many vectors)."""
         return Unembed.of(self)
 
     @torch.no_grad()
     def unembed(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """Logit lens: ``ln_final(v) @ W_U + b_U``; reproduces the model's logits at the last layer."""
+        """Logit lens: ``f(ln_final(v) @ W_U + b_U)`` with ``f`` = :attr:`logits_transform`; reproduces the
+        model's logits at the last layer."""
         return self.unembedding.logits(v)
 
     # ---------------------------------------------------------------- tokens

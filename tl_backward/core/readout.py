@@ -102,7 +102,8 @@ class Readout:
 
 @dataclass(frozen=True, repr=False)
 class Unembed:
-    """The unembedding ``v ↦ norm(v) · W_U + b_U`` (``norm`` None: the vectors are already normed).
+    """The unembedding ``v ↦ f(norm(v) · W_U + b_U)`` (``norm`` None: the vectors are already normed;
+    ``f`` = ``transform``, the model's own output transform, None: identity).
 
     ``W_U: [d_model, vocab]``, ``b_U: [vocab]`` (None: no bias), ``norm``: the final norm as a
     callable ``[..., d_model] -> [..., d_model]`` (e.g. ``ModelAdapter.ln_final``).
@@ -111,6 +112,9 @@ class Unembed:
     W_U: Float[Tensor, "d_model vocab"]
     b_U: Float[Tensor, " vocab"] | None = None
     norm: Callable[[Tensor], Tensor] | None = None
+    # The model's elementwise, increasing post-unembedding transform (Cohere's logit_scale, Granite's
+    # 1/logits_scaling, a final soft-cap), applied to every logit; None = identity.
+    transform: Callable[[Tensor], Tensor] | None = None
 
     def __repr__(self) -> str:
         d, V = self.W_U.shape
@@ -118,8 +122,9 @@ class Unembed:
 
     @classmethod
     def of(cls, adapter: Any) -> "Unembed":
-        """The model's own readout: ``adapter.ln_final``, ``adapter.W_U``, ``adapter.b_U``."""
-        return cls(adapter.W_U, adapter.b_U, adapter.ln_final)
+        """The model's own readout: ``adapter.ln_final``, ``adapter.W_U``, ``adapter.b_U`` and
+        ``adapter.logits_transform``."""
+        return cls(adapter.W_U, adapter.b_U, adapter.ln_final, getattr(adapter, "logits_transform", None))
 
     @property
     def d_vocab(self) -> int:
@@ -134,7 +139,8 @@ class Unembed:
     def logits(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
         """The full logits ``norm(v) · W_U + b_U`` (for few vectors; see :meth:`readout` for many)."""
         out = self.normed(v) @ self.W_U.float()
-        return out if self.b_U is None else out + self.b_U.float().to(out.device)
+        out = out if self.b_U is None else out + self.b_U.float().to(out.device)
+        return out if self.transform is None else self.transform(out)
 
     @torch.no_grad()
     def probs(self, v: Float[Tensor, "rows d_model"], rows_per_chunk: int = 64) -> Float[Tensor, "rows vocab"]:
@@ -180,11 +186,13 @@ class Unembed:
                 vocab_chunk = _balanced_chunk(vocab, max(BLOCK, TILE_ELEMENTS // hr.shape[0]))
             idr = ids[r0:r0 + row_chunk]
             thr = torch.einsum("rd,rmd->rm", hr, WT[idr]) + (0 if b_U is None else b_U[idr])
+            thr = thr if self.transform is None else self.transform(thr)
             acc = _Tiles(thr, idr, min(vocab_chunk, vocab), **opts)
             if buffer is None or buffer.shape[0] != hr.shape[0]:
                 buffer = torch.empty(hr.shape[0], min(vocab_chunk, vocab), device=WT.device)
             for c0 in range(0, vocab, vocab_chunk):
-                acc.add(_tile(hr, WT, b_U, c0, min(c0 + vocab_chunk, vocab), buffer), c0)
+                tile = _tile(hr, WT, b_U, c0, min(c0 + vocab_chunk, vocab), buffer)
+                acc.add(tile if self.transform is None else self.transform(tile), c0)
             parts.append(acc.result())
         return _concat(parts, rows, k, ids.shape[1], softmax, bottom_ranks, WT.device)
 

@@ -9,6 +9,8 @@ pass (:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +44,12 @@ def _names(ad: ModelAdapter, layer: int, backward: bool) -> dict[str, str]:
         names["mlp_pre"] = ad.hook_name("mlp_pre_linear" if ad.gated_mlp else "mlp_pre", layer)
         names["ln1_in"] = f"blocks.{layer}.ln1.hook_in"  # the LN1-branch gradient of resid_pre
         names["ln2_in"] = f"blocks.{layer}.ln2.hook_in"  # the LN2-branch gradient
+        if names["ln2_in"] not in ad.model.hook_dict:
+            raise TLBackwardError(
+                "backward flow graphs split the residual gradient into the LN1 and LN2 branches, but this "
+                "model's blocks have no ln2 (Phi / Falcon / Cohere-style parallel blocks share one input norm; "
+                "OLMo-2's post-norm blocks have no input norms); draw the forward graph (backward=False)",
+                argument="backward")
     return names
 
 
@@ -57,6 +65,11 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
     for mod in ad.model.original_model.modules():
         name = type(mod).__name__
         if name.endswith("RotaryEmbedding") and "Bridge" not in name:
+            if "layer_type" in inspect.signature(mod.forward).parameters:
+                raise TLBackwardError(
+                    f"this model's rotary embedding ({name}) differs by layer type (local and global RoPE, "
+                    "e.g. Gemma-3), but flow graphs read one cos/sin table for every layer: not supported",
+                    argument="model")
             dtype = next(ad.model.parameters()).dtype
             x = torch.zeros(1, n_pos, ad.d_model, dtype=dtype, device=device_of(ad.model))
             with torch.no_grad():
@@ -86,6 +99,11 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
         acts, grads, t, value = _backward_pass(ad.model, tokens, flat, p, metric, target)
     else:
         acts, grads, t, value = _forward_pass(ad.model, tokens, flat, p, target)
+    silent = [n for n in flat if n not in acts or (backward and n not in grads)]
+    if silent:
+        raise TLBackwardError(
+            f"flow graphs read {silent[:3]}, which this model's bridge never fires (e.g. OLMo-2's post-norm "
+            "blocks have no input norm ln1): VISIT's pre-norm block picture does not apply", argument="model")
     out = []
     for l in layers:
         nm = names[l]
@@ -114,7 +132,8 @@ def _forward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, target: i
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=flat)
     t = int(logits[0, p].argmax()) if target is None else target
-    return {n: cache[n].detach().float().cpu() for n in flat}, {}, t, None
+    fired = set(cache.keys())  # a hook that never fires is reported by _gather, not as a KeyError
+    return {n: cache[n].detach().float().cpu() for n in flat if n in fired}, {}, t, None
 
 
 def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: bool, target: int | None):

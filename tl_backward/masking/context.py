@@ -16,11 +16,14 @@ from typing import Any, Iterator, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens.model_bridge.generalized_components import BloomAttentionBridge
+from transformer_lens.model_bridge.sources.native.model import NativeModel
 
 from tl_backward.core.device import device_of
 
 from ..core import checks
 from ..core.adapter import get_adapter
+from ..core.bridges import check_runnable
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
 from .segments import Segments
@@ -37,6 +40,17 @@ def hf_module(model: Any) -> torch.nn.Module:
         raise TLBackwardError(
             "MAS needs a reconstructing TransformerBridge booted with boot_transformers "
             "(boot_native uses the opposite bool-mask convention and is unsupported)", argument="model")
+    if isinstance(hf, NativeModel):
+        raise TLBackwardError(
+            "MAS needs a bridge booted with boot_transformers: a boot_native (or legacy TransformerLens "
+            "checkpoint) model ORs every attention mask with its causal mask and reads bool masks as True = "
+            "masked, so a segment mask cannot lift causality there", argument="model")
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and len(blocks) and isinstance(getattr(blocks[0], "attn", None), BloomAttentionBridge):
+        raise TLBackwardError(
+            "MAS is not available for BLOOM: transformers' BloomModel builds its ALiBi bias from a 2-D "
+            "[batch, pos] padding mask (build_alibi_tensor) and cannot take the 4-D segment mask", argument="model")
+    check_runnable(model)
     return hf
 
 

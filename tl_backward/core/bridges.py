@@ -1,0 +1,40 @@
+"""Facts about TransformerLens bridge classes that tl_backward dispatches on (``isinstance`` on
+TransformerLens's own classes, never on names): bridges whose forward cannot run, and the
+post-unembedding transform an architecture applies to its logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import Tensor
+from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+from transformer_lens.model_bridge.generalized_components import CodeGenAttentionBridge
+
+from tl_backward.errors import TLBackwardError
+
+
+def check_runnable(model: Any) -> None:
+    """Refuse bridges whose own TransformerLens forward pass cannot run with the installed transformers,
+    naming the TransformerLens problem (instead of a deep AttributeError from inside the bridge)."""
+    blocks = getattr(model, "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if blocks is not None and len(blocks) else None
+    if isinstance(attn, CodeGenAttentionBridge) and not hasattr(attn.original_component, "embed_positions"):
+        raise TLBackwardError(
+            "TransformerLens's CodeGenAttentionBridge (transformer_lens/model_bridge/generalized_components/"
+            "codegen_attention.py) reads CodeGenAttention.embed_positions, which transformers 5.x no longer has, "
+            "so the bridge's own forward pass crashes before tl_backward can run; use a transformers 4.x "
+            "environment for CodeGen or wait for a TransformerLens fix", argument="model")
+
+
+def logits_transform(model: Any) -> Callable[[Tensor], Tensor] | None:
+    """The elementwise transform the bridge applies after ``ln_final → W_U + b_U``: its TransformerLens
+    architecture adapter's ``apply_output_logits_transform`` (Cohere's logit_scale, Granite's
+    1/logits_scaling, a final soft-cap), or None when the architecture declares nothing beyond an
+    unset soft-cap. Increasing in every logit, so ranks are unchanged and probabilities are not."""
+    arch = getattr(model, "adapter", None)
+    if not isinstance(arch, ArchitectureAdapter):
+        return None
+    overridden = type(arch).apply_output_logits_transform is not ArchitectureAdapter.apply_output_logits_transform
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    return arch.apply_output_logits_transform if overridden or cap not in (None, -1, -1.0, 0, 0.0) else None
