@@ -141,6 +141,11 @@ def run_sweep(batches: Iterable[T], step: Callable[[T], tuple], *, fingerprint: 
 def _add(sums: Sums, part: Sums) -> Sums:
     if sums and set(sums) != set(part):
         raise TLBackwardError(f"a sweep step returned sums {sorted(part)} after {sorted(sums)}", argument="step")
+    moved = [k for k in sums if tuple(sums[k].shape) != tuple(part[k].shape)]
+    if moved:
+        raise TLBackwardError(f"a sweep step returned sums {moved} of shape {tuple(part[moved[0]].shape)} after "
+                              f"{tuple(sums[moved[0]].shape)}: keep the shapes, or pass combine= to merge them",
+                              argument="step")
     return {k: part[k].detach().to("cpu", torch.float64) + sums.get(k, 0) for k in part}
 
 
