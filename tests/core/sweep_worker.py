@@ -3,7 +3,9 @@
 ``python -m tests.core.sweep_worker OUT [--checkpoint PATH] [--slow SECONDS]`` ranks the heads of
 the gpt2 test fixture over PROMPTS and saves the ranking (every rank writes ``OUT.rank{r}``).
 ``--slow`` sleeps inside each batch's metric, so a test can kill the run between checkpoints.
-``--job finetune`` instead runs ``mas_finetune`` (2 epochs, global batch 3) and saves the weights.
+``--job finetune`` instead runs ``mas_finetune`` (2 epochs, global batch 3) and saves the weights;
+``--job means`` saves ``mean_over`` in both align modes, ``--job icl`` small ``icl_patching`` and
+``icl_perturbation`` runs (tests/attention/test_sweeps.py).
 """
 
 import argparse
@@ -14,6 +16,10 @@ import torch
 
 from tests.conftest import build
 from tl_backward import rank_heads
+from tl_backward.attention import mean_over
+from tl_backward.attention import zero_heads
+from tl_backward.attention.icl import evaluate, icl_patching, icl_prompts
+from tl_backward.attention.perturbation import icl_perturbation
 from tl_backward.lens import evaluate_edits
 from tl_backward.masking import mas_finetune
 from tl_backward.masking import segments as S
@@ -31,6 +37,39 @@ EDIT_REQUESTS = [dict(prompt=p, target_new=new, target_true=old, paraphrases=[p.
                  for p, new, old in (("the capital of france is", "rome", "paris"), ("the cat sat on the", "dog", "mat"),
                                      ("a big dog ran", "down", "up"), ("one two three", "five", "four"),
                                      ("the capital of italy is", "paris", "rome"))]
+SAME_LENGTH = [("the cat sat on the mat", " big"), ("the dog ran to the city", " cat"),
+               ("a big red dog is hot", " cold"), ("one two three four five six", " seven"),
+               ("the capital of france is paris", " yes")]
+
+WORDS = [("hot", "cold"), ("big", "small"), ("good", "bad"), ("up", "down"), ("yes", "no"),
+         ("one", "two"), ("three", "four"), ("five", "six"), ("seven", "eight"), ("nine", "ten")]
+ICL_PAIRS = WORDS + [(b, a) for a, b in WORDS]  # as tests/attention/test_experiments.py
+
+
+def mean_job(model) -> dict:
+    """mean_over, exact (same-length prompts) and end (PROMPTS of 2 to 5 words, batch 2)."""
+    out = {}
+    for align, data in (("exact", SAME_LENGTH), ("end", PROMPTS[:7])):
+        m = mean_over(model, iter(data), align=align, batch_size=2, prepend_bos=True)
+        out[align] = {"maps": m.maps, "patterns": m.patterns, "metric": m.metric, "n": m.n_examples,
+                      "tokens": m.tokens, "str_tokens": m.str_tokens, "layers": m.layers, "scales": m.scales}
+    return out
+
+
+def icl_job(model) -> dict:
+    """Small ICL patching and perturbation runs on word pairs of the fixture's vocabulary."""
+    train, test = ICL_PAIRS[:14], ICL_PAIRS[14:]
+    patching = icl_patching(model, train[:10], test[:5], n_shots=(1,), etas=(-30.0,), n_train=5, batch_size=2,
+                            verbose=False)
+    perturbation = icl_perturbation(model, train[:10], test[:5], n_shots=(1,), n_train=4, fractions=(0.0, 0.5, 1.0),
+                                    rankings=("reversed",), batch_size=2, verbose=False)
+    run = perturbation[1]
+    prompts = [p for p, _ in icl_prompts(train, test, 1, seed=1)]
+    answers = [int(model.tokenizer.convert_tokens_to_ids(y)) for _, y in test]
+    with zero_heads(model, run.ranking.order()[:3]):  # scored inside an ablation, as the perturbation does
+        hits, nll = evaluate(model, (p for p in prompts), iter(answers), ks=(1, 10, 30), batch_size=2)
+    return {"hits": hits, "nll": nll, "icl_rows": [r.to_dict() for r in patching.rows], "fit_loss": dict(patching.fit_loss),
+            "perturbation_rows": [r.to_dict() for r in run.rows], "ranking": run.ranking.reversed_mean}
 
 
 def main() -> None:
@@ -38,7 +77,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--slow", type=float, default=0.0)
-    parser.add_argument("--job", choices=("rank_heads", "finetune", "edits"), default="rank_heads")
+    parser.add_argument("--job", choices=("rank_heads", "finetune", "edits", "means", "icl"), default="rank_heads")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "RANK" in os.environ:
@@ -50,6 +89,10 @@ def main() -> None:
                               seed=3, progress=False)
         torch.save({"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
                     "losses": result.losses}, f"{args.out}.rank{rank}")
+        _finish()
+        return
+    if args.job in ("means", "icl"):
+        torch.save((mean_job if args.job == "means" else icl_job)(model), f"{args.out}.rank{rank}")
         _finish()
         return
     if args.job == "edits":

@@ -203,3 +203,31 @@ def test_evaluate_edits_under_torchrun_equals_one_process(tmp_path):
     (single,) = _run(tmp_path / "single", "--job", "edits")
     for r in _run(tmp_path / "dist", "--job", "edits", torchrun=True):
         assert all(torch.equal(r[k], single[k]) for k in single)  # per-request scores, in request order
+
+
+def _tail_sum(a, b):
+    """Sums of vectors of varying length, aligned at their ends: crop both to the shorter, add."""
+    k = min(len(a["v"]), len(b["v"]))
+    return {"v": a["v"][-k:] + b["v"][-k:]}
+
+
+def test_combine_merges_sums_that_change_shape_and_resumes(tmp_path):
+    sizes = [5, 3, 6, 2, 4]
+    vec = lambda k: torch.arange(sizes[k], dtype=torch.float64) + k / 3  # noqa: E731
+    ref = sum(vec(k)[-2:] for k in range(5))  # explicit: every vector's last 2 entries, added
+    swept = run_sweep(range(5), lambda k: ({"v": vec(k)}, 1), fingerprint="t", combine=_tail_sum)
+    assert swept.count == 5 and torch.allclose(swept.sums["v"], ref, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="step returned sums"):  # without combine, shapes must not change
+        run_sweep(range(5), lambda k: ({"v": vec(k)}, 1), fingerprint="t")
+    path = tmp_path / "ck.pt"
+
+    def crashing(k):
+        if k == 3:
+            raise RuntimeError("power cut")
+        return {"v": vec(k)}, 1
+
+    with pytest.raises(RuntimeError):
+        run_sweep(range(5), crashing, fingerprint="t", checkpoint=path, combine=_tail_sum)
+    assert torch.load(path, weights_only=True)["sums"]["v"].shape == (3,)  # cropped to the shortest so far
+    resumed = run_sweep(range(5), lambda k: ({"v": vec(k)}, 1), fingerprint="t", checkpoint=path, combine=_tail_sum)
+    assert resumed.count == 5 and torch.equal(resumed.sums["v"], swept.sums["v"])

@@ -16,14 +16,17 @@ prompt alone (as here) gives the same maps and predictions.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
+from tl_backward.core import checks
 from tl_backward.core.device import device_of
+from tl_backward.core.sweep import batched, checkpoint_part, dataset_size, run_sweep
 
 from ..core.adapter import get_adapter
 from ..core.results import FrozenDict, Record
@@ -73,31 +76,64 @@ def answer_ids(model: Any, targets: Sequence[str]) -> list[int]:
     return [int(ad.target_tokens(t)[0]) for t in targets]
 
 
-def topk_hits(model: Any, prompts: Sequence[str], answers: Sequence[int], *, ks: Sequence[int] = KS,
-              batch_size: int = 32, prepend_bos: bool | None = True) -> torch.Tensor:
+def topk_hits(model: Any, prompts: Iterable[str], answers: Iterable[int], *, ks: Sequence[int] = KS,
+              batch_size: int = 32, prepend_bos: bool | None = True, progress: bool = False,
+              checkpoint: str | os.PathLike | None = None) -> torch.Tensor:
     """``Bool[n, len(ks)]``: whether each answer id is among the model's top-k at the prompt's last
     token (prompts right-padded per batch; call inside a patch/ablation context to score it)."""
-    return evaluate(model, prompts, answers, ks=ks, batch_size=batch_size, prepend_bos=prepend_bos)[0]
+    return evaluate(model, prompts, answers, ks=ks, batch_size=batch_size, prepend_bos=prepend_bos,
+                    progress=progress, checkpoint=checkpoint)[0]
 
 
-@torch.no_grad()
-def evaluate(model: Any, prompts: Sequence[str], answers: Sequence[int], *, ks: Sequence[int] = KS,
-             batch_size: int = 32, prepend_bos: bool | None = True) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(model: Any, prompts: Iterable[str], answers: Iterable[int], *, ks: Sequence[int] = KS,
+             batch_size: int = 32, prepend_bos: bool | None = True, progress: bool = False,
+             checkpoint: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hits Bool[n, len(ks)], nll Float[n])``: top-k hits as :func:`topk_hits` and the answer's
-    negative log-probability at the last prompt token."""
+    negative log-probability at the last prompt token.
+
+    ``prompts`` and ``answers`` are any iterables (lists, generators), zipped and drawn
+    ``batch_size`` at a time on the dataset sweep (core/sweep.py): per-example hits and NLL are
+    records, so under ``torchrun`` the batches are sharded and every rank returns all of them in
+    order; ``checkpoint=path`` makes the run resumable (the path names the condition scored: a
+    patched and an unpatched run need different paths).
+    """
     ad = get_adapter(model)
     device = device_of(model)
-    hits, nlls = [], []
-    for i in range(0, len(prompts), batch_size):
-        batch = ad.tokenize(list(prompts[i:i + batch_size]), prepend_bos)
+    ks = tuple(checks.count(k, "ks", minimum=1) for k in ks)
+
+    @torch.no_grad()
+    def step(chunk: list[tuple[str, int]]) -> tuple[dict, int, list]:
+        batch = ad.tokenize([p for p, _ in chunk], prepend_bos)
         logits = model(batch.tokens.to(device), return_type="logits")
         rows = torch.arange(len(batch.last), device=logits.device)
         last = logits[rows, batch.last.to(logits.device)].float().cpu()
         top = last.topk(max(ks), dim=-1).indices
-        ans = torch.tensor(list(answers[i:i + batch_size]))
-        hits.append(torch.stack([(top[:, :k] == ans[:, None]).any(-1) for k in ks], dim=-1))
-        nlls.append(-torch.log_softmax(last, -1).gather(-1, ans[:, None])[:, 0])
-    return torch.cat(hits), torch.cat(nlls)
+        ans = torch.tensor([int(a) for _, a in chunk])
+        hits = torch.stack([(top[:, :k] == ans[:, None]).any(-1) for k in ks], dim=-1)
+        nll = -torch.log_softmax(last, -1).gather(-1, ans[:, None])[:, 0]
+        return {}, len(chunk), [(h, float(x)) for h, x in zip(hits.tolist(), nll)]
+
+    fingerprint = (f"evaluate {getattr(model.cfg, 'model_name', '?')} ks={list(ks)} batch_size={batch_size} "
+                   f"prepend_bos={prepend_bos}")
+    swept = run_sweep(batched(_scored(prompts, answers), batch_size), step, fingerprint=fingerprint,
+                      checkpoint=checkpoint, progress=progress, desc="evaluate", total=dataset_size(prompts))
+    hits = torch.tensor([h for h, _ in swept.records], dtype=torch.bool).reshape(-1, len(ks))
+    return hits, torch.tensor([x for _, x in swept.records], dtype=torch.float32)
+
+
+def _scored(prompts: Iterable[str], answers: Iterable[int]) -> Iterable[tuple[str, int]]:
+    """``(prompt, answer id)`` pairs drawn lazily; the two iterables must end together."""
+    if isinstance(prompts, str):
+        raise TLBackwardError("prompts must be a list (or iterable) of strings, not one string", argument="prompts")
+    ans = iter(answers)
+    for i, p in enumerate(prompts):
+        a = next(ans, None)
+        if a is None:
+            raise TLBackwardError(f"answers ran out at prompt {i}: pass one answer id per prompt", argument="answers")
+        yield p, a
+    if next(ans, None) is not None:
+        raise TLBackwardError("answers has more entries than prompts: pass one answer id per prompt",
+                              argument="answers")
 
 
 def _lengths(model: Any, prompts: Sequence[str], prepend_bos: bool | None) -> list[int]:
@@ -238,6 +274,7 @@ def icl_patching(
     prepend_bos: bool = True,
     progress: bool = False,
     verbose: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> ICLPatching:
     """Attention patching on ICL prompts: RA patching vs the forward-attention control vs no patch.
 
@@ -254,6 +291,11 @@ def icl_patching(
     (%) and ``nll``, the mean answer NLL in nats (it moves before the accuracies do), and
     ``fit_loss`` per n_shots, the mean training-prompt loss the maps come from (near 0 means
     near-zero RA, hence small effects at the paper's η). Prints its table when ``verbose``.
+
+    Every mean and every evaluation is a dataset sweep (core/sweep.py): under ``torchrun`` the
+    prompts are sharded over the ranks and every rank returns the same result; ``checkpoint=path``
+    keeps one file per sub-sweep (``path.{k}shot.mean``, ``path.{k}shot.reversed.{η}``, ...), so a
+    restarted run skips what is done.
     """
     if len(train) < 2 or not test:
         raise TLBackwardError("need at least 2 training pairs and 1 test pair", argument="test")
@@ -277,17 +319,20 @@ def icl_patching(
         ans = answer_ids(model, [t for _, t in evals])
         prompts = [p for p, _ in evals]
         mean = mean_over(model, [p for p, _ in fit], fit_ids, layers=layers, batch_size=batch_size,
-                         prepend_bos=prepend_bos, progress=progress)
+                         prepend_bos=prepend_bos, progress=progress,
+                         checkpoint=checkpoint_part(checkpoint, f"{k}shot.mean"))
         base = dict(n_shots=k, n_test=len(evals), prompt_len=lengths.pop())
         fit_loss[k] = float(mean.metric)
-        scored = evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos)
+        run = dict(batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
+        scored = evaluate(model, prompts, ans, **run, checkpoint=checkpoint_part(checkpoint, f"{k}shot.none"))
         rows.append(ICLRow(**base, method="none", eta=0.0, **topk_scores(*scored)))
         for eta in etas:
             if eta == 0:
                 continue
             for method, delta in (("reversed", mean), ("forward", mean.patterns)):
                 with patch_attention(model, delta, eta=eta, layers=list(mean.layers)):
-                    scored = evaluate(model, prompts, ans, batch_size=batch_size, prepend_bos=prepend_bos)
+                    scored = evaluate(model, prompts, ans, **run,
+                                      checkpoint=checkpoint_part(checkpoint, f"{k}shot.{method}.{eta:g}"))
                 rows.append(ICLRow(**base, method=method, eta=eta, **topk_scores(*scored)))
     result = ICLPatching(rows=tuple(rows), n_train=n_train, n_test=len(test), seed=seed,
                          fit_loss=FrozenDict(fit_loss), fit_source="train" if fit_queries is None else "fit_queries",

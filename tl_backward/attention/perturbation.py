@@ -10,10 +10,12 @@ high at small f, and its reversal loses it fast.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ..core.results import Record
+from ..core.sweep import checkpoint_part
 from ..errors import TLBackwardError
 from .icl import PAPER_SHOTS, Pair, answer_ids, icl_prompts, topk_hits, topk_scores
 from .patching import zero_heads
@@ -146,13 +148,17 @@ def head_perturbation(
     prepend_bos: bool = True,
     progress: bool = False,
     verbose: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> HeadPerturbation:
     """Accuracy when only the top ``f`` of heads (by each ranking) are kept.
 
     Targets are strings (``" y"``); accuracy is scored on their first token. The head ranking is
     computed on the training prompts with :func:`tl_backward.rank_heads` unless ``ranking`` is given.
     Returns a :class:`HeadPerturbation` (one :class:`PerturbationRow` per ranking and fraction,
-    accuracies in %, and the ranking used) and prints its table when ``verbose``.
+    accuracies in %, and the ranking used) and prints its table when ``verbose``. The ranking and
+    every evaluation are dataset sweeps (core/sweep.py): sharded under ``torchrun`` with every rank
+    returning the same result; ``checkpoint=path`` keeps one file per sub-sweep
+    (``path.ranking``, ``path.{ranking}.{fraction}``) so a restarted run skips what is done.
     """
     for f in fractions:
         if not 0.0 <= float(f) <= 1.0:
@@ -163,7 +169,8 @@ def head_perturbation(
                               argument="rankings")
     if ranking is None:
         ranking = rank_heads(model, list(train_prompts), answer_ids(model, train_targets),
-                             batch_size=batch_size, prepend_bos=prepend_bos, progress=progress)
+                             batch_size=batch_size, prepend_bos=prepend_bos, progress=progress,
+                             checkpoint=checkpoint_part(checkpoint, "ranking"))
     orders = {}
     for name in rankings:
         orders[name] = ranking.order(name, seed=seed)
@@ -176,7 +183,8 @@ def head_perturbation(
         for f in fractions:
             n_kept = round(float(f) * len(all_heads))
             with zero_heads(model, order[n_kept:]):
-                hits = topk_hits(model, list(test_prompts), answers, batch_size=batch_size, prepend_bos=prepend_bos)
+                hits = topk_hits(model, list(test_prompts), answers, batch_size=batch_size, prepend_bos=prepend_bos,
+                                 progress=progress, checkpoint=checkpoint_part(checkpoint, f"{name}.{float(f):g}"))
             rows.append(PerturbationRow(ranking=name, fraction=float(f), n_kept=n_kept, **topk_scores(hits)))
     result = HeadPerturbation(rows=tuple(rows), ranking=ranking, n_heads=len(all_heads), n_test=len(test_prompts),
                               n_train=len(train_prompts), seed=seed)
@@ -195,12 +203,14 @@ def icl_perturbation(
     fit_queries: Sequence[Pair] | None = None,
     seed: int = 0,
     verbose: bool = True,
+    checkpoint: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> ICLPerturbation:
     """:func:`head_perturbation` on k-shot ICL prompts built from (x, y) pairs (template and
     demonstration sampling as in :mod:`tl_backward.attention.icl`), one run per ``n_shots``. The
     heads are ranked on the first ``n_train`` of ``fit_queries`` (default: of ``train``).
-    Returns an :class:`ICLPerturbation`, which reads as ``{n_shots: HeadPerturbation}``."""
+    Returns an :class:`ICLPerturbation`, which reads as ``{n_shots: HeadPerturbation}``.
+    ``checkpoint=path``: each run resumes from ``path.{k}shot.*`` (see :func:`head_perturbation`)."""
     queries = list(train if fit_queries is None else fit_queries)[:n_train]
     if not queries:
         raise TLBackwardError("no queries to rank the heads on: pass non-empty train or fit_queries", argument="train")
@@ -211,7 +221,8 @@ def icl_perturbation(
         if verbose:
             print(f"\n== {k}-shot ==")
         runs.append(head_perturbation(model, [p for p, _ in fit], [t for _, t in fit], [p for p, _ in evals],
-                                      [t for _, t in evals], seed=seed, verbose=verbose, **kwargs))
+                                      [t for _, t in evals], seed=seed, verbose=verbose,
+                                      checkpoint=checkpoint_part(checkpoint, f"{k}shot"), **kwargs))
     return ICLPerturbation(n_shots=tuple(n_shots), runs=tuple(runs))
 
 

@@ -18,7 +18,7 @@ from tl_backward.core import checks
 from tl_backward.core.sweep import batched
 from tl_backward.errors import TLBackwardError
 
-__all__ = ["RowTargetNLL", "batch_target", "check_prompts", "example_batches"]
+__all__ = ["RowTargetNLL", "batch_target", "check_prompts", "describe", "example_batches"]
 
 
 @dataclass(frozen=True)
@@ -139,3 +139,12 @@ def _example(e: Any, i: int, target: Any, metric: Any, argument: str) -> tuple[s
         raise TLBackwardError(f"prompts: example {i} carries its own target: leave {argument}= and metric= unset",
                               argument=argument)
     return prompt, own
+
+
+def describe(value: Any) -> str:
+    """A short stable description of a target/metric argument for a checkpoint's fingerprint."""
+    if value is None or isinstance(value, (str, int)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} per-prompt targets, first {value[0]!r:.30}" if value else "[]"
+    return getattr(value, "__qualname__", type(value).__name__)

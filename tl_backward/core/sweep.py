@@ -14,6 +14,10 @@ Because only sums and small records travel, three things come for free:
   atomically (temporary file + ``os.replace``) every ``every`` batches; a restarted run with the same
   arguments skips the batches already summed and returns exactly what an uninterrupted run returns.
   Under ``torchrun`` each rank keeps its own file (``path.rank{r}-of-{w}``).
+
+Sums whose shape may change along the sweep (mean maps cropped to the shortest prompt so far) pass
+``combine``: it merges two partial sums in place of ``+``, within a rank and across ranks, where the
+ranks' sums are gathered and folded in rank order (every rank folds the same list, so all agree).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from tl_backward.errors import TLBackwardError
 
 from . import checks
 
-__all__ = ["Sums", "SweepResult", "batched", "dataset_size", "rank_and_world", "run_sweep"]
+__all__ = ["Sums", "SweepResult", "batched", "checkpoint_part", "dataset_size", "rank_and_world", "run_sweep"]
 
 T = TypeVar("T")
 Sums = dict[str, Tensor]
@@ -79,16 +83,30 @@ def batched(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
         yield chunk
 
 
+def checkpoint_part(checkpoint: str | os.PathLike | None, part: str) -> Path | None:
+    """The checkpoint file of one sub-sweep of a study (``path.part``), or None without checkpoint."""
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
+        raise TLBackwardError(f"checkpoint must be a file path (str or Path), got {type(checkpoint).__name__}",
+                              argument="checkpoint")
+    path = Path(checkpoint)
+    return path.with_name(f"{path.name}.{part}")
+
+
 def run_sweep(batches: Iterable[T], step: Callable[[T], tuple], *, fingerprint: str,
               checkpoint: str | os.PathLike | None = None, every: int = 1, progress: bool = False,
-              desc: str = "sweep", total: int | None = None) -> SweepResult:
+              desc: str = "sweep", total: int | None = None,
+              combine: Callable[[Sums, Sums], Sums] | None = None) -> SweepResult:
     """Sum ``step(batch)`` over ``batches``, reduced over all ranks (see :class:`SweepResult`).
 
     ``step`` returns ``({name: float64 tensor}, examples in the batch)`` or ``(sums, n, records)``
     with a list of picklable per-example records; every batch must return the same names and
     shapes (an empty dict when the sweep only collects records). ``fingerprint`` describes the run's arguments: a checkpoint written by a
     run with another fingerprint or world size is refused, never mixed in. ``total``: examples in
-    the dataset, for the progress bar (None = unknown).
+    the dataset, for the progress bar (None = unknown). ``combine(a, b) -> sums``: merges two
+    partial sums (float64, on the CPU) instead of adding them, for sums that are not shape-stable;
+    it must be associative (the batches are grouped by rank, then the ranks folded in rank order).
     """
     checks.count(every, "every", minimum=1)
     checks.flag(progress, "progress")
@@ -104,7 +122,7 @@ def run_sweep(batches: Iterable[T], step: Callable[[T], tuple], *, fingerprint: 
             if k < drawn or k % world != rank:
                 continue  # summed before the restart, or another rank's batch
             part, n, *own = step(batch)
-            sums = _add(sums, part)
+            sums = _add(sums, part) if combine is None else _combined(sums, part, combine)
             count += n
             if own:
                 records.append((k, list(own[0])))
@@ -113,14 +131,40 @@ def run_sweep(batches: Iterable[T], step: Callable[[T], tuple], *, fingerprint: 
                 _save(path, fingerprint, world, (sums, count, k + 1, records))
         if path is not None:
             _save(path, fingerprint, world, (sums, count, max(k + 1, drawn), records))
-    sums, count = _all_reduce(sums, count, world)
+    if combine is None:
+        sums, count = _all_reduce(sums, count, world)
+    else:
+        sums, count = _folded(sums, count, world, combine)
     return SweepResult(sums, count, _gathered(records, world))
 
 
 def _add(sums: Sums, part: Sums) -> Sums:
     if sums and set(sums) != set(part):
         raise TLBackwardError(f"a sweep step returned sums {sorted(part)} after {sorted(sums)}", argument="step")
+    moved = [k for k in sums if tuple(sums[k].shape) != tuple(part[k].shape)]
+    if moved:
+        raise TLBackwardError(f"a sweep step returned sums {moved} of shape {tuple(part[moved[0]].shape)} after "
+                              f"{tuple(sums[moved[0]].shape)}: keep the shapes, or pass combine= to merge them",
+                              argument="step")
     return {k: part[k].detach().to("cpu", torch.float64) + sums.get(k, 0) for k in part}
+
+
+def _combined(sums: Sums, part: Sums, combine: Callable[[Sums, Sums], Sums]) -> Sums:
+    part = {k: v.detach().to("cpu", torch.float64) for k, v in part.items()}
+    return combine(sums, part) if sums else part
+
+
+def _folded(sums: Sums, count: int, world: int, combine: Callable[[Sums, Sums], Sums]) -> tuple[Sums, int]:
+    """Every rank's sums gathered and folded with ``combine`` in rank order (ranks without a batch skipped)."""
+    if world == 1:
+        return sums, count
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, (sums, count))
+    out: Sums = {}
+    for part, _ in parts:
+        if part:
+            out = combine(out, part) if out else part
+    return out, sum(n for _, n in parts)
 
 
 def _rank_path(checkpoint: Any, rank: int, world: int) -> Path | None:
