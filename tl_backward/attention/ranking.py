@@ -24,7 +24,7 @@ from tl_backward.errors import TLBackwardError
 
 from .render import head_ranking_page
 from .reversed import frobenius, reversed_attention
-from .targets import example_batches
+from .targets import describe, example_batches
 
 __all__ = ["HeadRanking", "rank_heads"]
 
@@ -131,8 +131,8 @@ def rank_heads(
         return {"ra": r.sum(1), "ra_sq": (r * r).sum(1), "p": f.sum(1), "p_sq": (f * f).sum(1)}, r.shape[1]
 
     fingerprint = (f"rank_heads {getattr(model.cfg, 'model_name', '?')} layers={list(layer_ids)} "
-                   f"batch_size={batch_size} prepend_bos={prepend_bos} targets={_describe(targets)} "
-                   f"metric={_describe(metric)}")
+                   f"batch_size={batch_size} prepend_bos={prepend_bos} targets={describe(targets)} "
+                   f"metric={describe(metric)}")
     swept = run_sweep(example_batches(prompts, targets, metric, batch_size, "targets"), step,
                            fingerprint=fingerprint, checkpoint=checkpoint, progress=progress, desc="rank_heads",
                            total=dataset_size(prompts))
@@ -149,12 +149,3 @@ def rank_heads(
         forward_mean=mean_f.float(), forward_std=std(sums["p_sq"], mean_f).float(),
         layers=layer_ids, n_examples=done,
     )
-
-
-def _describe(value: Any) -> str:
-    """A short stable description of a target/metric argument for a checkpoint's fingerprint."""
-    if value is None or isinstance(value, (str, int)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return f"{len(value)} per-prompt targets, first {value[0]!r:.30}" if value else "[]"
-    return getattr(value, "__qualname__", type(value).__name__)
