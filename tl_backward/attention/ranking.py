@@ -3,7 +3,8 @@
 score(l, h) = mean over examples of ‖RA_{l,h}‖_F (the whole T×T map, sign ignored); the baseline
 is ‖P_{l,h}‖_F of the forward pattern. Standard deviations are kept too. Cost: one forward and one
 backward per batch of prompts, versus one forward per head for causal mediation. Only the norms are
-accumulated; the maps of a batch are dropped as soon as their norms are taken.
+accumulated, and they are taken layer by layer inside the backward (``reversed_attention(...,
+keep="norms")``): no batch's maps are ever held for all layers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tl_backward.core.sweep import dataset_size, run_sweep
 from tl_backward.errors import TLBackwardError
 
 from .render import head_ranking_page
-from .reversed import frobenius, reversed_attention
+from .reversed import reversed_attention
 from .targets import describe, example_batches
 
 __all__ = ["HeadRanking", "rank_heads"]
@@ -125,9 +126,10 @@ def rank_heads(
 
     def step(batch: tuple[Any, Any, Any]) -> tuple[dict[str, Tensor], int]:
         chunk, tgt, met = batch
-        ra = reversed_attention(model, chunk, tgt, metric=met, layers=layer_ids, prepend_bos=prepend_bos)
-        r = frobenius(ra.maps).double()  # [layer, batch, head]
-        f = frobenius(ra.patterns).double()
+        ra = reversed_attention(model, chunk, tgt, metric=met, layers=layer_ids, prepend_bos=prepend_bos,
+                                keep="norms")  # reduced per layer inside the backward: no maps
+        r = ra.reversed_norms.double()  # [layer, batch, head]
+        f = ra.forward_norms.double()
         return {"ra": r.sum(1), "ra_sq": (r * r).sum(1), "p": f.sum(1), "p_sq": (f * f).sum(1)}, r.shape[1]
 
     fingerprint = (f"rank_heads {getattr(model.cfg, 'model_name', '?')} layers={list(layer_ids)} "

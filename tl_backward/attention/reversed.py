@@ -30,6 +30,7 @@ from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
 from tl_backward.errors import TLBackwardError
 
+from .reduced import LayerReductions, RANorms, RATopK, check_keep, layer_position, top_of
 from .render import reversed_attention_page
 
 __all__ = ["ReversedAttention", "frobenius", "ra_hook_names", "reversed_attention", "reversed_attention_from",
@@ -121,15 +122,7 @@ class ReversedAttention:
     def layer_index(self, layer: int) -> int:
         """Position of model layer ``layer`` (negative counts from the model's end) along the
         ``layer`` axis."""
-        if self.n_layers is not None:
-            layer = checks.layer_index(layer, self.n_layers)
-        elif not checks.is_int(layer) or layer < 0:
-            raise TLBackwardError(f"layer must be a non-negative int (this result does not know the model's "
-                                  f"layer count), got {layer!r}", argument="layer")
-        if layer not in self.layers:
-            raise TLBackwardError(f"layer {layer} was not computed; this result has layers {list(self.layers)}",
-                                  argument="layer")
-        return self.layers.index(layer)
+        return layer_position(layer, self.layers, self.n_layers)
 
     def _row(self, row: int) -> int:
         n = self.maps.shape[1]
@@ -164,12 +157,7 @@ class ReversedAttention:
 
     def top_heads(self, k: int = 10, which: str = "reversed") -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest mean norm, as ``(layer, head, norm)``, descending."""
-        k = checks.count(k, "k", minimum=1)
-        norms = self.head_norms(which)
-        k = min(k, norms.numel())
-        vals, idx = norms.flatten().topk(k)
-        H = norms.shape[1]
-        return [(self.layers[int(i) // H], int(i) % H, float(v)) for v, i in zip(vals, idx)]
+        return top_of(self.head_norms(which), self.layers, k)
 
     # --------------------------------------------------------------------------- aggregation
     def mean(self, align: str = "exact") -> "ReversedAttention":
@@ -279,14 +267,21 @@ def reversed_attention(
     metric: Any = None,
     layers: int | Sequence[int] | None = None,
     prepend_bos: bool | None = None,
-) -> ReversedAttention:
+    keep: str = "maps",
+    top_k: int = 16,
+) -> ReversedAttention | RANorms | RATopK:
     """Reversed Attention of every head of ``layers`` (None = all) from one forward + backward.
 
     ``input``: a string, a list of strings (right-padded; each row's loss at its own last token)
     or token ids ``[batch, pos]``. Pass exactly one of ``target`` (a word such as ``" Paris"`` or a
     token id; NLL at the last prompt position, summed over the batch; a multi-token target is
     appended and teacher-forced) or ``metric`` (``tl_backward.metrics.logit_diff(...)`` or any
-    callable ``(logits, tokens) -> scalar``). Returns :class:`ReversedAttention`.
+    callable ``(logits, tokens) -> scalar``). ``keep="maps"`` returns :class:`ReversedAttention`
+    (every layer's maps and patterns, ``L·B·H·T²`` floats each); ``keep="norms"`` returns
+    :class:`~tl_backward.attention.reduced.RANorms` (per-example ‖RA‖_F and ‖P‖_F per head) and
+    ``keep="topk"`` :class:`~tl_backward.attention.reduced.RATopK` (the norms and the ``top_k`` largest
+    ``|RA|`` entries per head with their positions), reduced layer by layer inside the backward, so
+    that memory stays at the activation-gradient floor plus one layer's map.
 
     Each layer's map is read during the backward pass (:func:`tl_backward.core.stream.stream`, no
     cache) the way its attention bridge allows (:mod:`tl_backward.core.attention_kinds`):
@@ -305,15 +300,17 @@ def reversed_attention(
     score-hook bridges, while on the generic bridge (patched at ``hook_z``) they are the model's
     softmax. Peak memory: see benchmarks/bench_reversed_attention.py.
     """
+    keep, top_k = check_keep(keep, top_k)
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
     routes = [adapter.ra_route(l) for l in layers]
     metric = resolve_metric(target, metric)
+    reduce = None if keep == "maps" else LayerReductions(keep, top_k)
     scales = [adapter.attn_scale(l) for l in layers]
     acts: dict[int, dict[str, Tensor]] = {i: {} for i in range(len(layers))}  # live forward tensors
     written: dict[int, Tensor] = {}  # layer index -> its RA map, filled during the backward
 
-    def keep(i: int, kind: str):
+    def hold(i: int, kind: str):
         def fn(tensor: Tensor) -> None:
             acts[i][kind] = tensor
             if len(acts[i]) == len(routes[i].activations):  # all of this layer's tensors seen
@@ -326,25 +323,30 @@ def reversed_attention(
             # for all layers allocated up front would sit on top of the forward's peak. fp32 whatever
             # the model's dtype (bf16 gradients are too noisy). Score route: ∂L/∂S is exactly 0 wherever
             # the softmax gave 0; the value route masks explicitly (dP is not 0 there).
-            written[i] = routes[i].logit_grad(acts[i], {kind: grad}, scales[i])
+            ra = routes[i].logit_grad(acts[i], {kind: grad}, scales[i])
+            if reduce is None:
+                written[i] = ra
+            else:  # reduced now; the map and the layer's forward tensors are released here
+                reduce.add(i, ra, acts.pop(i)["pattern"])
         return fn
 
     on_activation, on_gradient = {}, {}
     for i, (l, route) in enumerate(zip(layers, routes)):
         for kind in route.activations:
-            on_activation[adapter.hook_name(kind, l)] = keep(i, kind)
+            on_activation[adapter.hook_name(kind, l)] = hold(i, kind)
         for kind in route.gradients:
             on_gradient[adapter.hook_name(kind, l)] = write_map(i, kind)
     run = stream(model, input, metric, prepend_bos=prepend_bos, on_activation=on_activation,
-                 on_gradient=on_gradient)
+                 on_gradient=on_gradient, on_batch=None if reduce is None else reduce.start)
     seen = {i: a["pattern"] for i, a in acts.items()}
     acts.clear()
+    fields = dict(layers=tuple(layers), scales=tuple(float(s) for s in scales), tokens=run.batch.tokens,
+                  mask=run.batch.mask, last=run.batch.last, str_tokens=run.str_tokens, metric=run.metric,
+                  n_layers=adapter.n_layers)
+    if reduce is not None:
+        return reduce.result(seen, adapter.n_heads, **fields)
     maps, patterns = _stack_layers(written, seen, len(layers), run.batch.mask, adapter.n_heads)
-    return ReversedAttention(
-        maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
-        tokens=run.batch.tokens, mask=run.batch.mask, last=run.batch.last, str_tokens=run.str_tokens,
-        metric=run.metric, n_layers=adapter.n_layers,
-    )
+    return ReversedAttention(maps=maps, patterns=patterns, **fields)
 
 
 def _route_names(adapter: Any, layer: int) -> tuple[dict[str, str], dict[str, str]]:
