@@ -242,9 +242,10 @@ def cell_flow_backward(name: str, hf, model) -> None:
 
 
 def cell_mas(name: str, hf, model) -> None:
-    """segment_mask logits (left padding) = HF logits under the explicit additive 4-D pairwise mask."""
+    """segment_mask logits (left padding) = HF logits under the explicit additive 4-D pairwise mask,
+    ANDed with each sliding-window layer's window (tl_backward/masking/families.py's definition)."""
     seg = S.from_blocks(model, MAS_PROMPTS, MAS_ANSWERS, padding_side="left")
-    additive = _additive(seg)
+    additive = _additive(hf, seg)
     with torch.no_grad():
         with segment_mask(model, seg):
             got = model(seg.tokens)
@@ -253,18 +254,29 @@ def cell_mas(name: str, hf, model) -> None:
     _clean(model)
 
 
-def _additive(seg) -> torch.Tensor:
+def _additive(hf, seg):
+    """``0 / finfo.min`` from the looped pairwise rule; on a layer with sliding window W (HF's
+    ``layer_types`` / ``sliding_window``) also key j masked unless j > i − W. A ``{layer_type: mask}``
+    dict when the layers differ (the ``causal_mask_mapping`` transformers 5 accepts)."""
     keep = pairwise_mask(seg.segment_ids, seg.valid)
-    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    cfg, n = hf.config, seg.tokens.shape[1]
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    masks = {}
+    for t in set(types):
+        k = keep & (j > i - window) if (t == "sliding_attention" and window) else keep
+        masks[t] = torch.zeros(k.shape).masked_fill(~k, torch.finfo(torch.float32).min)
+    return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
 def _no_cache_reference(hf, seg, n: int) -> torch.Tensor:
-    """Greedy decoding on the HF copy, recomputing everything with the explicit pairwise mask (new
-    tokens have no segment, so they attend causally) each step (tests/masking/helpers.py's loop)."""
+    """Greedy decoding on the HF copy, recomputing everything with the explicit (windowed) pairwise
+    mask (new tokens have no segment, so they attend causally) each step (tests/masking/helpers.py's loop)."""
     cur, out = seg, []
     for _ in range(n):
         with torch.no_grad():
-            logits = hf(cur.tokens, attention_mask=_additive(cur), position_ids=cur.position_ids).logits
+            logits = hf(cur.tokens, attention_mask=_additive(hf, cur), position_ids=cur.position_ids).logits
         last = torch.where(cur.valid, torch.arange(cur.tokens.shape[1]), -1).max(-1).values
         nxt = logits[torch.arange(len(cur)), last].argmax(-1)
         out.append(nxt)

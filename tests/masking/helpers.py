@@ -47,3 +47,15 @@ def no_cache_generate(model, seg, n):
         out.append(nxt)
         cur = cur.append(nxt[:, None])
     return torch.stack(out, 1)
+
+
+def windowed_additive(keep, window):
+    """Additive 0 / finfo.min mask of ``keep`` AND (j > i - window) by explicit loops (None = no window)."""
+    out = torch.zeros(keep.shape)
+    batch, _, q_len, k_len = keep.shape
+    for b in range(batch):
+        for i in range(q_len):
+            for j in range(k_len):
+                ok = bool(keep[b, 0, i, j]) and (window is None or j > i - window)
+                out[b, 0, i, j] = 0.0 if ok else torch.finfo(torch.float32).min
+    return out

@@ -16,7 +16,6 @@ from typing import Any, Iterator, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.model_bridge.generalized_components import BloomAttentionBridge
 from transformer_lens.model_bridge.sources.native.model import NativeModel
 
 from tl_backward.core.device import device_of
@@ -26,6 +25,7 @@ from ..core.adapter import get_adapter
 from ..core.bridges import check_runnable
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
+from .families import check_family, hf_attention_mask, hf_mask
 from .segments import Segments
 
 _ACTIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -45,11 +45,7 @@ def hf_module(model: Any) -> torch.nn.Module:
             "MAS needs a bridge booted with boot_transformers: a boot_native (or legacy TransformerLens "
             "checkpoint) model ORs every attention mask with its causal mask and reads bool masks as True = "
             "masked, so a segment mask cannot lift causality there", argument="model")
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None and len(blocks) and isinstance(getattr(blocks[0], "attn", None), BloomAttentionBridge):
-        raise TLBackwardError(
-            "MAS is not available for BLOOM: transformers' BloomModel builds its ALiBi bias from a 2-D "
-            "[batch, pos] padding mask (build_alibi_tensor) and cannot take the 4-D segment mask", argument="model")
+    check_family(model)
     check_runnable(model)
     return hf
 
@@ -84,8 +80,9 @@ def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
     Forward passes must be given exactly ``segments.tokens`` (same shape and ids; pass them as a
     tensor). Anything else -- other tokens, a string that tokenises differently, a conflicting
     ``attention_mask``, a KV-cache step -- raises ``TLBackwardError`` instead of silently applying a
-    wrong mask. With left padding, position ids ``(cumsum(valid) - 1).clamp(min=0)`` are injected
-    too. On exit (also after an exception) the hook is removed and the model is exactly causal.
+    wrong mask. Position ids ``(cumsum(valid) - 1).clamp(min=0)`` are injected too (needed with left
+    padding). On sliding-window layers the mask is the segment mask AND the layer's own window
+    (``families.py``), so cached decoding (:func:`mas_generate`) agrees with it. On exit (also after an exception) the hook is removed and the model is exactly causal.
     Each object returned by ``segment_mask(...)`` can be entered once.
 
     Example::
@@ -107,8 +104,10 @@ def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Seg
         raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
     device = device_of(hf)
     seg = segments.to(device)
-    keep = seg.mask()
-    positions = seg.position_ids if seg.left_padded else None
+    # The HF-level mask (windowed per layer, in the family's format: families.py) and positions
+    # counting real tokens (always given: OPT derives positions from a 2-D mask only).
+    keep = hf_attention_mask(model, seg.mask())
+    positions = seg.position_ids
 
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ids = args[0] if args else kwargs.get("input_ids")
@@ -138,7 +137,7 @@ def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Seg
                     "pass none (the segments' padding mask is used)", argument="attention_mask")
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = keep
-        if positions is not None and kwargs.get("position_ids") is None:
+        if kwargs.get("position_ids") is None:
             kwargs["position_ids"] = positions
         return args, kwargs
 
@@ -165,6 +164,7 @@ def attention_patterns(
             with segment_mask(model, seg):
                 _, cache = model.run_with_cache(seg.tokens, names_filter=names)
         else:
-            _, cache = model.run_with_cache(seg.tokens, names_filter=names, attention_mask=seg.causal().mask(),
-                                            position_ids=seg.position_ids)
+            with hf_mask(model, seg.causal().mask(), seg.position_ids):
+                _, cache = model.run_with_cache(seg.tokens, names_filter=names, attention_mask=seg.causal().mask(),
+                                                position_ids=seg.position_ids)
     return torch.stack([cache[n].float().cpu() for n in names])

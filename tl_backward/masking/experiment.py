@@ -40,6 +40,7 @@ from ..render.page import Page, html_figure
 from ..zoo.tiny import tiny_model
 from ..zoo.world import World
 from .context import attention_patterns
+from .families import run_masked
 from .finetune import finetune, preserving_weights, restore_weights, snapshot_weights
 from .render import mask_figure, patterns_figure, row_tokens, segment_tokens
 from .segments import Segments, from_delimiter
@@ -105,7 +106,7 @@ def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_
             raise TLBackwardError("every row needs an answer (target) after at least one prompt token",
                                   argument="segments")
         keep = (seg if mask == "mas" else seg.causal()).mask()
-        logits = model(seg.tokens, attention_mask=keep, position_ids=seg.position_ids)
+        logits = run_masked(model, seg.tokens, keep, seg.position_ids)
         rows = torch.arange(len(seg), device=device)
         hits += int((logits[rows, first - 1].argmax(-1) == seg.tokens[rows, first]).sum())
     return hits / len(segments)

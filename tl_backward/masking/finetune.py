@@ -30,6 +30,7 @@ from ..core import checks
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
 from .context import hf_module
+from .families import run_masked
 from .segments import Segments, concat
 
 MASKS = ("mas", "causal")
@@ -100,7 +101,7 @@ def _answer_nll_sum(model: Any, segments: Segments, mask: str) -> Float[Tensor, 
     """``Σ_{t: target[t]} -log p(tokens[t] | context of t-1)`` (differentiable), for checked segments."""
     seg = segments.to(device_of(hf_module(model)))
     keep = (seg if mask == "mas" else seg.causal()).mask()
-    logits = model(seg.tokens, attention_mask=keep, position_ids=seg.position_ids)
+    logits = run_masked(model, seg.tokens, keep, seg.position_ids)
     logp = logits[:, :-1].float().log_softmax(-1)
     nll = -logp.gather(-1, seg.tokens[:, 1:, None]).squeeze(-1)
     return nll[seg.target[:, 1:]].sum()

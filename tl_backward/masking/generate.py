@@ -27,6 +27,7 @@ from ..core.tokens import pad_token_id
 from ..errors import TLBackwardError
 from .batch import Segments
 from .context import check_segments, hf_module
+from .families import run_masked
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,8 @@ def mas_generate(
 
 def _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_id, pad, gen) -> Generation:
     batch, device = seg.tokens.shape[0], seg.device
-    logits, cache = model(
-        seg.tokens, attention_mask=seg.mask(), position_ids=seg.position_ids,
-        return_type="logits_and_cache",
-    )
+    logits, cache = run_masked(model, seg.tokens, seg.mask(), seg.position_ids, return_type="logits_and_cache",
+                               use_cache=True)  # MPT's config defaults to use_cache=False
     if cache is None or cache.get_seq_length() != seg.tokens.shape[1]:
         raise RuntimeError(
             "mas_generate: the prefill did not fill the KV cache (bridge/transformers version mismatch?)"
@@ -187,7 +186,7 @@ def _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_
         running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
         logits, cache = model(
             new[:, None], attention_mask=running, position_ids=(n_real + step)[:, None],
-            past_key_values=cache, return_type="logits_and_cache",
+            past_key_values=cache, return_type="logits_and_cache", use_cache=True,
         )
         next_logits = logits[:, -1]
     return Generation(segments, torch.stack(out, 1).cpu(), torch.stack(alive, 1).cpu())
