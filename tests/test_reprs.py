@@ -57,6 +57,8 @@ def results() -> dict[str, object]:
         out["GradientCache"] = tlb.capture(model, PROMPT, nll)
     ra = tlb.reversed_attention(model, PROMPT, " paris")
     out["ReversedAttention"] = ra
+    out["RANorms"] = tlb.reversed_attention(model, PROMPT, " paris", keep="norms")
+    out["RATopK"] = tlb.reversed_attention(model, PROMPT, " paris", keep="topk", top_k=4)
     out["HeadRanking"] = tlb.rank_heads(model, [PROMPT, "the capital of spain is"], [" paris", " madrid"], progress=False)
     gf = tlb.gradient_factors(model, PROMPT, " rome", modules="all")
     out["GradientFactors"], out["Factor"], out["Factor/attention"] = gf, gf[3, "mlp_out"], gf[1, "q"]
