@@ -85,13 +85,18 @@ def batched(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
 
 def checkpoint_part(checkpoint: str | os.PathLike | None, part: str) -> Path | None:
     """The checkpoint file of one sub-sweep of a study (``path.part``), or None without checkpoint."""
+    path = _checked_path(checkpoint)
+    return None if path is None else path.with_name(f"{path.name}.{part}")
+
+
+def _checked_path(checkpoint: Any) -> Path | None:
+    """A ``checkpoint`` argument as a Path (None stays None); anything else is refused."""
     if checkpoint is None:
         return None
     if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
         raise TLBackwardError(f"checkpoint must be a file path (str or Path), got {type(checkpoint).__name__}",
                               argument="checkpoint")
-    path = Path(checkpoint)
-    return path.with_name(f"{path.name}.{part}")
+    return Path(checkpoint)
 
 
 def run_sweep(batches: Iterable[T], step: Callable[[T], tuple], *, fingerprint: str,
@@ -168,12 +173,9 @@ def _folded(sums: Sums, count: int, world: int, combine: Callable[[Sums, Sums], 
 
 
 def _rank_path(checkpoint: Any, rank: int, world: int) -> Path | None:
-    if checkpoint is None:
+    path = _checked_path(checkpoint)
+    if path is None:
         return None
-    if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
-        raise TLBackwardError(f"checkpoint must be a file path (str or Path), got {type(checkpoint).__name__}",
-                              argument="checkpoint")
-    path = Path(checkpoint)
     if world > 1:
         path = path.with_name(f"{path.name}.rank{rank}-of-{world}")
     if not path.parent.is_dir():
