@@ -33,7 +33,7 @@ PROMPT = "the capital of france is"
 NOT_RESULTS = {
     "_Request": "private to capture",
     "TargetNLL": "metric spec: its repr is its target", "LogitDiff": "metric spec: its repr is its tokens",
-    "RowTargetNLL": "metric spec: its repr is its ids",
+    "RowTargetNLL": "metric spec: its repr is its ids", "Picked": "a bound metric (core/stream.py internals)",
     "LayerData": "flow builder internals", "NodeSpec": "flow builder internals", "EdgeSpec": "flow builder internals",
     "LayerIds": "flow builder internals", "LayerTensors": "flow builder internals",
     "Relation": "zoo world data", "SegmentExample": "zoo world data", "Fact": "zoo world data",

@@ -51,6 +51,11 @@ _HOOKS = {
 }
 
 
+def readout_input(hook_names: Any) -> str | None:
+    """The hook at the unembedding's input (``[batch, pos, d_model]``), None if the model has none."""
+    return "unembed.hook_in" if "unembed.hook_in" in hook_names else None
+
+
 class ModelAdapter:
     """Read-only facts about a reconstructing ``TransformerBridge``.
 
@@ -79,6 +84,11 @@ class ModelAdapter:
         # Only this bridge fires hook_rot_q/k; GPT-NeoX's rotates inside without the hook
         # (rotate q/k yourself with apply_rotary and the hook_cos/hook_sin tensors).
         self.rot_hooks: bool = isinstance(model.blocks[0].attn, PositionEmbeddingsAttentionBridge)
+        # The unembedding's input, gathered to the positions a metric reads (core/stream.py); the
+        # hooks at the unembedding (legacy alias included), whose shapes that would change.
+        self.readout_hooks: frozenset[str] = frozenset(
+            n for n in self._hook_names if n.startswith("unembed.") or n == "hook_unembed")
+        self.readout_input: str | None = readout_input(self._hook_names)
         self._moe: dict[int, MoELayer | None] = {}
         # How Reversed Attention is read per layer (core/attention_kinds.py): on-path score hook,
         # z = P·V, or refused with a reason.

@@ -287,12 +287,8 @@ def capture(
                 store[key] = tensor.clone() if copy else tensor
         return fn
 
-    def keep_last(logits: Tensor, batch: Any) -> None:
-        rows = torch.arange(len(batch.last), device=logits.device)
-        last_logits.append(logits[rows, batch.last.to(logits.device)].float())
-
     run = stream(
-        model, input, metric, prepend_bos=prepend_bos, on_logits=keep_last,
+        model, input, metric, prepend_bos=prepend_bos, on_last_logits=lambda x: last_logits.append(x.float()),
         on_activation={fwd: keep(acts, fwd, False) for fwd in dict.fromkeys(r.fwd for r in requests)},
         on_gradient={bwd: keep(grads, bwd, True) for bwd in dict.fromkeys(r.bwd for r in requests)},
     )

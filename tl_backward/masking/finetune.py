@@ -24,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_backward.core.device import device_of
+from tl_backward.core.stream import picked_readout
 from tl_backward.core.sweep import rank_and_world
 
 from ..core import checks
@@ -101,10 +102,12 @@ def _answer_nll_sum(model: Any, segments: Segments, mask: str) -> Float[Tensor, 
     """``Σ_{t: target[t]} -log p(tokens[t] | context of t-1)`` (differentiable), for checked segments."""
     seg = segments.to(device_of(hf_module(model)))
     keep = (seg if mask == "mas" else seg.causal()).mask()
-    logits = run_masked(model, seg.tokens, keep, seg.position_ids)
-    logp = logits[:, :-1].float().log_softmax(-1)
-    nll = -logp.gather(-1, seg.tokens[:, 1:, None]).squeeze(-1)
-    return nll[seg.target[:, 1:]].sum()
+    # Position t predicts token t + 1: only the answer positions are unembedded (core/stream.py).
+    rows, positions = seg.target[:, 1:].nonzero(as_tuple=True)
+    with picked_readout(model, rows, positions) as pick:
+        logits = pick(run_masked(model, seg.tokens, keep, seg.position_ids))
+    logp = logits.float().log_softmax(-1)
+    return -logp.gather(-1, seg.tokens[rows, positions + 1][:, None]).sum()
 
 
 def _train_step(model: Any, data: Segments, idx: Tensor, mask: str, params: list[Tensor], opt: Any,
