@@ -81,6 +81,8 @@ def cell_capture(name: str, hf, model) -> None:
     grads = torch.autograd.grad(_last_nll(ref, cache.last), list(wanted.values()))
     m = cache.mask
     for ((k, l), act), g in zip(wanted.items(), grads):
+        # OPT's resid_mid comes [batch·pos, d] (hf_ref.Pass): autograd took it there, compare as [batch, pos, d]
+        act, g = (t.reshape(ref.resid_pre[l].shape) for t in (act, g))
         close(cache[ad.hook_name(k, l)][m], act[m], f"{k}[{l}] activation")
         close(cache.grad(ad.hook_name(k, l))[m], g[m], f"{k}[{l}] gradient")
     for l in range(ad.n_layers):
@@ -91,7 +93,8 @@ def cell_capture(name: str, hf, model) -> None:
 
 
 def cell_scores(name: str, hf, model) -> None:
-    """hook_attn_scores: softmax(scores) = P and ∂L/∂scores = P ⊙ (dP − rowsum(P ⊙ dP))."""
+    """hook_attn_scores: softmax(scores) = P and ∂L/∂scores = P ⊙ (dP − rowsum(P ⊙ dP)). Refused on
+    the generic AttentionBridge (GPT-J, OPT, GPT-Neo), whose hook_attn_scores fires on HF's returned P."""
     ad = get_adapter(model)
     names = [ad.hook_name("attn_scores", l) for l in range(ad.n_layers)]
     cache = capture(model, PROMPTS, target_nll(TARGET), names=names, prepend_bos=True)
@@ -191,7 +194,12 @@ def cell_fps(name: str, hf, model) -> None:
     layer = ad.n_layers - 1
     out_mod = ad.linear(layer, "mlp_out").original_component
     seen: dict = {}
-    handle = out_mod.register_forward_hook(lambda mod, args, out: seen.update(x=args[0][0, -1], out=out[0, -1]))
+
+    def last_token(t: torch.Tensor) -> torch.Tensor:  # OPT runs its MLP on [batch·pos, d]: view as [batch, pos, d]
+        return t.reshape(*tokens.shape, t.shape[-1])[0, -1]
+
+    handle = out_mod.register_forward_hook(lambda mod, args, out: seen.update(x=last_token(args[0]),
+                                                                              out=last_token(out)))
     try:
         with torch.no_grad():
             logits = model(tokens)

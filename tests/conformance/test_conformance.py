@@ -19,14 +19,7 @@ from tl_backward.errors import TLBackwardError
 
 # Cells measured as FAIL and not yet fixed (issue 14 stays open for them). xfail is strict: a fix
 # turns the cell into XPASS, which fails the run until the cell leaves this list.
-_SCORES = ("the generic AttentionBridge fires hook_attn_scores on the post-softmax weights: capture "
-           "returns them under that name instead of refusing")
-_OPT = ("OPT: one hook's tensor comes flattened [batch*pos, d] (capture cell), and a TL hook stays on "
-        "blocks.0.mlp.in.hook_in for the cells that follow")
-KNOWN_FAILS = {
-    ("gptj", "scores"): _SCORES, ("opt", "scores"): _SCORES, ("gpt_neo", "scores"): _SCORES,
-    **{("opt", f): _OPT for f in ("capture", "RA", "factors", "lens", "MAS", "MAS generate")},
-}
+KNOWN_FAILS: dict[tuple[str, str], str] = {}
 ALL = [pytest.param(row, f, marks=pytest.mark.xfail(reason=KNOWN_FAILS[row, f], strict=True))
        if (row, f) in KNOWN_FAILS else (row, f) for row in cells.BUILDERS for f in FEATURES]
 FAST = [(row, f) for row in matrix.FAST_ROWS for f in FEATURES]

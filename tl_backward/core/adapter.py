@@ -74,7 +74,7 @@ class ModelAdapter:
         self.n_kv_heads: int = cfg.n_key_value_heads or cfg.n_heads
         self.d_head: int = cfg.d_head
         self.d_model: int = cfg.d_model
-        self.d_mlp: int = cfg.d_mlp
+        self.d_mlp: int = bridges.d_mlp(model)
         self.d_vocab: int = model.W_U.shape[-1]
         self.n_ctx: int = cfg.n_ctx
         self.gated_mlp: bool = bool(cfg.gated_mlp)
@@ -97,10 +97,14 @@ class ModelAdapter:
         unknown = [r for r in self.routes if isinstance(r, Unsupported)]
         if unknown:  # an attention bridge tl_backward has not verified: refuse the model as a whole
             raise TLBackwardError(f"{unknown[0].reason}", argument="model")
+        self.flattened_hooks: frozenset[str] = bridges.flattened_norm_hooks(model.hook_dict)
+        value_layers = [l for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)]
         # Hook points fired on tensors the model has already consumed: forward values, no gradient.
-        self.values_only_hooks: frozenset[str] = frozenset(
-            _HOOKS[kind].format(l=l) for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)
-            for kind in ("pattern", "attn_scores"))
+        self.values_only_hooks: frozenset[str] = frozenset(_HOOKS["pattern"].format(l=l) for l in value_layers)
+        # Hook points whose tensor is not what their name says: capture refuses them by name and
+        # leaves them out of filters (hook name -> why, and what to read instead).
+        self.misfired_hooks: dict[str, str] = {
+            _HOOKS["attn_scores"].format(l=l): ValueRoute.misfired_scores for l in value_layers}
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:

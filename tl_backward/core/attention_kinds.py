@@ -25,16 +25,19 @@ GPT-2's ``scale_attn_by_inverse_layer_idx`` is inside transformers 5's ``scaling
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.model_bridge.generalized_components import (AttentionBridge, BloomAttentionBridge,
-                                                                 JointQKVAttentionBridge,
-                                                                 JointQKVPositionEmbeddingsAttentionBridge,
-                                                                 MPTALiBiAttentionBridge,
-                                                                 PositionEmbeddingsAttentionBridge)
+from transformer_lens.model_bridge.generalized_components import (
+    AttentionBridge,
+    BloomAttentionBridge,
+    JointQKVAttentionBridge,
+    JointQKVPositionEmbeddingsAttentionBridge,
+    MPTALiBiAttentionBridge,
+    PositionEmbeddingsAttentionBridge,
+)
 from transformer_lens.model_bridge.sources.native.model import NativeAttention
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
@@ -113,6 +116,12 @@ class ValueRoute:
 
     n_heads: int
     activations: tuple[str, ...] = ("pattern", "v", "z")
+    # Why capture refuses hook_attn_scores on these layers (and leaves it out of filters).
+    misfired_scores: ClassVar[str] = (
+        "on this model's attention bridge (TransformerLens's generic AttentionBridge, HF computes the softmax) "
+        "hook_attn_scores fires on the post-softmax weights HF returns, after the model used them: its values "
+        "are the pattern, not the scores, and no gradient reaches it. Capture hook_pattern for the attention "
+        "pattern, and use tl_backward.reversed_attention for ∂L/∂(q·kᵀ) (read through z = pattern·V)")
     gradients: tuple[str, ...] = ("z",)
     patch_kind: str = "z"  # patch_attention adds η·Δ·V to hook_z, i.e. z = (P + η·Δ)·V
 
