@@ -41,15 +41,25 @@ def factor_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
 def tl_layout(block: nn.Module, grads: dict[str, Tensor]) -> dict[str, Tensor]:
     """``{module: gradient of factor_parameters(block)[module]}`` in TransformerLens layout: experts
     ``[expert, d_in, d_out]``, router ``[d_model, expert]``, shared maps ``[d_in, d_out]``."""
-    gu, down = grads["mlp_in"], grads["mlp_out"]
-    if type(block.experts).__name__ == "GptOssExperts":  # [expert, in, out], columns gate0, up0, gate1, ...
+    gu = grads["mlp_in"]
+    if _in_out(block):  # [expert, in, out], columns gate0, up0, gate1, ...
         gate, up = gu[..., 0::2], gu[..., 1::2]
     else:  # [expert, out, in], rows [gate | up]
         f = gu.shape[1] // 2
-        gate, up, down = gu[:, :f].transpose(1, 2), gu[:, f:].transpose(1, 2), down.transpose(1, 2)
-    out = {"mlp_in": up, "mlp_gate": gate, "mlp_out": down}
+        gate, up = gu[:, :f].transpose(1, 2), gu[:, f:].transpose(1, 2)
+    out = {"mlp_in": up, "mlp_gate": gate, "mlp_out": down_tl(block, grads["mlp_out"])}
     out.update({m: g.T for m, g in grads.items() if m not in out})  # nn.Linear weights [out, in]
     return out
+
+
+def _in_out(block: nn.Module) -> bool:
+    """GPT-OSS stores its experts [expert, in, out]; the other families [expert, out, in]."""
+    return type(block.experts).__name__ == "GptOssExperts"
+
+
+def down_tl(block: nn.Module, t: Tensor) -> Tensor:
+    """A tensor shaped like ``experts.down_proj`` in TransformerLens layout ``[expert, d_expert, d_model]``."""
+    return t if _in_out(block) else t.transpose(1, 2)
 
 
 def expected_factors(blocks: dict[int, nn.Module], loss: Tensor) -> dict[tuple[int, str], Tensor]:

@@ -299,13 +299,13 @@ def refuse_moe_neurons(model: Any, layers: list[int], feature: str) -> None:
     if not sparse:
         return
     dense = not all(isinstance(block.mlp, MoEBridge) for block in model.blocks)
+    block = type(unwrap_bridge(model.blocks[sparse[0]].mlp)).__name__
+    where = f"layer{'s' * (len(sparse) > 1)} {', '.join(map(str, sparse))} ({block})"
     raise TLBackwardError(
-        f"{feature} is not available on mixture-of-experts layers (layer{'s' * (len(sparse) > 1)} "
-        f"{', '.join(map(str, sparse))}: {type(unwrap_bridge(model.blocks[sparse[0]].mlp)).__name__}): it draws "
-        "the neurons of one dense MLP (W_in columns, W_out rows, hook_post), but a sparse MLP has separate "
-        "neurons per expert and routes each token to its own top-k experts, so there is no single neuron set "
-        "to draw. Use tl_backward.lens.expert_lens (per-expert gradient norms and δ projections) or "
-        "gradient_factors(..., modules='all') (per-expert, router and shared-expert factors) instead"
+        f"{feature} is not available on mixture-of-experts layers: per-expert neurons routed per token, not one "
+        "neuron set; use expert_lens or gradient_factors(..., modules='all') instead (tl_backward.lens: per-expert "
+        "gradient norms and δ projections; per-expert, router and shared-expert factors). "
+        f"{feature} reads one dense MLP's neurons (W_in columns, W_out rows, hook_post); sparse: {where}"
         + ("; or pass only dense layers" if dense else ""), argument="layer" if dense else "model")
 
 
