@@ -13,6 +13,7 @@ import torch
 
 from tests.conformance import cells, matrix
 from tests.conformance import hf_ref as R
+from tests.conformance import moe_ref as M
 from tests.conformance.cells import FEATURES, outcome_of, run_cell
 from tests.families import FAMILIES
 from tl_backward.errors import TLBackwardError
@@ -76,6 +77,15 @@ def test_cells_can_fail(monkeypatch):
     scale = R.attention_scale
     monkeypatch.setattr(R, "attention_scale", lambda *a: 2 * scale(*a))
     assert run_cell("gpt2", "RA").status == "FAIL"
+
+
+def test_moe_cells_can_fail(monkeypatch):
+    """A MoE reference that swaps the experts' gate and up halves turns the factors cell into a FAIL."""
+    layout = M.tl_layout
+    monkeypatch.setattr(M, "tl_layout", lambda block, grads: {
+        **layout(block, grads), "mlp_in": layout(block, grads)["mlp_gate"], "mlp_gate": layout(block, grads)["mlp_in"]})
+    o = run_cell("qwen3_moe", "factors")
+    assert o.status == "FAIL" and "mlp_in" in o.detail
 
 
 def test_softcap_reference_is_the_gradient_with_respect_to_q_dot_k():

@@ -10,7 +10,6 @@ pass (:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow
 from __future__ import annotations
 
 import inspect
-
 from typing import Any, Sequence
 
 import torch
@@ -20,6 +19,7 @@ from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.capture import capture, require_hooks
 from tl_backward.core.device import device_of
+from tl_backward.core.moe import refuse_moe_neurons
 from tl_backward.errors import TLBackwardError
 
 from .colors import BIAS_COLOR, entropy_grey, rank_color
@@ -84,7 +84,9 @@ def flow_hook_names(model: Any, layer: int | Sequence[int], *, backward: bool = 
     built from a shared cache (``flow_graph(..., cache=...)``); ``backward=True`` adds the ones only
     the backward graph needs. A backward list serves the forward graph too."""
     ad = get_adapter(model)
-    names = {l: _names(ad, l, backward) for l in sorted(set(ad.layers(layer)))}
+    layers = sorted(set(ad.layers(layer)))
+    refuse_moe_neurons(model, layers, "flow_graph")
+    names = {l: _names(ad, l, backward) for l in layers}
     return list(dict.fromkeys(n for d in names.values() for n in d.values()))
 
 
@@ -325,13 +327,14 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         raise TLBackwardError("flow_graph needs raw weights: VISIT is not meaningful in compatibility mode "
                               "(fold_ln erases the layer-norm effect, centring changes the edge norms); "
                               "load the model without enable_compatibility_mode()", argument="model")
+    layers = sorted(ad.layers(layer, "layer"))
+    refuse_moe_neurons(model, layers, "flow_graph")  # VISIT's MLP nodes are one dense MLP's neurons
     ad.require_score_hook("flow_graph")  # its edges read hook_attn_scores (values and gradients)
     checks.flag(backward, "backward")
     if metric is not None and not backward:
         raise TLBackwardError("metric= only applies to backward graphs (backward=True)", argument="metric")
     if metric is not None and not callable(metric):
         raise TLBackwardError("metric must be a callable (logits, tokens) -> scalar", argument="metric")
-    layers = sorted(ad.layers(layer, "layer"))
     opts = dict(n_heads=_check_count(n_heads, "n_heads"), n_memory=_check_count(n_memory, "n_memory"),
                 n_top=_check_count(n_top_neurons, "n_top_neurons"),
                 n_bottom=checks.count(n_bottom_neurons, "n_bottom_neurons",

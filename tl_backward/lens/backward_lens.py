@@ -6,8 +6,8 @@ the logit lens ``LL(v) = ln_final(v) @ W_U + b_U`` (the real final norm, bias in
 
 | module | projected | read |
 |---|---|---|
-| ``mlp_in`` (FF1), ``mlp_gate``, ``q``/``k``/``v`` | x (the module input) | top-k |
-| ``mlp_out`` (FF2), ``o`` | δ (gradient at the module output) | bottom-k: descent adds −δ |
+| ``mlp_in`` (FF1), ``mlp_gate``, ``q``/``k``/``v``, ``router``, ``shared_in``/``shared_gate``/``shared_expert_gate`` | x (the module input) | top-k |
+| ``mlp_out`` (FF2), ``o``, ``shared_out`` | δ (gradient at the module output) | bottom-k: descent adds −δ |
 
 Bottom-k of LL(δ) is not top-k of LL(−δ) when the final norm or unembedding has a bias; like the
 paper, tl_backward reports bottom-k of LL(δ). Every cell also reports the rank of the target (its
@@ -37,6 +37,8 @@ from .render import render_backward_lens
 READING = {
     "mlp_in": ("x", "top"), "mlp_gate": ("x", "top"), "q": ("x", "top"), "k": ("x", "top"),
     "v": ("x", "top"), "mlp_out": ("delta", "bottom"), "o": ("delta", "bottom"), "router": ("x", "top"),
+    "shared_in": ("x", "top"), "shared_gate": ("x", "top"), "shared_out": ("delta", "bottom"),
+    "shared_expert_gate": ("x", "top"),
 }
 
 
