@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import tl_backward as tlb  # noqa: E402
+from tests.tolerance import fp32_rtol  # noqa: E402
 from tl_backward import zoo  # noqa: E402
 from tl_backward.core.device import input_device, model_devices, module_device, result_device  # noqa: E402
-from tests.tolerance import fp32_rtol  # noqa: E402
 
 PROMPTS = ["the capital of france is", "the capital of italy is"]
 TARGETS = [" paris", " rome"]

@@ -16,7 +16,9 @@ What :func:`load_model` promises:
   tokenizer.json holds a word-level model; load_model follows AutoTokenizer there too.)
 - **Device.** The model's parameters really are on ``device``. A device this machine does not
   have is refused up front; left at None, TransformerLens picks one (``get_device``: CUDA if
-  available, else CPU).
+  available, else CPU). With ``device_map`` the blocks sit where the map puts them (Hugging Face
+  dispatches them; TransformerLens sets ``cfg.device`` to the embedding's device and
+  ``cfg.n_devices``); that placement is not checked against one device.
 - **Hub names offline.** If ``HF_HUB_OFFLINE`` is set, or the hub's host (from
   ``huggingface_hub.constants.ENDPOINT``) refuses a short TCP connect, the model comes from the
   local HF cache, or the call fails at once naming ``name``. It does not sit through
