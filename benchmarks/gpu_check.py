@@ -227,7 +227,8 @@ def check_mas(c: Checks, cand: Any, ref: Any) -> None:
     for model in (cand, ref):
         seg = tlb.segments.from_delimiter(model, [MAS_PROMPT, MAS_PROMPT.replace("karen", "gina", 1)])
         with torch.no_grad(), tlb.segment_mask(model, seg):
-            logits.append(model(seg.tokens.to(input_device(model)), return_type="logits"))
+            out = model(seg.tokens.to(input_device(model)), return_type="logits")
+        logits.append(out.cpu()[seg.valid.cpu()])  # real tokens only (padding rows are not compared)
     c.close("segment_mask: MAS logits", *logits)
     gens = [tlb.mas_generate(m, tlb.segments.from_delimiter(m, MAS_PROMPT), max_new_tokens=4).new_tokens
             for m in (cand, ref)]

@@ -30,9 +30,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -131,8 +130,7 @@ def _check_device(device: Any) -> torch.device | None:
                               "pass device='cpu'", argument="device") from None
 
 
-@dataclass(frozen=True)
-class _Placement:
+class _Placement(NamedTuple):
     """Where :func:`load_model` puts the weights: one ``device`` or a Hugging Face ``device_map``."""
 
     device: torch.device | None
