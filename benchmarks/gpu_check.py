@@ -11,7 +11,9 @@ Run on a GPU machine, from the repository root: ``python benchmarks/gpu_check.py
 
 ``--devices cpu,cpu`` runs the split code path with both halves on the CPU (no second device: it
 checks this script and the device-map plumbing, not cross-device transfers); ``--devices cuda:0``
-or ``cuda:0,cuda:1`` choose explicitly.
+or ``cuda:0,cuda:1`` choose explicitly. ``--split n_devices`` dispatches with TransformerLens's own
+``TransformerBridge.boot_transformers(path, n_devices=2)`` (Accelerate's "balanced" map over the
+visible GPUs) instead of the explicit map; it needs two CUDA devices.
 
 Compared against the CPU run of the same fp32 weights, same prompts: ``capture`` (every hook
 point's activation and gradient, metric, last logits), ``reversed_attention`` (maps, patterns and
@@ -90,9 +92,14 @@ def split_map(name: str, devices: list[str]) -> dict[str, str]:
     return out
 
 
-def candidate(name: str, devices: list[str]) -> Any:
+def candidate(name: str, devices: list[str], split: str = "map") -> Any:
     if len(devices) == 1:
         return tlb.load_model(name, device=devices[0])
+    if split == "n_devices":
+        from transformer_lens import TransformerBridge
+
+        path = str(zoo.model_dir(name))
+        return TransformerBridge.boot_transformers(path, n_devices=len(devices), dtype=torch.float32).eval()
     return tlb.load_model(name, device_map=split_map(name, devices))
 
 
@@ -239,17 +246,21 @@ STEPS: tuple[Callable[[Checks, Any, Any], None], ...] = (check_capture, check_at
                                                           check_mas)
 
 
-def run(name: str, devices: list[str]) -> int:
-    ref, cand = tlb.load_model(name, device="cpu"), candidate(name, devices)
+def run(name: str, devices: list[str], split: str = "map") -> int:
+    ref, cand = tlb.load_model(name, device="cpu"), candidate(name, devices, split)
     placed = [str(d) for d in model_devices(cand)]
     blocks = [str(module_device(b)) for b in cand.blocks]
-    print(f"{name}: parameters on {placed}; blocks on {blocks}; inputs on {input_device(cand)}", flush=True)
+    print(f"{name}: parameters on {placed}; blocks on {blocks}; inputs on {input_device(cand)}; TransformerLens "
+          f"cfg.device {cand.cfg.device}, cfg.n_devices {getattr(cand.cfg, 'n_devices', 1)}", flush=True)
     cfg = cand.cfg
     n_terms = cfg.d_vocab + 2 * (cfg.d_model + cfg.d_mlp + 64 + cfg.d_head)
     checks = Checks(fp32_rtol(n_terms))
-    checks.equal("model: blocks on the requested devices", blocks,
-                 [devices[0] if len(devices) == 1 or i < (len(blocks) + 1) // 2 else devices[-1]
-                  for i in range(len(blocks))])
+    if split == "map":
+        checks.equal("model: blocks on the requested devices", blocks,
+                     [devices[0] if len(devices) == 1 or i < (len(blocks) + 1) // 2 else devices[-1]
+                      for i in range(len(blocks))])
+    else:
+        checks.equal("model: blocks on several devices", len(set(blocks)) > 1, True)
     for step in STEPS:
         try:
             step(checks, cand, ref)
@@ -264,16 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default="auto",
                         help="'auto' (default), or a comma list such as cuda:0,cuda:1 / cuda:0 / cpu,cpu")
     parser.add_argument("--model", default="all", help=f"an embedded model {zoo.list_models()} or 'all'")
+    parser.add_argument("--split", default="map", choices=("map", "n_devices"),
+                        help="two devices: tl_backward's explicit device map (default) or TransformerLens's n_devices")
     args = parser.parse_args(argv)
     devices = choose_devices(args.devices)
     if devices is None:
         print("skipped: no CUDA")
         return 0
+    if args.split == "n_devices" and (len(devices) < 2 or not all(d.startswith("cuda") for d in devices)):
+        parser.error("--split n_devices needs two CUDA devices (TransformerLens splits over GPUs only)")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     torch.backends.cudnn.allow_tf32 = False
     names = zoo.list_models() if args.model == "all" else [args.model]
     print(f"comparing {names} on {devices} against the CPU", flush=True)
-    failed = sum(run(name, devices) for name in names)
+    failed = sum(run(name, devices, args.split) for name in names)
     print("all checks passed" if not failed else f"FAILED: {failed} checks")
     return 1 if failed else 0
 

@@ -49,10 +49,16 @@ def test_split_map_puts_half_the_blocks_on_each_device(gpu_check, name, blocks, 
     assert norms and all(dm[k] == "B" for k in norms)
 
 
-@pytest.mark.slow
 def test_cpu_cpu_split_runs_every_comparison(gpu_check, capsys):
-    # ~20 s of CPU time on facts-gpt2 (40 comparisons); every difference must be exactly 0 here.
+    # facts-gpt2, 40 comparisons, ~13 s on 2 busy cores; on one CPU every difference is exactly 0.
     assert gpu_check.main(["--devices", "cpu,cpu", "--model", "facts-gpt2"]) == 0
     out = capsys.readouterr().out
     assert "all checks passed" in out and "FAIL" not in out and out.count("\nok  ") >= 40
     assert out.count("max|Δ| − rtol·|b| = 0.00e+00") == out.count("max|Δ|")
+
+
+def test_n_devices_split_needs_two_gpus(gpu_check):
+    # TransformerLens's n_devices splits over CUDA devices only: refused here, before loading anything.
+    with pytest.raises(SystemExit) as info:
+        gpu_check.main(["--devices", "cpu,cpu", "--split", "n_devices"])
+    assert info.value.code == 2
