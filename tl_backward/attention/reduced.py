@@ -25,6 +25,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.batch import Batch
+from tl_backward.core.device import stack_on
 from tl_backward.errors import TLBackwardError
 
 __all__ = ["KEEPS", "LayerReductions", "RANorms", "RATopK", "check_keep", "layer_position", "top_of"]
@@ -190,15 +191,16 @@ class LayerReductions:
         if self.keep == "topk":
             self.top[i] = top_edges(ra, min(self.top_k, ra.shape[-1] ** 2))
 
-    def result(self, patterns: dict[int, Tensor], n_heads: int, **fields: Any) -> RANorms:
-        """The result over ``len(fields["layers"])`` layers; ``patterns[i]``: the forward pattern of
-        every layer :meth:`add` never saw."""
+    def result(self, patterns: dict[int, Tensor], n_heads: int, device: torch.device, **fields: Any) -> RANorms:
+        """The result over ``len(fields["layers"])`` layers, stacked on ``device`` (each layer's
+        reductions sit on its own layer's device); ``patterns[i]``: the forward pattern of every layer
+        :meth:`add` never saw."""
         n = len(fields["layers"])
         B, T = self.mask.shape
         for i in range(n):
             if i not in self.norms:  # the metric does not depend on this layer: ∂L/∂A = 0
                 self.add(i, torch.zeros(B, n_heads, T, T, device=patterns[i].device), patterns[i])
-        stack = lambda d, j=None: torch.stack([d[i] if j is None else d[i][j] for i in range(n)])  # noqa: E731
+        stack = lambda d, j=None: stack_on([d[i] if j is None else d[i][j] for i in range(n)], device)  # noqa: E731
         out = dict(reversed_norms=stack(self.norms), forward_norms=stack(self.pattern_norms), **fields)
         if self.keep == "norms":
             return RANorms(**out)

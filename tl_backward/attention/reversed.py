@@ -26,6 +26,7 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import require_hooks
+from tl_backward.core.device import on, result_device
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
 from tl_backward.errors import TLBackwardError
@@ -343,9 +344,10 @@ def reversed_attention(
     fields = dict(layers=tuple(layers), scales=tuple(float(s) for s in scales), tokens=run.batch.tokens,
                   mask=run.batch.mask, last=run.batch.last, str_tokens=run.str_tokens, metric=run.metric,
                   n_layers=adapter.n_layers)
+    device = result_device(model)  # one device for the [layer, ...] result (the layers' may differ)
     if reduce is not None:
-        return reduce.result(seen, adapter.n_heads, **fields)
-    maps, patterns = _stack_layers(written, seen, len(layers), run.batch.mask, adapter.n_heads)
+        return reduce.result(seen, adapter.n_heads, device, **fields)
+    maps, patterns = _stack_layers(written, seen, len(layers), run.batch.mask, adapter.n_heads, device)
     return ReversedAttention(maps=maps, patterns=patterns, **fields)
 
 
@@ -390,7 +392,7 @@ def reversed_attention_from_cache(model: Any, cache: Any, *,
         written[i] = adapter.ra_route(l).logit_grad(acts, {k: cache.grad(n) for k, n in grad_names.items()},
                                                     scales[i])
         seen[i] = acts["pattern"]
-    maps, patterns = _stack_layers(written, seen, len(layers), cache.mask, adapter.n_heads)
+    maps, patterns = _stack_layers(written, seen, len(layers), cache.mask, adapter.n_heads, result_device(model))
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
         tokens=cache.tokens, mask=cache.mask, last=cache.last, str_tokens=cache.str_tokens, metric=cache.metric,
@@ -399,27 +401,27 @@ def reversed_attention_from_cache(model: Any, cache: Any, *,
 
 
 def _stack_layers(written: dict[int, Tensor], seen: dict[int, Tensor], n_layers: int, mask: Tensor,
-                  n_heads: int) -> tuple[Tensor, Tensor]:
-    """``[layer, batch, head, q, k]`` fp32 maps and patterns from per-layer tensors, zero at padding.
+                  n_heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[layer, batch, head, q, k]`` fp32 maps and patterns on ``device`` from per-layer tensors (each
+    on its own layer's device), zero at padding.
 
     Assembled layer by layer, dropping each source as it is copied, so at most one layer is doubled.
     A layer without a map (the metric does not depend on it) gets ∂L/∂A = 0."""
     B, T = mask.shape
     shape = (n_layers, B, n_heads, T, T)
-    device = seen[0].device
     # Padding: zero padded query rows and key columns (their RA is already 0; their patterns are not).
     drop = None if bool(mask.all()) else ~(mask[:, None, :, None] & mask[:, None, None, :]).to(device)
     maps = torch.empty(shape, dtype=torch.float32, device=device)
     for i in range(n_layers):
         if i in written:
-            maps[i] = written.pop(i)
+            maps[i] = on(written.pop(i), device)
         else:
             maps[i].zero_()
         if drop is not None:
             maps[i].masked_fill_(drop, 0.0)
     patterns = torch.empty(shape, dtype=torch.float32, device=device)
     for i in range(n_layers):
-        patterns[i] = seen.pop(i)
+        patterns[i] = on(seen.pop(i), device)
         if drop is not None:
             # compat mode: fully masked (padding) rows are NaN; they are zeroed with the padding.
             patterns[i].nan_to_num_(nan=0.0).masked_fill_(drop, 0.0)

@@ -22,6 +22,7 @@ from tl_backward.errors import TLBackwardError
 from . import bridges, checks
 from .attention_kinds import ScoreRoute, Unsupported, ValueRoute, attention_route, attention_scale
 from .batch import Batch
+from .device import module_device, param_dtype
 from .moe import MoELayer, moe_layer
 from .readout import Unembed
 from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
@@ -290,8 +291,7 @@ class ModelAdapter:
     def ln_final(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The model's real final norm (gain and bias included), in fp32."""
         norm = self.model.ln_final
-        dtype = next(self.model.parameters()).dtype
-        return norm(v.to(dtype)).float()
+        return norm(v.to(device=module_device(norm), dtype=param_dtype(self.model))).float()
 
     @property
     def logits_transform(self):

@@ -24,6 +24,7 @@ from tl_backward.errors import TLBackwardError
 
 from . import checks
 from .adapter import ModelAdapter, get_adapter
+from .device import result_device, stack_on
 from .stream import stream
 
 Names = Sequence[str] | Callable[[str], bool] | None
@@ -205,7 +206,8 @@ class GradientCache(Mapping):
         if self.model is not None and len(layers) != int(self.model.cfg.n_layers):
             raise KeyError(f"hook_resid_{kind} was captured for layers {layers} only, the model has "
                            f"{int(self.model.cfg.n_layers)}; capture every layer")
-        return torch.stack([self.gradients[k] for _, k in found])
+        device = None if self.model is None else result_device(self.model)  # layers may sit on several devices
+        return stack_on([self.gradients[k] for _, k in found], device)
 
 
 def _strip_grad(name: str, grad: bool) -> tuple[str, bool]:

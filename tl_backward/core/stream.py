@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .adapter import get_adapter, readout_input
 from .batch import Batch
-from .device import device_of
+from .device import input_device
 from .lock import model_lock
 from .metrics import Picked, bind_metric, check_scalar
 
@@ -125,7 +125,7 @@ def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch,
             model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
         # Expected: the hook at a leaf fires on its output gradient (its input is frozen).
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        logits = model(batch.tokens.to(device_of(model)), return_type="logits")
+        logits = model(batch.tokens.to(input_device(model)), return_type="logits")
         if rows is None:
             value = check_scalar(score(logits), metric)
             last = logits[torch.arange(len(batch.last), device=logits.device), batch.last.to(logits.device)]

@@ -18,7 +18,7 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.capture import capture, require_hooks
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device, module_device, param_dtype
 from tl_backward.core.moe import refuse_moe_neurons
 from tl_backward.errors import TLBackwardError
 
@@ -70,8 +70,7 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
                     f"this model's rotary embedding ({name}) differs by layer type (local and global RoPE, "
                     "e.g. Gemma-3), but flow graphs read one cos/sin table for every layer: not supported",
                     argument="model")
-            dtype = next(ad.model.parameters()).dtype
-            x = torch.zeros(1, n_pos, ad.d_model, dtype=dtype, device=device_of(ad.model))
+            x = torch.zeros(1, n_pos, ad.d_model, dtype=param_dtype(ad.model), device=module_device(mod))
             with torch.no_grad():
                 cos, sin = mod(x, torch.arange(n_pos, device=x.device)[None])
             return cos[0].float().cpu(), sin[0].float().cpu()
@@ -132,7 +131,7 @@ def _backward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, metric: 
 
 def _forward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, target: int | None):
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=flat)
+        logits, cache = model.run_with_cache(tokens.to(input_device(model)), names_filter=flat)
     t = int(logits[0, p].argmax()) if target is None else target
     fired = set(cache.keys())  # a hook that never fires is reported by _gather, not as a KeyError
     return {n: cache[n].detach().float().cpu() for n in flat if n in fired}, {}, t, None

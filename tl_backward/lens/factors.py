@@ -28,6 +28,7 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import capture, require_hooks
+from tl_backward.core.device import on
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.errors import TLBackwardError
 
@@ -157,7 +158,7 @@ class Factor:
         S = self.svd().S
         if rtol is None:
             rtol = max(self.x.shape[-1], self.delta.shape[-1]) * torch.finfo(torch.float64).eps
-        smax = S.max(-1, keepdim=True).values if S.shape[-1] else torch.zeros(*S.shape[:-1], 1)
+        smax = S.max(-1, keepdim=True).values if S.shape[-1] else torch.zeros(*S.shape[:-1], 1, device=S.device)
         return ((S > rtol * smax) & (S > 0)).sum(-1)
 
     def norms(self) -> FactorNorms:
@@ -355,9 +356,8 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
             parts = moe_parts.get(l) or moe_parts.setdefault(l, _moe_parts(ad.moe(l), cache, names))
             factors[(l, m)] = Factor(l, m, *parts[m], parts["routed"] if m != "router" else None)
             continue
-        in_name, out_name = names
-        x = _share(_at(cache[in_name], mask), seen_x.setdefault(l, []))
-        d = _at(cache.grad(out_name), mask)
+        x, d = cache[names[0]], cache.grad(names[1])  # each on its own layer's device; the mask goes there
+        x, d = _share(_at(x, on(mask, x)), seen_x.setdefault(l, [])), _at(d, on(mask, d))
         if m in ("q", "k", "v"):  # x [n, d_model], δ [n, head, d_head]
             d = d.permute(1, 0, 2).contiguous()
             x = x.expand(d.shape[0], *x.shape)
@@ -377,8 +377,9 @@ def _moe_parts(moe: Any, cache: Any, names: tuple[str, ...]) -> dict[str, Any]:
     """:meth:`tl_backward.core.moe.MoELayer.factor_parts` at the cache's real tokens."""
     x_name, g_name, w_name = names
     mask = cache.mask
-    dw = cache.grad(w_name).reshape(*mask.shape, -1)[mask]  # the router hooks see [batch·pos, expert]
-    return moe.factor_parts(cache[x_name][mask], cache.grad(g_name)[mask], dw)
+    mask, g_w = on(mask, cache[x_name]), cache.grad(w_name)  # on the layer's device
+    dw = g_w.reshape(*mask.shape, -1)[on(mask, g_w)]  # the router hooks see [batch·pos, expert]
+    return moe.factor_parts(cache[x_name][mask], cache.grad(g_name)[on(mask, cache.grad(g_name))], dw)
 
 
 def _at(t: Tensor, mask: Tensor) -> Tensor:

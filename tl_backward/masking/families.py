@@ -36,6 +36,7 @@ from transformer_lens.model_bridge.generalized_components import (AttentionBridg
                                                                  PositionEmbeddingsAttentionBridge)
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
+from ..core.device import param_dtype
 from ..errors import TLBackwardError
 
 # Bridges that compute softmax(scores + mask) themselves and read a bool keep-mask.
@@ -97,7 +98,7 @@ def hf_attention_mask(model: Any, keep: Bool[Tensor, "batch 1 query_pos key_pos"
     """The ``attention_mask`` the wrapped HF model must receive for the keep-mask ``keep``: windowed
     per layer, in the format its attention reads (module docstring)."""
     hf = model.original_model
-    dtype = next(hf.parameters()).dtype
+    dtype = param_dtype(hf)
     windows = layer_windows(hf.config)
     if len(set(windows)) <= 1:
         return _format(model, windowed(keep, windows[0] if windows else None), dtype)
