@@ -20,7 +20,7 @@ from transformer_lens.model_bridge.generalized_components import PositionEmbeddi
 from tl_backward.errors import TLBackwardError
 
 from . import bridges, checks
-from .attention_kinds import ScoreRoute, Unsupported, ValueRoute, attention_route, attention_scale
+from .attention_kinds import PatternRoute, ScoreRoute, Unsupported, ValueRoute, attention_route, attention_scale
 from .batch import Batch
 from .device import module_device, param_dtype
 from .moe import MoELayer, moe_layer
@@ -92,12 +92,9 @@ class ModelAdapter:
         self.readout_input: str | None = readout_input(self._hook_names)
         self._moe: dict[int, MoELayer | None] = {}
         # How Reversed Attention is read per layer (core/attention_kinds.py): on-path score hook,
-        # z = P·V, or refused with a reason.
-        self.routes: tuple[ScoreRoute | ValueRoute | Unsupported, ...] = tuple(
+        # on-path pattern hook (boot_native), z = P·V, or refused with a reason.
+        self.routes: tuple[ScoreRoute | ValueRoute | PatternRoute | Unsupported, ...] = tuple(
             attention_route(block.attn, self.n_heads) for block in model.blocks)
-        unknown = [r for r in self.routes if isinstance(r, Unsupported)]
-        if unknown:  # an attention bridge tl_backward has not verified: refuse the model as a whole
-            raise TLBackwardError(f"{unknown[0].reason}", argument="model")
         self.flattened_hooks: frozenset[str] = bridges.flattened_norm_hooks(model.hook_dict)
         value_layers = [l for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)]
         # Hook points fired on tensors the model has already consumed: forward values, no gradient.
@@ -105,7 +102,8 @@ class ModelAdapter:
         # Hook points whose tensor is not what their name says: capture refuses them by name and
         # leaves them out of filters (hook name -> why, and what to read instead).
         self.misfired_hooks: dict[str, str] = {
-            _HOOKS["attn_scores"].format(l=l): ValueRoute.misfired_scores for l in value_layers}
+            _HOOKS["attn_scores"].format(l=l): r.misfired_scores for l, r in enumerate(self.routes)
+            if isinstance(r, (ValueRoute, PatternRoute))}
 
     # ---------------------------------------------------------------- names
     def hook_name(self, kind: str, layer: int) -> str:
@@ -168,7 +166,7 @@ class ModelAdapter:
         layer = self.check_layer(layer)
         return attention_scale(self.model.blocks[layer].attn, layer, self.d_head)
 
-    def ra_route(self, layer: int, feature: str = "Reversed Attention") -> ScoreRoute | ValueRoute:
+    def ra_route(self, layer: int, feature: str = "Reversed Attention") -> ScoreRoute | ValueRoute | PatternRoute:
         """How ``feature`` (RA, attention patching) reads or edits attention at ``layer``; raises a
         ``TLBackwardError`` naming the reason where it cannot be exact."""
         route = self.routes[self.check_layer(layer)]
@@ -182,8 +180,9 @@ class ModelAdapter:
         for layer in range(self.n_layers):
             route = self.ra_route(layer, feature)
             if not isinstance(route, ScoreRoute):
-                Unsupported("its attention bridge fires hook_attn_scores off the autograd path "
-                            "(HF computes the softmax)").refuse(feature)
+                who = "HF" if isinstance(route, ValueRoute) else "boot_native's NativeAttention"
+                Unsupported(f"its attention bridge fires hook_attn_scores off the autograd path ({who} computes "
+                            "the softmax)").refuse(feature)
             if route.softcap:
                 Unsupported(f"attention soft-capping (c = {route.softcap:g}) sits between q·kᵀ and "
                             "hook_attn_scores").refuse(feature)
