@@ -42,15 +42,21 @@ from transformer_lens.model_bridge.generalized_components import (
     PositionEmbeddingsAttentionBridge,
 )
 from transformer_lens.model_bridge.sources.native.model import NativeAttention
+from transformers.models.codegen.modeling_codegen import CodeGenAttention
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
+from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 from tl_backward.errors import TLBackwardError
 
 __all__ = ["ROUTES", "PatternRoute", "ScoreRoute", "Unsupported", "ValueRoute", "attention_route", "attention_scale",
-           "softcap_of"]
+           "hidden_rotary", "softcap_of"]
 
 # HF attention modules that apply no scale at all (s = 1): GPT-Neo (modeling_gpt_neo.py, `_attn`).
 UNSCALED_HF_ATTENTION = (GPTNeoSelfAttention,)
+# HF attention modules that rotate q and k themselves (GPT-J / CodeGen: ``rotate_every_two`` on the
+# first ``rotary_dim`` dims) after the bridge's hook_q/hook_k, with no hook_cos/hook_sin or
+# hook_rot_q/hook_rot_k firing: hook_q·hook_kᵀ is not the model's q·kᵀ there.
+HIDDEN_ROTARY_HF_ATTENTION = (GPTJAttention, CodeGenAttention)
 # HF module attributes holding the multiplier 1/s, in the order they are tried.
 _INVERSE_SCALE_ATTRIBUTES = ("scaling", "softmax_scale", "inv_norm_factor")
 
@@ -59,6 +65,21 @@ def softcap_of(attn: Any) -> float | None:
     """Gemma-2's ``attn_logit_softcapping`` c of a bridge's HF module, None when off."""
     cap = getattr(attn.original_component, "attn_logit_softcapping", None)
     return None if cap in (None, 0, 0.0) else float(cap)
+
+
+def hidden_rotary(attn: Any) -> str | None:
+    """Why ``hook_q[p]·hook_k[i]`` is not the model's ``s·score[p, i]`` on the bridge ``attn`` (None
+    when it is): the wrapped module rotates q and k after those hooks and the rotation is not
+    hooked (:data:`HIDDEN_ROTARY_HF_ATTENTION`; boot_native's ``NativeAttention`` with RoPE)."""
+    hf_attn = attn.original_component
+    name = type(hf_attn).__name__
+    if isinstance(hf_attn, HIDDEN_ROTARY_HF_ATTENTION):
+        return (f"{name} rotates q and k inside HF (rotary_dim = {getattr(hf_attn, 'rotary_dim', None)}) after "
+                "hook_q/hook_k, and the bridge fires neither hook_rot_q/hook_rot_k nor hook_cos/hook_sin")
+    if isinstance(hf_attn, NativeAttention) and hf_attn.rotary is not None:
+        return (f"{name} applies RoPE after hook_q/hook_k and the bridge fires neither hook_rot_q/hook_rot_k nor "
+                "hook_cos/hook_sin")
+    return None
 
 
 def attention_scale(attn: Any, layer: int, d_head: int) -> float:
