@@ -174,19 +174,6 @@ class ModelAdapter:
             route.refuse(feature)
         return route
 
-    def require_score_hook(self, feature: str) -> None:
-        """Refuse ``feature`` unless every layer's ``hook_attn_scores`` is on the autograd path and
-        its gradient divided by s is ∂L/∂(q·kᵀ) (no soft-capping)."""
-        for layer in range(self.n_layers):
-            route = self.ra_route(layer, feature)
-            if not isinstance(route, ScoreRoute):
-                who = "HF" if isinstance(route, ValueRoute) else "boot_native's NativeAttention"
-                Unsupported(f"its attention bridge fires hook_attn_scores off the autograd path ({who} computes "
-                            "the softmax)").refuse(feature)
-            if route.softcap:
-                Unsupported(f"attention soft-capping (c = {route.softcap:g}) sits between q·kᵀ and "
-                            "hook_attn_scores").refuse(feature)
-
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (GQA)."""
         return head // (self.n_heads // self.n_kv_heads)
