@@ -20,7 +20,7 @@ from tests.conformance import hf_ref as R
 from tests.conformance import moe_ref as M
 from tests.conformance.native import ROWS as NATIVE_ROWS
 from tests.families import FAMILIES, build
-from tests.masking.helpers import pairwise_mask
+from tests.masking.helpers import no_cache_generate, pairwise_mask
 from tests.reference import assert_no_hooks, assert_untouched
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
 from tl_backward import flow_graph, forward_pass_shift, gradient_factors, mas_generate, reversed_attention, segment_mask
@@ -398,16 +398,9 @@ def _additive(hf, seg):
 
 def _no_cache_reference(hf, seg, n: int) -> torch.Tensor:
     """Greedy decoding on the HF copy, recomputing everything with the explicit (windowed) pairwise
-    mask (new tokens have no segment, so they attend causally) each step (tests/masking/helpers.py's loop)."""
-    cur, out = seg, []
-    for _ in range(n):
-        with torch.no_grad():
-            logits = hf(cur.tokens, attention_mask=_additive(hf, cur), position_ids=cur.position_ids).logits
-        last = torch.where(cur.valid, torch.arange(cur.tokens.shape[1]), -1).max(-1).values
-        nxt = logits[torch.arange(len(cur)), last].argmax(-1)
-        out.append(nxt)
-        cur = cur.append(nxt[:, None])
-    return torch.stack(out, 1)
+    mask each step (tests/masking/helpers.py's loop)."""
+    return no_cache_generate(hf, seg, n, run=lambda cur: hf(cur.tokens, attention_mask=_additive(hf, cur),
+                                                             position_ids=cur.position_ids).logits)
 
 
 def cell_mas_generate(name: str, hf, model) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_backward.core import checks
@@ -31,7 +31,7 @@ from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
 from tl_backward.errors import TLBackwardError
 
-from .reduced import LayerReductions, RANorms, RATopK, check_keep, layer_position, top_of
+from .reduced import LayerReductions, RAContext, RANorms, RATopK, check_keep, top_of
 from .render import reversed_attention_page
 
 __all__ = ["ReversedAttention", "frobenius", "ra_hook_names", "reversed_attention", "reversed_attention_from",
@@ -86,32 +86,21 @@ def frobenius(maps: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "..
     return maps.pow(2).sum((-2, -1)).sqrt()
 
 
-@dataclass(frozen=True, repr=False)
-class ReversedAttention:
+@dataclass(frozen=True, repr=False, kw_only=True)
+class ReversedAttention(RAContext):
     """RA maps and forward patterns of the requested layers for a batch of prompts.
 
     ``maps``/``patterns``: ``Float[layer, batch, head, query_pos, key_pos]`` (query heads for GQA;
-    ``layer`` runs over :attr:`layers` in order), fp32, zero at padding. ``scales[i]`` is the
-    attention scale of ``layers[i]``. ``tokens``/``mask``/``last``/``str_tokens`` describe the
-    input actually run (a multi-token target is appended, teacher-forced); ``metric`` is the
-    (batch-summed) loss. Means over a dataset (:meth:`mean`, :func:`mean_over`) have batch 1,
-    ``n_examples`` prompts averaged, ``align`` set, ``metric`` the mean loss, and the first
-    prompt's tokens for display. ``n_layers`` is the model's layer count, so that model layer
-    ``-1`` (the last, as everywhere in tl_backward) can be looked up.
+    ``layer`` runs over :attr:`layers` in order), fp32, zero at padding; the pass's layers, scales,
+    input and metric are :class:`~tl_backward.attention.reduced.RAContext`'s fields. Means over a
+    dataset (:meth:`mean`, :func:`mean_over`) have batch 1, ``n_examples`` prompts averaged,
+    ``align`` set, ``metric`` the mean loss, and the first prompt's tokens for display.
     """
 
     maps: Float[Tensor, "layer batch head query_pos key_pos"]
     patterns: Float[Tensor, "layer batch head query_pos key_pos"]
-    layers: tuple[int, ...]
-    scales: tuple[float, ...]
-    tokens: Int[Tensor, "batch pos"]
-    mask: Bool[Tensor, "batch pos"]
-    last: Int[Tensor, " batch"]
-    str_tokens: list[list[str]]
-    metric: Float[Tensor, ""]
     n_examples: int | None = None
     align: str | None = None
-    n_layers: int | None = None
 
     def __repr__(self) -> str:
         L, B, H, Q, K = self.maps.shape
@@ -120,11 +109,6 @@ class ReversedAttention:
                 f"metric={float(self.metric):.4g})")
 
     # --------------------------------------------------------------------------- indexing
-    def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` (negative counts from the model's end) along the
-        ``layer`` axis."""
-        return layer_position(layer, self.layers, self.n_layers)
-
     def _row(self, row: int) -> int:
         n = self.maps.shape[1]
         if not checks.is_int(row) or not 0 <= row < n:
