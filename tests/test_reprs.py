@@ -41,7 +41,7 @@ NOT_RESULTS = {
     "MoELayer": "needs an MoE model: repr checked in tests/lens/test_moe_factors.py",
     "ExpertLens": "needs an MoE model: repr checked in tests/lens/test_moe_factors.py",
     "ScoreRoute": "attention-route strategy", "ValueRoute": "attention-route strategy",
-    "PatternRoute": "attention-route strategy", "RAContext": "base of ReversedAttention / RANorms (no instances)",
+    "PatternRoute": "attention-route strategy", "RAPass": "ra_pass internals (reversed_attention builds results)", "RAContext": "base of ReversedAttention / RANorms (no instances)",
     "Unsupported": "attention-route strategy (a refusal reason)",
 }
 

@@ -278,6 +278,8 @@ def reversed_attention(
     * HF computes the softmax (GPT-J, OPT, GPT-Neo: the generic bridge): from ``z = P·V``,
       ``dP = ∂L/∂z · Vᵀ`` per head (kv heads expanded) and ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``,
       with P and V the forward values of ``hook_pattern``/``hook_v`` and ∂L/∂z from ``hook_z``.
+    * the model multiplies the hooked pattern by V (``boot_native``, legacy TransformerLens
+      checkpoints): ``dP = ∂L/∂hook_pattern`` and the same ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``.
 
     A map is exactly 0 wherever the pattern is 0 and is zeroed at padding. ``patterns`` are the
     tensors ``hook_pattern`` carried in that forward, kept by reference -- autograd saves them
@@ -286,11 +288,43 @@ def reversed_attention(
     softmax. Peak memory: see benchmarks/bench_reversed_attention.py.
     """
     keep, top_k = check_keep(keep, top_k)
+    reduce = None if keep == "maps" else LayerReductions(keep, top_k)
+    out = ra_pass(model, input, target, metric=metric, layers=layers, prepend_bos=prepend_bos, reduce=reduce)
+    if reduce is not None:
+        return reduce.result(out.patterns, out.n_heads, out.device, **out.fields)
+    maps, patterns = _stack_layers(out.maps, out.patterns, len(out.fields["layers"]), out.fields["mask"],
+                                   out.n_heads, out.device)
+    return ReversedAttention(maps=maps, patterns=patterns, **out.fields)
+
+
+@dataclass(frozen=True, repr=False)
+class RAPass:
+    """What :func:`ra_pass` leaves: ``maps[i]`` (RA of ``layers[i]``, only without a reducer) and
+    ``patterns[i]`` (forward patterns of the layers the reducer did not take: all without one, else
+    those the metric never reached), the :class:`RAContext` ``fields``, and where to stack."""
+
+    maps: dict[int, Tensor]
+    patterns: dict[int, Tensor]
+    fields: dict[str, Any]
+    n_heads: int
+    device: torch.device
+
+    def __repr__(self) -> str:
+        return f"RAPass({len(self.fields['layers'])} layers, {len(self.maps)} maps kept)"
+
+
+def ra_pass(model: Any, input: Any, target: Any = None, *, metric: Any = None,
+            layers: int | Sequence[int] | None = None, prepend_bos: bool | None = None,
+            reduce: Any = None) -> RAPass:
+    """The one forward + backward of :func:`reversed_attention`. Each layer's map is computed when its
+    gradient arrives and either kept or handed to ``reduce`` (``start(batch)``, then ``add(i, ra,
+    pattern)`` with the fresh fp32 map, which it may modify), which releases it and the layer's
+    forward tensors at once: :class:`~tl_backward.attention.reduced.LayerReductions` (norms, top-k),
+    the dataset sums of :func:`tl_backward.attention.mean_over`."""
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
     routes = [adapter.ra_route(l) for l in layers]
     metric = resolve_metric(target, metric)
-    reduce = None if keep == "maps" else LayerReductions(keep, top_k)
     scales = [adapter.attn_scale(l) for l in layers]
     acts: dict[int, dict[str, Tensor]] = {i: {} for i in range(len(layers))}  # live forward tensors
     written: dict[int, Tensor] = {}  # layer index -> its RA map, filled during the backward
@@ -328,11 +362,8 @@ def reversed_attention(
     fields = dict(layers=tuple(layers), scales=tuple(float(s) for s in scales), tokens=run.batch.tokens,
                   mask=run.batch.mask, last=run.batch.last, str_tokens=run.str_tokens, metric=run.metric,
                   n_layers=adapter.n_layers)
-    device = result_device(model)  # one device for the [layer, ...] result (the layers' may differ)
-    if reduce is not None:
-        return reduce.result(seen, adapter.n_heads, device, **fields)
-    maps, patterns = _stack_layers(written, seen, len(layers), run.batch.mask, adapter.n_heads, device)
-    return ReversedAttention(maps=maps, patterns=patterns, **fields)
+    # one device for the [layer, ...] result (the layers' may differ)
+    return RAPass(written, seen, fields, adapter.n_heads, result_device(model))
 
 
 def _route_names(adapter: Any, layer: int) -> tuple[dict[str, str], dict[str, str]]:
