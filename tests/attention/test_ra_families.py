@@ -22,7 +22,7 @@ import torch
 from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, GPTJConfig, GPTNeoConfig, MptConfig,
                           OPTConfig, SmolLM3Config)
 from transformers.models.gemma2 import modeling_gemma2
-from transformer_lens import TransformerBridge
+from tl_backward.core.compat import TransformerBridge
 
 from tests.reference import assert_untouched
 from tests.tolerance import MODEL_TERMS, assert_close_fp32

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tl_backward
-from tl_backward.core.adapter import apply_rotary, get_adapter
 from tests.reference import assert_no_hooks
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
+from tl_backward.core.adapter import apply_rotary, get_adapter
 
 
 def test_attention_scale_reproduces_the_scores(model):
@@ -85,7 +85,9 @@ def test_hook_names_and_layer_errors(model):
 
 
 def test_refuses_models_without_a_gradient_path():
-    from transformer_lens import TransformerBridge, TransformerBridgeConfig
+    from transformer_lens import TransformerBridgeConfig
+
+    from tl_backward.core.compat import TransformerBridge
 
     cfg = TransformerBridgeConfig(d_model=16, d_head=4, n_layers=1, n_ctx=8, d_vocab=20, n_heads=4, d_mlp=32, act_fn="gelu")
     native = TransformerBridge.boot_native(cfg)

@@ -79,7 +79,7 @@ _BUILT: dict = {}
 def build(family: str):
     """(bridge, plain HF copy with the same weights), cached per family."""
     if family not in _BUILT:
-        from transformer_lens import TransformerBridge
+        from tl_backward.core.compat import TransformerBridge
         from transformers import AutoModelForCausalLM
 
         tok = word_tokenizer()

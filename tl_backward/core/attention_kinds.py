@@ -30,15 +30,19 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.model_bridge.generalized_components import (AttentionBridge, BloomAttentionBridge,
-                                                                 JointQKVAttentionBridge,
-                                                                 JointQKVPositionEmbeddingsAttentionBridge,
-                                                                 MPTALiBiAttentionBridge,
-                                                                 PositionEmbeddingsAttentionBridge)
-from transformer_lens.model_bridge.sources.native.model import NativeAttention
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
 from tl_backward.errors import TLBackwardError
+
+from .compat import (
+    AttentionBridge,
+    BloomAttentionBridge,
+    JointQKVAttentionBridge,
+    JointQKVPositionEmbeddingsAttentionBridge,
+    MPTALiBiAttentionBridge,
+    NativeAttention,
+    PositionEmbeddingsAttentionBridge,
+)
 
 __all__ = ["ROUTES", "ScoreRoute", "Unsupported", "ValueRoute", "attention_route", "attention_scale",
            "softcap_of"]

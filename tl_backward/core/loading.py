@@ -36,6 +36,7 @@ import torch
 
 from .. import zoo
 from ..errors import TLBackwardError
+from .compat import TransformerBridge, get_device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # One TCP connect to the hub host: a reachable hub answers in tens of ms, and waiting longer
@@ -160,9 +161,6 @@ def _local_dir(name: str | os.PathLike) -> Path:
 
 def _boot_directory(directory: Path, label: str, device: torch.device | None, dtype: torch.dtype) -> Any:
     """HF model + AutoTokenizer from ``directory``, moved to ``device``, wrapped as a bridge."""
-    from transformer_lens import TransformerBridge
-    from transformer_lens.utilities import get_device
-
     config = _read_config(directory, label)
     tokenizer = _read_tokenizer(directory, label)
     hf = _read_weights(directory, label, config, dtype)
@@ -229,8 +227,6 @@ def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype) 
 
 # ------------------------------------------------------------------------------- the hub
 def _boot_hub(name: str, device: torch.device | None, dtype: torch.dtype) -> Any:
-    from transformer_lens import TransformerBridge
-
     try:
         return TransformerBridge.boot_transformers(name, device=None if device is None else str(device), dtype=dtype)
     except (OSError, ValueError) as err:

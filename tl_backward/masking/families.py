@@ -31,11 +31,14 @@ from typing import Any, Iterator
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens.model_bridge.generalized_components import (AttentionBridge, BloomAttentionBridge,
-                                                                 JointQKVAttentionBridge,
-                                                                 PositionEmbeddingsAttentionBridge)
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
+from ..core.compat import (
+    AttentionBridge,
+    BloomAttentionBridge,
+    JointQKVAttentionBridge,
+    PositionEmbeddingsAttentionBridge,
+)
 from ..errors import TLBackwardError
 
 # Bridges that compute softmax(scores + mask) themselves and read a bool keep-mask.
