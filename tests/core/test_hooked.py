@@ -174,6 +174,7 @@ def test_factors_of_processed_weights():
     """After process_weights_ (fold_ln, center_writing_weights, center_unembed) the model holds other
     parameters (LNPre, gains folded into W_Q/W_in): the factors are the gradients of those."""
     model = hooked("gpt2_ln")
+    get_adapter(model)  # an adapter made before processing must follow the swapped LN modules
     model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
     assert model.cfg.normalization_type == "LNPre"
     toks = tokens()
@@ -247,3 +248,5 @@ def test_derived_points_are_values_only_and_refusals_name_the_fix():
     attn_only = get_adapter(hooked("attn_only"))
     with pytest.raises(tlb.errors.TLBackwardError, match="no dense MLP"):
         attn_only.linear(0, "mlp_in")
+    with pytest.raises(tlb.errors.TLBackwardError, match="forward_pass_shift needs a TransformerBridge"):
+        ad.linear(0, "mlp_out").original_component

@@ -241,7 +241,8 @@ def capture(
     activation ``a`` and ``∂metric/∂a``.
 
     Args:
-        model: a reconstructing ``TransformerBridge`` (GPT-2, GPT-NeoX, Llama/Qwen2/Mistral).
+        model: a reconstructing ``TransformerBridge`` (GPT-2, GPT-NeoX, Llama/Qwen2/Mistral), or on
+            TransformerLens < 4 a ``HookedTransformer``.
         input: a string, a list of strings (right-padded; each row's loss sits at its own last
             real token) or token ids ``[batch, pos]``.
         metric: ``tl_backward.metrics.target_nll(...)``/``logit_diff(...)`` or any callable
@@ -258,7 +259,10 @@ def capture(
 
     ``blocks.L.hook_resid_mid`` reports the *full* residual gradient (TransformerLens's alias,
     ``ln2.hook_in``, sees only the layer-norm branch); other names report the gradient at that
-    hook point's output.
+    hook point's output (summed over its calls where the model calls one hook point several times on
+    one value: ``adapter.summed_grad_hooks``, HookedTransformer's ``ln1``). Explicit names may also be
+    an adapter's derived points (``adapter.derived_hooks``, e.g. a HookedTransformer's
+    ``blocks.L.ln1.hook_out`` = ``hook_normalized · w + b``): activation only, no gradient.
 
     The model is left as found: parameters' ``requires_grad``, train/eval mode and hooks are
     restored (also on error), and no parameter ``.grad`` is written.

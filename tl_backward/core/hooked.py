@@ -66,6 +66,15 @@ class LinearHooks:
     hook_in: HookRef
     hook_out: HookRef
 
+    def __getattr__(self, name: str) -> Any:
+        """Bridge-only attributes (``original_component``, ``weight``, …) are refused with the fix."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise TLBackwardError(
+            f"this feature reads the bridged linear module's {name!r}, which a HookedTransformer does not have: "
+            "forward_pass_shift needs a TransformerBridge for now (TransformerBridge.boot_transformers(...))",
+            argument="model")
+
 
 class HookedAdapter(ModelAdapter):
     """:class:`~tl_backward.core.adapter_base.ModelAdapter` of a ``transformer_lens.HookedTransformer``
@@ -99,10 +108,12 @@ class HookedAdapter(ModelAdapter):
         norm = self.model.cfg.normalization_type
         if norm not in _NORMS:  # ln1/ln2 are nn.Identity: the block reads the residual itself
             return HOOKS[unnormed].format(l=layer), _identity
-        module = getattr(self.model.blocks[layer], ln)
-        w, b = getattr(module, "w", None), getattr(module, "b", None)
+        block = self.model.blocks[layer]
 
         def apply(normalized: Tensor) -> Tensor:
+            # Read at call time: process_weights_ (fold_ln) swaps LN for LNPre, which has no w / b.
+            module = getattr(block, ln)
+            w, b = getattr(module, "w", None), getattr(module, "b", None)
             out = normalized if w is None else normalized * w.detach().float().to(normalized.device)
             return out if b is None else out + b.detach().float().to(normalized.device)
         return f"blocks.{layer}.{ln}.hook_normalized", apply
