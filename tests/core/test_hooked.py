@@ -2,7 +2,8 @@
 activations and parameters, on tiny random ``HookedTransformerConfig`` models: GPT-2-like LN,
 Llama-like RMS + rotary + GQA + gated MLP, NeoX-like parallel blocks with partial rotary, soft-capped
 scores and logits with ``scale_attn_by_inverse_layer_idx`` and LNPre, ALiBi without normalisation,
-attention-only.
+attention-only; and a HookedTransformer converted from an HF GPT-2 (TransformerLens's
+``convert_gpt2_weights``) against plain-HF autograd.
 
 The reference runs the model itself (no tl_backward code): forward hooks keep each hook point's
 output, ``torch.autograd.grad`` differentiates the last-position NLL with respect to those tensors
@@ -11,18 +12,22 @@ and to the parameters. Skipped on TransformerLens 4.x, which has no HookedTransf
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 
 import tl_backward as tlb
+from tests.attention.test_reversed import hf_reference
+from tests.conftest import SPECS
 from tests.reference import assert_no_hooks, assert_untouched
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.compat import TL_VERSION, HookedTransformer, HookedTransformerConfig
 from tl_backward.core.hooked import HookedAdapter
 from tl_backward.lens.factors import MODULES
+from tl_backward.zoo.tiny import tiny_hf_model
 
 pytestmark = pytest.mark.skipif(
     HookedTransformer is None,
@@ -250,3 +255,48 @@ def test_derived_points_are_values_only_and_refusals_name_the_fix():
         attn_only.linear(0, "mlp_in")
     with pytest.raises(tlb.errors.TLBackwardError, match="forward_pass_shift needs a TransformerBridge"):
         ad.linear(0, "mlp_out").original_component
+
+
+def hooked_from_hf(hf) -> "HookedTransformer":
+    """The tiny HF GPT-2 converted with TransformerLens's own ``convert_gpt2_weights`` into a HookedTransformer
+    without weight processing (its config written here from the HF config: TransformerLens 3.9's
+    ``convert_hf_model_config`` reads ``GPT2Config.n_ctx``, which transformers 5 no longer has)."""
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    c = hf.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+                                  d_mlp=c.n_inner, n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn="gelu_new",
+                                  normalization_type="LN", eps=c.layer_norm_epsilon,
+                                  original_architecture="GPT2LMHeadModel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    return model.eval()
+
+
+def test_converted_gpt2_matches_hf_autograd():
+    """RA and the W_in / W_out factors of a HookedTransformer converted from an HF GPT-2 equal plain-HF autograd
+    (∂L/∂P of the eager attention probabilities → softmax backward ÷ √d_head; ∂L/∂c_fc.weight, ∂L/∂c_proj.weight,
+    both Conv1D [in, out] = TransformerLens's layout)."""
+    hf = tiny_hf_model("gpt2", **SPECS["gpt2"])
+    model = hooked_from_hf(copy.deepcopy(hf))
+    ids = torch.tensor([[1, 7, 12, 5, 33, 9, 20]])
+    target = 11
+    ra = tlb.reversed_attention(model, ids, target)
+    ref, patterns, loss = hf_reference("gpt2", SPECS["gpt2"], ids, torch.tensor([ids.shape[1] - 1]),
+                                       torch.tensor([target]))
+    assert_close_fp32(ra.metric, loss, n_terms=MODEL_TERMS)
+    assert_close_fp32(ra.patterns, patterns, n_terms=MODEL_TERMS)
+    assert_close_fp32(ra.maps, ref, n_terms=MODEL_TERMS)
+    gf = tlb.gradient_factors(model, ids, target, modules=["mlp_in", "mlp_out"])
+    with torch.enable_grad():
+        logits = hf(ids).logits
+        nll = -torch.log_softmax(logits[0, -1], -1)[target]
+        blocks = hf.transformer.h
+        weights = [w for b in blocks for w in (b.mlp.c_fc.weight, b.mlp.c_proj.weight)]
+        grads = torch.autograd.grad(nll, weights)
+    for l in range(len(blocks)):
+        assert_close_fp32(gf[l, "mlp_in"].reconstruct(), grads[2 * l], n_terms=MODEL_TERMS, what=f"W_in {l}")
+        assert_close_fp32(gf[l, "mlp_out"].reconstruct(), grads[2 * l + 1], n_terms=MODEL_TERMS, what=f"W_out {l}")
