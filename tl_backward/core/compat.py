@@ -9,6 +9,7 @@ name                                          3.9                               
 ``TransformerBridge``                         ``transformer_lens.model_bridge`` only       also top level
 ``build_alias_to_canonical_map``              ``transformer_lens.model_bridge.bridge``     ``….bridge_core``
 ``HookedTransformer`` / ``…Config``           top level                                    removed (None here)
+``pretrained.weight_conversions``             HF → HookedTransformer state dicts           None here
 ============================================  ==========================================  =====================
 
 Everything else (the attention/MoE bridge classes, ``ArchitectureAdapter``, ``NativeModel``,
@@ -50,9 +51,11 @@ except ImportError:  # TransformerLens 3.x
 
 try:  # TransformerLens ≤ 3.x; 4.0 removed it (importing it raises ImportError)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained import weight_conversions
 except ImportError:
     HookedTransformer = None
     HookedTransformerConfig = None
+    weight_conversions = None
 
 __all__ = [
     "TL_VERSION", "ActivationCache", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge",
@@ -60,6 +63,7 @@ __all__ = [
     "JointQKVPositionEmbeddingsAttentionBridge", "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge",
     "NativeAttention", "NativeModel", "PositionEmbeddingsAttentionBridge", "TransformerBridge",
     "build_alias_to_canonical_map", "get_act_name", "get_device", "is_hooked_transformer", "unwrap_bridge",
+    "weight_conversions",
 ]
 
 

@@ -36,7 +36,9 @@ import torch
 
 from .. import zoo
 from ..errors import TLBackwardError
-from .compat import TransformerBridge, get_device
+from . import checks
+from .compat import HookedTransformer, TransformerBridge, get_device
+from .hooked_loading import hooked_from_hf, require_hooked
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # One TCP connect to the hub host: a reachable hub answers in tens of ms, and waiting longer
@@ -46,8 +48,9 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
 def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32) -> Any:
-    """Boot a ``TransformerBridge`` in eval mode, raw (no weight processing).
+               dtype: torch.dtype = torch.float32, backend: str = "bridge") -> Any:
+    """Boot a ``TransformerBridge`` (or, ``backend="hooked"``, a ``HookedTransformer``) in eval mode, raw
+    (no weight processing).
 
     ``name``: None for the embedded default model (offline), an embedded model's name (see
     :func:`list_models`), a local directory saved with ``save_pretrained`` (model and tokenizer),
@@ -55,21 +58,28 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``; None lets
     TransformerLens choose. ``dtype``: torch.float32 (default), float16, bfloat16 or float64.
     Tokenisation, device and offline behaviour are described in this module's docstring.
+    ``backend``: ``"bridge"`` (default), or ``"hooked"`` on TransformerLens < 4: directories (the
+    embedded models too) are converted by :func:`tl_backward.core.hooked_loading.hooked_from_hf` (GPT-2
+    and Llama layouts), hub names load with ``HookedTransformer.from_pretrained_no_processing``.
     """
     _check_name(name)
     _check_dtype(dtype)
     device = _check_device(device)
+    checks.one_of(backend, "backend", tuple(_BACKENDS))
+    if backend == "hooked":
+        require_hooked()
+    boot_directory, boot_hub = _BACKENDS[backend]
     embedded = _embedded_dir(None if name is None else str(name))
     if embedded is not None:
-        model = _boot_directory(embedded, embedded.name, device, dtype)
+        model = boot_directory(embedded, embedded.name, device, dtype)
     elif _looks_local(name):
-        model = _boot_directory(_local_dir(name), str(name), device, dtype)
+        model = boot_directory(_local_dir(name), str(name), device, dtype)
     else:
         snapshot = _offline_snapshot(str(name))
         if snapshot is not None:
-            model = _boot_directory(snapshot, str(name), device, dtype)
+            model = boot_directory(snapshot, str(name), device, dtype)
         else:
-            model = _boot_hub(str(name), device, dtype)
+            model = boot_hub(str(name), device, dtype)
     _check_placed(model)
     return model.eval()
 
@@ -176,6 +186,14 @@ def _boot_directory(directory: Path, label: str, device: torch.device | None, dt
     return bridge
 
 
+def _hooked_directory(directory: Path, label: str, device: torch.device | None, dtype: torch.dtype) -> Any:
+    """HF model + AutoTokenizer from ``directory`` converted into a raw HookedTransformer."""
+    config = _read_config(directory, label)
+    tokenizer = _read_tokenizer(directory, label)
+    hf = _read_weights(directory, label, config, dtype)
+    return hooked_from_hf(hf, tokenizer, label, device if device is not None else torch.device(get_device()), dtype)
+
+
 def _read_config(directory: Path, label: str) -> Any:
     from transformers import AutoConfig
 
@@ -235,6 +253,19 @@ def _boot_hub(name: str, device: torch.device | None, dtype: torch.dtype) -> Any
             f"could not load model {name!r}: it is not an embedded model {list_models()}, not a local directory, "
             f"and the Hugging Face hub could not provide it ({type(err).__name__}: {_first_line(err)})",
             argument="name") from err
+
+
+def _hooked_hub(name: str, device: torch.device | None, dtype: torch.dtype) -> Any:
+    try:
+        return HookedTransformer.from_pretrained_no_processing(name, device=None if device is None else str(device),
+                                                               dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise TLBackwardError(f"could not load model {name!r} as a HookedTransformer ({type(err).__name__}: "
+                              f"{_first_line(err)})", argument="name") from err
+
+
+# backend -> (boot a local directory, boot a hub name)
+_BACKENDS = {"bridge": (_boot_directory, _boot_hub), "hooked": (_hooked_directory, _hooked_hub)}
 
 
 def _offline_snapshot(name: str) -> Path | None:
