@@ -42,6 +42,8 @@ NOT_RESULTS = {
     "ExpertLens": "needs an MoE model: repr checked in tests/lens/test_moe_factors.py",
     "ScoreRoute": "attention-route strategy", "ValueRoute": "attention-route strategy",
     "Unsupported": "attention-route strategy (a refusal reason)",
+    "HookRef": "HookedTransformer adapter internals (a hook name)",
+    "LinearHooks": "HookedTransformer adapter internals (a weight's two hook names)",
 }
 
 
