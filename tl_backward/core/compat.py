@@ -58,7 +58,7 @@ except ImportError:
     weight_conversions = None
 
 __all__ = [
-    "TL_VERSION", "ActivationCache", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge",
+    "TL_MAJOR", "TL_VERSION", "ActivationCache", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge",
     "CodeGenAttentionBridge", "HookedTransformer", "HookedTransformerConfig", "JointQKVAttentionBridge",
     "JointQKVPositionEmbeddingsAttentionBridge", "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge",
     "NativeAttention", "NativeModel", "PositionEmbeddingsAttentionBridge", "TransformerBridge",
@@ -76,6 +76,7 @@ def _tl_version() -> str:
 
 # ``transformer_lens.__version__`` does not exist in 3.x; the distribution metadata does in both.
 TL_VERSION: str = _tl_version()
+TL_MAJOR: int = int(TL_VERSION.split(".")[0]) if TL_VERSION[:1].isdigit() else 0
 
 
 def is_hooked_transformer(model: object) -> bool:
