@@ -253,6 +253,9 @@ def test_derived_points_are_values_only_and_refusals_name_the_fix():
     attn_only = get_adapter(hooked("attn_only"))
     with pytest.raises(tlb.errors.TLBackwardError, match="no dense MLP"):
         attn_only.linear(0, "mlp_in")
+    shortformer = get_adapter(hooked("gpt2_ln", positional_embedding_type="shortformer"))
+    with pytest.raises(tlb.errors.TLBackwardError, match="shortformer"):
+        shortformer.linear(0, "q")
     with pytest.raises(tlb.errors.TLBackwardError, match="forward_pass_shift needs a TransformerBridge"):
         ad.linear(0, "mlp_out").original_component
 

@@ -172,6 +172,10 @@ class HookedAdapter(ModelAdapter):
             raise TLBackwardError(f"{module}: with use_attn_in / use_split_qkv_input the attention reads a per-head "
                                   "input; call model.set_use_attn_in(False) / set_use_split_qkv_input(False)",
                                   argument="module")
+        if module in ("q", "k") and cfg.positional_embedding_type == "shortformer":
+            raise TLBackwardError(f"{module}: shortformer models add the position embedding to ln1's output before "
+                                  f"W_{module.upper()}, so ln1.hook_out is not its input; choose v, o or the MLP",
+                                  argument="module")
         if module in ("k", "v") and getattr(cfg, "ungroup_grouped_query_attention", False):
             raise TLBackwardError(f"{module}: with ungroup_grouped_query_attention hook_{module} holds the repeated "
                                   "heads, not the kv heads W_K/W_V act on; set it to False", argument="module")
