@@ -303,3 +303,18 @@ def test_converted_gpt2_matches_hf_autograd():
     for l in range(len(blocks)):
         assert_close_fp32(gf[l, "mlp_in"].reconstruct(), grads[2 * l], n_terms=MODEL_TERMS, what=f"W_in {l}")
         assert_close_fp32(gf[l, "mlp_out"].reconstruct(), grads[2 * l + 1], n_terms=MODEL_TERMS, what=f"W_out {l}")
+
+
+def test_activation_cache_utilities_work_on_a_hooked_cache():
+    """cache.activation_cache() is TransformerLens's own ActivationCache around the HookedTransformer: its
+    accumulated_resid / decompose_resid equal run_with_cache's; gradient_cache() stacks the gradients."""
+    model = hooked("gpt2_ln")
+    toks = tokens()
+    cache = tlb.capture(model, toks, tlb.metrics.target_nll(TARGET))
+    _, ref = model.run_with_cache(toks)
+    ac = cache.activation_cache()
+    assert torch.equal(ac.accumulated_resid(), ref.accumulated_resid())
+    assert torch.equal(ac.decompose_resid(), ref.decompose_resid())
+    gc = cache.gradient_cache()
+    assert torch.equal(gc["resid_pre", 1], cache.grad("resid_pre", 1))
+    assert gc.accumulated_resid().shape == (BASE["n_layers"] + 1, *toks.shape, BASE["d_model"])  # resid_pre each, final
