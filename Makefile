@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Pin torch first so no later requirement can pull a multi-GB CUDA build; override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test notebooks processes conformance matrix bench clean
+.PHONY: demo test notebooks processes conformance matrix bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ matrix: $(STAMP)
 
 bench: $(STAMP)
 	status=0; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || status=1; done; exit $$status
+
+# Every analysis on a model split over two GPUs (or on one GPU) vs the CPU; prints "skipped: no CUDA" elsewhere.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demos/out

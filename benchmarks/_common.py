@@ -7,8 +7,9 @@ Reference runs (the same model, input and loss -- the target's NLL at the last p
   (parameter ``.grad`` allocated and written; reset to ``None`` before each call so every call pays
   for it, as a fresh training step would).
 * (c) :func:`activation_grads_only` -- the floor for any analysis that reads activation gradients:
-  frozen weights, a leaf at ``hook_embed``/``hook_pos_embed``, ``torch.autograd.grad`` to the
-  leaves, no other hook. Nothing is kept.
+  frozen weights, a leaf at ``hook_embed``/``hook_pos_embed``, only the last position unembedded
+  (the loss reads nothing else; tl_backward does the same, core/stream.py), ``torch.autograd.grad``
+  to the leaves, no other hook. Nothing is kept.
 
 Peak memory on CPU (:func:`peak_memory`): ``tracemalloc`` does not see torch's allocations and
 torch has no CPU equivalent of ``cuda.max_memory_allocated``, so we measure the **resident-set
@@ -206,11 +207,15 @@ def activation_grads_only(model: Any, tokens: torch.Tensor, target: int) -> Call
             leaves.append(leaf)
             return leaf
 
+        def last_only(t: torch.Tensor, hook: Any) -> torch.Tensor:
+            return t[:, -1:]
+
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(False)
         try:
-            with torch.enable_grad(), model.hooks(fwd_hooks=[(n, make_leaf) for n in names]):
+            hooks = [(n, make_leaf) for n in names] + [("unembed.hook_in", last_only)]
+            with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
                 loss = loss_fn(model(tokens, return_type="logits"))
                 torch.autograd.grad(loss, leaves)
         finally:

@@ -197,6 +197,50 @@ def spec_citations() -> list[str]:
     return out
 
 
+# core/device.py is the one module that reads where a model lives (its docstring states the rules).
+DEVICE_MODULE = f"{PACKAGE}.core.device"
+# Names that hold a model, a module or a config, never a tensor, in this package's code.
+MODEL_NAMES = frozenset({"model", "hf", "hf_model", "bridge", "module", "mod", "original_model", "cfg", "config",
+                         "norm", "embed", "lin", "layer", "block", "attn", "mlp"})
+
+
+def _tail(node: ast.AST) -> str | None:
+    """The last identifier of ``a.b.c`` (``c``) or of a plain name."""
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    return None
+
+
+def _is_param_iter(node: ast.AST) -> bool:
+    """``x.parameters()`` / ``x.buffers()`` (optionally inside ``iter(...)``)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "iter" and node.args:
+        node = node.args[0]
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+        and node.func.attr in ("parameters", "buffers")
+
+
+def device_reads() -> list[str]:
+    """Reads of a model's device or dtype outside :data:`DEVICE_MODULE`: ``next(x.parameters())``
+    (one parameter stands for the model: wrong on a dispatched model) and ``model.device`` /
+    ``cfg.device`` / ``module.device`` (names in :data:`MODEL_NAMES`)."""
+    return [hit for mod, path in modules().items() if mod != DEVICE_MODULE
+            for hit in device_reads_in(path.read_text(), mod)]
+
+
+def device_reads_in(source: str, mod: str = "<source>") -> list[str]:
+    """:func:`device_reads` of one module's source text."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "next" \
+                and node.args and _is_param_iter(node.args[0]):
+            out.append(f"{mod}:{node.lineno}: next(...parameters()) -- use core/device.py")
+        elif isinstance(node, ast.Attribute) and node.attr in ("device", "dtype") and _tail(node.value) in MODEL_NAMES:
+            out.append(f"{mod}:{node.lineno}: {_tail(node.value)}.{node.attr} -- use core/device.py")
+    return out
+
+
 def summary() -> dict[str, object]:
     imps = all_imports()
     mods = modules()
@@ -210,6 +254,7 @@ def summary() -> dict[str, object]:
         "function_local": [f"{i.source} -> {i.target} (line {i.line})" for i in imps if i.local],
         "private_imports": private_imports(),
         "spec_citations": spec_citations(),
+        "device_reads": device_reads(),
         "longest_file": longest_file,
         "longest_function": longest_func,
     }

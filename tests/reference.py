@@ -137,11 +137,26 @@ def hf_activation_grads(family: str, seed: int, tokens: Tensor, loss_fn: Loss, l
     return out
 
 
+def _permanent_ids(hp) -> set[int]:
+    """Ids of the torch hooks behind the TransformerLens hooks on ``hp`` marked ``is_permanent``.
+
+    TransformerLens installs permanent hooks itself while booting some bridges (component_setup.py
+    ``_wire_symbolic_hooks``: OPT's fc1/fc2 MLP re-fires ``mlp.in.hook_in`` / ``mlp.out.hook_out``
+    through ``mlp.hook_in`` / ``mlp.hook_out``); they survive ``reset_hooks`` by design. tl_backward
+    never adds a permanent hook (tests/core/test_no_hooks.py checks its source), so these are TL's.
+    """
+    return {lh.hook.id for lh in hp.fwd_hooks + hp.bwd_hooks if getattr(lh, "is_permanent", False)}
+
+
 def assert_no_hooks(model) -> None:
-    """No TransformerLens or raw PyTorch hook is left on any hook point of ``model``."""
+    """No TransformerLens or raw PyTorch hook is left on any hook point of ``model``, apart from the
+    permanent hooks TransformerLens wires at boot (:func:`_permanent_ids`)."""
     for name, hp in model.hook_dict.items():
-        assert not hp.fwd_hooks and not hp.bwd_hooks, f"TL hook left on {name}"
-        assert not hp._forward_hooks and not hp._backward_hooks, f"torch hook left on {name}"
+        tl_own = _permanent_ids(hp)
+        left = [lh for lh in hp.fwd_hooks + hp.bwd_hooks if lh.hook.id not in tl_own]
+        assert not left, f"TL hook left on {name}"
+        assert not set(hp._forward_hooks) - tl_own and not set(hp._backward_hooks) - tl_own, \
+            f"torch hook left on {name}"
         assert not hp._forward_pre_hooks, f"torch pre-hook left on {name}"
 
 

@@ -65,3 +65,21 @@ def test_the_scanner_catches_a_circle(tmp_path, monkeypatch):
     found = layout.all_imports()
     assert layout.cycles(found) == [["tl_backward.a.x", "tl_backward.a.y"]]
     assert [(i.source, i.local) for i in found if i.local] == [("tl_backward.a.y", True)]
+
+
+def test_model_devices_are_read_in_core_device_only():
+    # A model dispatched over several devices has no one device or dtype: one parameter, model.device
+    # or cfg.device stands for the embedding's device only by accident (tl_backward/core/device.py).
+    assert layout.device_reads() == []
+
+
+@pytest.mark.parametrize("source, hits", [
+    ("d = next(model.parameters()).device", 1),
+    ("d = next(iter(self.model.parameters())).dtype", 1),
+    ("d = model.cfg.device", 1),
+    ("d = hf.dtype", 1),
+    ("d = tokens.to(logits.device)", 0),  # tensors' devices are the rule, not the exception
+    ("for p in model.parameters(): p.requires_grad_(False)", 0),
+])
+def test_device_read_scanner(source, hits):
+    assert len(layout.device_reads_in(source)) == hits

@@ -33,7 +33,7 @@ PROMPT = "the capital of france is"
 NOT_RESULTS = {
     "_Request": "private to capture",
     "TargetNLL": "metric spec: its repr is its target", "LogitDiff": "metric spec: its repr is its tokens",
-    "RowTargetNLL": "metric spec: its repr is its ids",
+    "RowTargetNLL": "metric spec: its repr is its ids", "Picked": "a bound metric (core/stream.py internals)",
     "LayerData": "flow builder internals", "NodeSpec": "flow builder internals", "EdgeSpec": "flow builder internals",
     "LayerIds": "flow builder internals", "LayerTensors": "flow builder internals",
     "Relation": "zoo world data", "SegmentExample": "zoo world data", "Fact": "zoo world data",
@@ -41,6 +41,7 @@ NOT_RESULTS = {
     "MoELayer": "needs an MoE model: repr checked in tests/lens/test_moe_factors.py",
     "ExpertLens": "needs an MoE model: repr checked in tests/lens/test_moe_factors.py",
     "ScoreRoute": "attention-route strategy", "ValueRoute": "attention-route strategy",
+    "PatternRoute": "attention-route strategy", "RAPass": "ra_pass internals (reversed_attention builds results)", "RAContext": "base of ReversedAttention / RANorms (no instances)",
     "Unsupported": "attention-route strategy (a refusal reason)",
     "HookRef": "HookedTransformer adapter internals (a hook name)",
     "LinearHooks": "HookedTransformer adapter internals (a weight's two hook names)",

@@ -19,10 +19,17 @@ import warnings
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, GPTJConfig, GPTNeoConfig, MptConfig,
-                          OPTConfig, SmolLM3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    Gemma2Config,
+    GPTJConfig,
+    GPTNeoConfig,
+    MptConfig,
+    OPTConfig,
+    SmolLM3Config,
+)
 from transformers.models.gemma2 import modeling_gemma2
-from tl_backward.core.compat import TransformerBridge
 
 from tests.reference import assert_untouched
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
@@ -30,6 +37,7 @@ from tl_backward.attention import patch_attention, ra_hook_names, reversed_atten
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.attention_kinds import ScoreRoute, ValueRoute
 from tl_backward.core.capture import capture
+from tl_backward.core.compat import TransformerBridge
 from tl_backward.core.metrics import target_nll
 from tl_backward.errors import TLBackwardError
 from tl_backward.flow import flow_graph
@@ -292,11 +300,12 @@ def test_value_route_patch_equals_explicit_z(fam):
 
 
 def test_flow_graph_is_refused_per_feature_while_capture_works(fam):
-    """VISIT reads hook_attn_scores directly: refused with the reason where that is not ∂L/∂(q·kᵀ)·s
-    (generic bridge: off the autograd path; Gemma-2: after the soft-cap); RA and capture still work."""
+    """VISIT is refused with the reason where its attention nodes cannot be exact (GPT-J: q/k rotated
+    inside HF after hook_q/hook_k, unhooked; Gemma-2: soft-capping); RA and capture still work.
+    OPT and GPT-Neo draw flow graphs through z = P·V (tests/flow/test_routes.py)."""
     if fam.name not in ("gptj", "gemma2"):
         pytest.skip("one family per refusal reason")
-    why = "off the autograd path" if fam.name == "gptj" else "soft-capping"
+    why = "rotates q and k inside HF" if fam.name == "gptj" else "soft-capping"
     with pytest.raises(TLBackwardError, match=why) as err:
         flow_graph(fam.bridge, PROMPT, layer=0, target=TARGET)
     assert err.value.argument == "model" and "Capture, factors and the lens still work" in str(err.value)

@@ -69,8 +69,8 @@ def test_mean_over_resumes_after_a_crash(gpt2_model, tmp_path, monkeypatch):
         mean_over(gpt2_model, failing(), align="end", batch_size=2, prepend_bos=True, checkpoint=ck)
     assert torch.load(ck, weights_only=True)["drawn"] == 2
     calls = []
-    real = aggregate.reversed_attention
-    monkeypatch.setattr(aggregate, "reversed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = aggregate.ra_pass
+    monkeypatch.setattr(aggregate, "ra_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = mean_over(gpt2_model, iter(data), align="end", batch_size=2, prepend_bos=True, checkpoint=ck)
     assert len(calls) == 2  # batches 2 and 3 only: nothing summed before the crash runs again
     same(resumed, ref)  # the first example's tokens come from the checkpoint, cropped to the final n
@@ -132,8 +132,8 @@ def test_icl_patching_resumes_after_a_crash(gpt2_model, tmp_path, monkeypatch):
     assert "icl.pt.0shot.mean" in done and "icl.pt.1shot.none" in done and "icl.pt.1shot.reversed.-30" in done
     assert "icl.pt.1shot.forward.-30" not in done
     calls = []
-    real = aggregate.reversed_attention
-    monkeypatch.setattr(aggregate, "reversed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = aggregate.ra_pass
+    monkeypatch.setattr(aggregate, "ra_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = icl_patching(gpt2_model, TRAIN, TEST, **kw, checkpoint=ck)
     assert not calls  # both means come from their checkpoints
     assert resumed == ref and resumed.rows == ref.rows

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import torch
 
 from tests.conformance import hf_ref as R
+from tests.conformance import moe_ref as M
 from tests.conformance.native import ROWS as NATIVE_ROWS
 from tests.families import FAMILIES, build
-from tests.masking.helpers import pairwise_mask
+from tests.masking.helpers import no_cache_generate, pairwise_mask
 from tests.reference import assert_no_hooks, assert_untouched
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
 from tl_backward import flow_graph, forward_pass_shift, gradient_factors, mas_generate, reversed_attention, segment_mask
@@ -27,6 +28,8 @@ from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import capture
 from tl_backward.core.metrics import target_nll
 from tl_backward.errors import TLBackwardError
+from tl_backward.lens import expert_lens
+from tl_backward.lens.factors import ATTENTION
 from tl_backward.masking import segments as S
 
 PROMPTS = ["the cat sat on the mat .", "where is the big dog"]  # padded batch (8 and 6 tokens with BOS)
@@ -81,6 +84,8 @@ def cell_capture(name: str, hf, model) -> None:
     grads = torch.autograd.grad(_last_nll(ref, cache.last), list(wanted.values()))
     m = cache.mask
     for ((k, l), act), g in zip(wanted.items(), grads):
+        # OPT's resid_mid comes [batch·pos, d] (hf_ref.Pass): autograd took it there, compare as [batch, pos, d]
+        act, g = (t.reshape(ref.resid_pre[l].shape) for t in (act, g))
         close(cache[ad.hook_name(k, l)][m], act[m], f"{k}[{l}] activation")
         close(cache.grad(ad.hook_name(k, l))[m], g[m], f"{k}[{l}] gradient")
     for l in range(ad.n_layers):
@@ -91,7 +96,8 @@ def cell_capture(name: str, hf, model) -> None:
 
 
 def cell_scores(name: str, hf, model) -> None:
-    """hook_attn_scores: softmax(scores) = P and ∂L/∂scores = P ⊙ (dP − rowsum(P ⊙ dP))."""
+    """hook_attn_scores: softmax(scores) = P and ∂L/∂scores = P ⊙ (dP − rowsum(P ⊙ dP)). Refused on
+    the generic AttentionBridge (GPT-J, OPT, GPT-Neo), whose hook_attn_scores fires on HF's returned P."""
     ad = get_adapter(model)
     names = [ad.hook_name("attn_scores", l) for l in range(ad.n_layers)]
     cache = capture(model, PROMPTS, target_nll(TARGET), names=names, prepend_bos=True)
@@ -149,10 +155,14 @@ def _tl_layout(weight: torch.Tensor, module: torch.nn.Module, shape: tuple, kind
 
 def cell_factors(name: str, hf, model) -> None:
     """Every factor module (modules="all"): reconstruct() = autograd's ∂L/∂W of the HF parameter
-    the bridged linear module holds (original_component.weight), mapped to TL layout."""
+    the bridged linear module holds (original_component.weight), mapped to TL layout; on
+    mixture-of-experts layers the sparse block's modules against the plain-HF copy (:func:`_moe_factors`)."""
     ad = get_adapter(model)
     gf = gradient_factors(model, PROMPTS, TARGET, modules="all", prepend_bos=True)
-    keys = list(gf.factors)
+    sparse = [k for k in gf.factors if k[1] not in ATTENTION and ad.moe(k[0]) is not None]
+    if sparse:
+        _moe_factors(hf, gf, sparse)
+    keys = [k for k in gf.factors if k not in sparse]
     modules = [ad.linear(l, m).original_component for l, m in keys]
     with torch.enable_grad():
         logits = model(gf.tokens, attention_mask=gf.mask.long())
@@ -162,6 +172,32 @@ def cell_factors(name: str, hf, model) -> None:
         recon = gf[key].reconstruct()
         close(recon, _tl_layout(g, mod, tuple(recon.shape), key[1]), f"factor {key}")
     _clean(model)
+
+
+def _hf_loss(hf, gf) -> torch.Tensor:
+    """The target NLL at each row's last real token, on the plain-HF copy, with grad."""
+    with torch.enable_grad():
+        logits = hf(gf.tokens, attention_mask=gf.mask.long()).logits
+    return R.nll(logits, torch.arange(len(gf.last)), gf.last, torch.full_like(gf.last, TARGET))
+
+
+def _moe_factors(hf, gf, keys: list) -> None:
+    """Each MoE factor (experts' up / gate / down, router, Qwen2-MoE's shared expert and its gate)
+    = ``torch.autograd.grad`` of the HF parameter it represents on the plain-HF copy, mapped to TL
+    layout by hand (moe_ref.py); per expert e for the experts' modules: the slice e of the batched
+    parameter's gradient (exactly zero where no routed token carries gradient)."""
+    blocks = {l: R.layers_of(hf)[l].mlp for l, _ in keys}
+    expected = M.expected_factors(blocks, _hf_loss(hf, gf))
+    assert set(expected) == set(keys), f"modules='all' returns {sorted(keys)}, the HF blocks hold {sorted(expected)}"
+    for key in keys:
+        f, want = gf[key], expected[key]
+        close(f.reconstruct(), want, f"factor {key}")
+        for e in range(want.shape[0]) if f.per_expert else ():
+            got = f.expert(e).reconstruct()
+            if not bool(want[e].any()):
+                assert not bool(got.any()), f"factor {key} expert {e}: autograd gives 0, the factor does not"
+            else:
+                close(got, want[e], f"factor {key} expert {e}")
 
 
 def _head_scale(hf) -> float:
@@ -180,7 +216,29 @@ def cell_lens(name: str, hf, model) -> None:
         close(head(ref.final_in), ref.logits, "reference head vs HF logits")
         for what, v in (("final", ref.final_in), ("layer 0", ref.resid_post[0])):
             close(ad.unembed(v[0]), head(v[0]), f"lens of the {what} residual")
+    if any(ad.moe(l) is not None for l in range(ad.n_layers)):
+        _expert_lens(hf, model, head)
     _clean(model)
+
+
+def _expert_lens(hf, model, head) -> None:
+    """expert_lens: ‖∂L/∂W_down^e‖ per layer and expert = the norm of expert e's slice of the HF
+    down_proj gradient (plain-HF autograd); each routed δ_i^e's target rank and least-likely token
+    = those of the HF final norm + lm_head applied to it."""
+    el = expert_lens(model, PROMPTS, TARGET, prepend_bos=True, top_k=3)
+    gf = gradient_factors(model, PROMPTS, TARGET, modules=("mlp_out",), layers=list(el.layers), prepend_bos=True)
+    blocks = {l: R.layers_of(hf)[l].mlp for l in el.layers}
+    expected = M.expected_factors(blocks, _hf_loss(hf, gf))
+    for i, l in enumerate(el.layers):
+        close(el.grad_norm[i], expected[(l, "mlp_out")].flatten(1).norm(dim=-1), f"expert_lens grad_norm[{l}]")
+        f = gf[l, "mlp_out"]
+        for e, tok in f.routed.nonzero().tolist():
+            d = f.delta[e, tok]
+            if bool(d.any()):  # a zero δ (no gradient at that token) ties every token
+                with torch.no_grad():
+                    logits = head(d).float()
+                assert int(el.target_rank[i, e, tok]) == int((logits > logits[TARGET]).sum()), f"rank {l, e, tok}"
+                assert int(el.bottom_ids[i, e, tok, 0]) == int(logits.argmin()), f"bottom token {l, e, tok}"
 
 
 def cell_fps(name: str, hf, model) -> None:
@@ -189,9 +247,17 @@ def cell_fps(name: str, hf, model) -> None:
     ad = get_adapter(model)
     tokens = ad.tokenize(ONE, prepend_bos=True).tokens
     layer = ad.n_layers - 1
+    if ad.moe(layer) is not None:
+        _moe_fps(hf, model, tokens, layer)
+        return
     out_mod = ad.linear(layer, "mlp_out").original_component
     seen: dict = {}
-    handle = out_mod.register_forward_hook(lambda mod, args, out: seen.update(x=args[0][0, -1], out=out[0, -1]))
+
+    def last_token(t: torch.Tensor) -> torch.Tensor:  # OPT runs its MLP on [batch·pos, d]: view as [batch, pos, d]
+        return t.reshape(*tokens.shape, t.shape[-1])[0, -1]
+
+    handle = out_mod.register_forward_hook(lambda mod, args, out: seen.update(x=last_token(args[0]),
+                                                                              out=last_token(out)))
     try:
         with torch.no_grad():
             logits = model(tokens)
@@ -209,6 +275,66 @@ def cell_fps(name: str, hf, model) -> None:
             err = float((seen["out"] - before - predicted).norm())
             assert err <= 1e-5 * scale, f"out-projection change off by {err:.3g} (scale {scale:.3g})"
         assert torch.equal(out_mod.weight, weight), "undo did not restore W_out"
+    finally:
+        handle.remove()
+    _clean(model)
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out  # GPT-OSS's block also returns its router scores
+
+
+def _routed_shift(hf, tokens, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the plain-HF copy: (e_t, routed experts, Σ_e w_e‖h^e‖² over them) at the last position,
+    with w_e from the HF router and w_e·h^e = G_e e_t / ‖e_t‖² read off G = ∂⟨e_t, y_last⟩/∂W_down
+    (TL layout: G_e = w_e h^e ⊗ e_t, y the sparse block's output)."""
+    block = R.layers_of(hf)[layer].mlp
+    seen: dict = {}
+    handle = block.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], y=_output(out)))
+    try:
+        with torch.enable_grad():
+            hf(tokens)
+    finally:
+        handle.remove()
+    e_t = hf.get_output_embeddings().weight[t].detach()
+    (G,) = torch.autograd.grad((seen["y"][0, -1] * e_t).sum(), block.experts.down_proj)
+    with torch.no_grad():
+        _, w, idx = M.router_of(block)(seen["x"][0, -1:].detach())
+    wh = M.down_tl(block, G)[idx[0]] @ e_t / e_t.pow(2).sum()  # [top_k, d_expert]
+    return e_t, idx[0], (wh.pow(2).sum(-1) / w[0]).sum()
+
+
+def _moe_fps(hf, model, tokens, layer: int) -> None:
+    """FPS on a sparse layer: the bridged block's output at the last token moves by
+    η Σ_e w_e‖h^e‖²·e_t over the routed experts (reference: :func:`_routed_shift`), only the
+    routed experts' slices of one parameter (down_proj) change, and undo restores every bit."""
+    block = model.blocks[layer].mlp.original_component
+    seen: dict = {}
+    handle = block.register_forward_hook(lambda mod, args, out: seen.update(y=_output(out)[0, -1].detach().clone()))
+    params = list({id(p): p for p in model.parameters()}.values())
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            logits = model(tokens)
+        before = seen["y"]
+        t = int(logits[0, -1].argsort()[-3])  # not the argmax, so the edit is applied
+        e_t, routed, sq = _routed_shift(hf, tokens, layer, t)
+        eta = float(before.norm() / (sq * e_t.norm()))
+        with forward_pass_shift(model, ONE, t, layer=layer, eta=eta, prepend_bos=True) as edit:
+            assert edit.applied
+            changed = [(p, s) for p, s in zip(params, saved) if not torch.equal(p, s)]
+            assert len(changed) == 1, f"the edit changed {len(changed)} parameters, not one down_proj"
+            p, s = changed[0]
+            assert p.shape == R.layers_of(hf)[layer].mlp.experts.down_proj.shape, "not the experts' down_proj"
+            hit = (p != s).flatten(1).any(-1).nonzero()[:, 0]
+            assert sorted(hit.tolist()) == sorted(routed.tolist()), f"edited experts {hit.tolist()}, routed {routed}"
+            with torch.no_grad():
+                model(tokens)
+            predicted = eta * sq * e_t
+            scale = float(before.norm() + predicted.norm())
+            err = float((seen["y"] - before - predicted).norm())
+            assert err <= 1e-5 * scale, f"MoE output change off by {err:.3g} (scale {scale:.3g})"
+        assert all(torch.equal(p, s) for p, s in zip(params, saved)), "undo did not restore the weights"
     finally:
         handle.remove()
     _clean(model)
@@ -272,16 +398,9 @@ def _additive(hf, seg):
 
 def _no_cache_reference(hf, seg, n: int) -> torch.Tensor:
     """Greedy decoding on the HF copy, recomputing everything with the explicit (windowed) pairwise
-    mask (new tokens have no segment, so they attend causally) each step (tests/masking/helpers.py's loop)."""
-    cur, out = seg, []
-    for _ in range(n):
-        with torch.no_grad():
-            logits = hf(cur.tokens, attention_mask=_additive(hf, cur), position_ids=cur.position_ids).logits
-        last = torch.where(cur.valid, torch.arange(cur.tokens.shape[1]), -1).max(-1).values
-        nxt = logits[torch.arange(len(cur)), last].argmax(-1)
-        out.append(nxt)
-        cur = cur.append(nxt[:, None])
-    return torch.stack(out, 1)
+    mask each step (tests/masking/helpers.py's loop)."""
+    return no_cache_generate(hf, seg, n, run=lambda cur: hf(cur.tokens, attention_mask=_additive(hf, cur),
+                                                             position_ids=cur.position_ids).logits)
 
 
 def cell_mas_generate(name: str, hf, model) -> None:

@@ -74,6 +74,9 @@ class Pass:
 
     logits: Tensor
     resid_pre: list[Tensor]
+    # the tensor the mid-input module receives: [batch·pos, d] on OPT, whose decoder layer flattens the
+    # hidden states before final_layer_norm and uses that flat tensor for the skip connection too, so
+    # its gradient is the full one; reshape to [batch, pos, d] after autograd.grad
     resid_mid: list[Tensor | None]
     resid_post: list[Tensor]
     final_in: Tensor

@@ -13,20 +13,14 @@ import torch
 
 from tests.conformance import cells, matrix
 from tests.conformance import hf_ref as R
+from tests.conformance import moe_ref as M
 from tests.conformance.cells import FEATURES, outcome_of, run_cell
 from tests.families import FAMILIES
 from tl_backward.errors import TLBackwardError
 
 # Cells measured as FAIL and not yet fixed (issue 14 stays open for them). xfail is strict: a fix
 # turns the cell into XPASS, which fails the run until the cell leaves this list.
-_SCORES = ("the generic AttentionBridge fires hook_attn_scores on the post-softmax weights: capture "
-           "returns them under that name instead of refusing")
-_OPT = ("OPT: one hook's tensor comes flattened [batch*pos, d] (capture cell), and a TL hook stays on "
-        "blocks.0.mlp.in.hook_in for the cells that follow")
-KNOWN_FAILS = {
-    ("gptj", "scores"): _SCORES, ("opt", "scores"): _SCORES, ("gpt_neo", "scores"): _SCORES,
-    **{("opt", f): _OPT for f in ("capture", "RA", "factors", "lens", "MAS", "MAS generate")},
-}
+KNOWN_FAILS: dict[tuple[str, str], str] = {}
 ALL = [pytest.param(row, f, marks=pytest.mark.xfail(reason=KNOWN_FAILS[row, f], strict=True))
        if (row, f) in KNOWN_FAILS else (row, f) for row in cells.BUILDERS for f in FEATURES]
 FAST = [(row, f) for row in matrix.FAST_ROWS for f in FEATURES]
@@ -83,6 +77,15 @@ def test_cells_can_fail(monkeypatch):
     scale = R.attention_scale
     monkeypatch.setattr(R, "attention_scale", lambda *a: 2 * scale(*a))
     assert run_cell("gpt2", "RA").status == "FAIL"
+
+
+def test_moe_cells_can_fail(monkeypatch):
+    """A MoE reference that swaps the experts' gate and up halves turns the factors cell into a FAIL."""
+    layout = M.tl_layout
+    monkeypatch.setattr(M, "tl_layout", lambda block, grads: {
+        **layout(block, grads), "mlp_in": layout(block, grads)["mlp_gate"], "mlp_gate": layout(block, grads)["mlp_in"]})
+    o = run_cell("qwen3_moe", "factors")
+    assert o.status == "FAIL" and "mlp_in" in o.detail
 
 
 def test_softcap_reference_is_the_gradient_with_respect_to_q_dot_k():

@@ -84,15 +84,17 @@ def test_hook_names_and_layer_errors(model):
         ad.check_layer("0")
 
 
-def test_refuses_models_without_a_gradient_path():
+def test_native_bridges_are_adapted_and_non_bridges_refused():
+    """boot_native: the pattern hook is on the autograd path (PatternRoute; RA and patching checked
+    in tests/attention/test_ra_native.py); anything but a TransformerBridge is a TypeError."""
     from transformer_lens import TransformerBridgeConfig
 
+    from tl_backward.core.attention_kinds import PatternRoute
     from tl_backward.core.compat import TransformerBridge
 
     cfg = TransformerBridgeConfig(d_model=16, d_head=4, n_layers=1, n_ctx=8, d_vocab=20, n_heads=4, d_mlp=32, act_fn="gelu")
     native = TransformerBridge.boot_native(cfg)
-    with pytest.raises(ValueError, match="boot_transformers"):
-        get_adapter(native)
+    assert [type(r) for r in get_adapter(native).routes] == [PatternRoute]
     with pytest.raises(TypeError, match="TransformerBridge"):
         get_adapter(torch.nn.Linear(2, 2))
 

@@ -46,3 +46,7 @@ def test_hooked_backend_refusals():
     if HookedTransformer is None:
         with pytest.raises(tlb.errors.TLBackwardError, match="needs TransformerLens < 4"):
             tlb.load_model(backend="hooked")
+    else:
+        with pytest.raises(tlb.errors.TLBackwardError, match="device_map") as info:
+            tlb.load_model(backend="hooked", device_map="auto")
+        assert info.value.argument == "device_map"

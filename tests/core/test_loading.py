@@ -207,6 +207,32 @@ def test_valid_devices_place_every_parameter(checkpoints, device):
     assert {b.device.type for b in model.buffers()} == {"cpu"}
 
 
+def test_device_map_dispatches_the_blocks(checkpoints):
+    # A device map (here every module on the CPU: this machine has no second device) reaches
+    # from_pretrained; the dispatched model computes what the single-device one does.
+    path = checkpoints["word", "gpt2"]
+    dm = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "cpu",
+          "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    split, whole = tl_backward.load_model(path, device_map=dm), tl_backward.load_model(path, device="cpu")
+    assert not split.training and {p.device.type for p in split.parameters()} == {"cpu"}
+    tokens = whole.to_tokens("the cat sat")
+    with torch.no_grad():
+        assert torch.equal(split(tokens, return_type="logits"), whole(tokens, return_type="logits"))
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(device="cpu", device_map="auto"), ["device=", "device_map=", "not both"]),
+    (dict(device_map="everywhere"), ["'auto'", "dict", "everywhere"]),
+    (dict(device_map={}), ["non-empty dict"]),
+    (dict(device_map={"lm_head": "gpu0"}), ["device_map['lm_head']", "unknown device 'gpu0'"]),
+])
+def test_bad_device_maps_are_refused_before_loading(kwargs, words):
+    with pytest.raises(TLBackwardError) as info:
+        tl_backward.load_model(**kwargs)
+    assert info.value.argument == "device_map"
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
 def test_placement_guard_names_device(checkpoints, monkeypatch):
     # TransformerLens records device= without moving a pre-loaded model; the guard catches a mismatch.
     model = tl_backward.load_model(checkpoints["word", "gpt2"])

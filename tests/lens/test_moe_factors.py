@@ -16,6 +16,7 @@ import logging
 import pytest
 import torch
 
+from tests.conformance.moe_ref import factor_parameters, router_of, tl_layout
 from tests.reference import assert_no_hooks, assert_untouched
 from tests.tolerance import MODEL_TERMS, fp32_rtol
 from tl_backward.core.adapter import get_adapter
@@ -113,19 +114,13 @@ def hf_loss(ref, gf, target_id):
 
 
 def hf_expected(ref, layer: int, grads: dict) -> dict:
-    """TL-layout gradients of one layer, from the HF parameter gradients."""
+    """TL-layout gradients of one layer, from the HF parameter gradients (MoE modules:
+    tests/conformance/moe_ref.py; attention split by head here)."""
     mlp, attn = ref.model.layers[layer].mlp, ref.model.layers[layer].self_attn
-    ex = mlp.experts
-    router = mlp.router if hasattr(mlp, "router") else mlp.gate
-    gu, down = grads[ex.gate_up_proj], grads[ex.down_proj]
-    if type(ex).__name__ == "GptOssExperts":  # [expert, in, out], columns gate0, up0, gate1, ...
-        gate, up = gu[..., 0::2], gu[..., 1::2]
-    else:  # [expert, out, in], rows [gate | up]
-        f = gu.shape[1] // 2
-        gate, up, down = gu[:, :f].transpose(1, 2), gu[:, f:].transpose(1, 2), down.transpose(1, 2)
+    moe = tl_layout(mlp, {m: grads[p] for m, p in factor_parameters(mlp).items()})
     H, KV, dh = 4, 2, attn.head_dim
     return {
-        "mlp_in": up, "mlp_gate": gate, "mlp_out": down, "router": grads[router.weight].T,
+        **moe,
         "q": grads[attn.q_proj.weight].reshape(H, dh, -1).transpose(1, 2),
         "k": grads[attn.k_proj.weight].reshape(KV, dh, -1).transpose(1, 2),
         "v": grads[attn.v_proj.weight].reshape(KV, dh, -1).transpose(1, 2),
@@ -145,12 +140,15 @@ def hf_grads(ref, gf, target_id):
 def test_every_factor_matches_hf_autograd(family):
     bridge, ref = build(family)
     gf = gradient_factors(bridge, PROMPTS, TARGET, modules="all", prepend_bos=False)
-    assert gf.modules == ("mlp_in", "mlp_gate", "mlp_out", "q", "k", "v", "o", "router")
+    has_shared = hasattr(ref.model.layers[0].mlp, "shared_expert")  # Qwen2-MoE
+    shared = ("shared_in", "shared_gate", "shared_out", "shared_expert_gate") if has_shared else ()
+    assert gf.modules == ("mlp_in", "mlp_gate", "mlp_out", "q", "k", "v", "o", "router", *shared)
     assert bool((~gf.mask).any()), "the batch should be padded"
     t = int(get_adapter(bridge).target_tokens(TARGET)[0])
     grads = hf_grads(ref, gf, t)
     for layer in range(2):
         expected = hf_expected(ref, layer, grads)
+        assert set(expected) == set(gf.modules)  # every module of "all" is checked, and only those
         for m, want in expected.items():
             f = gf[layer, m]
             assert f.per_expert == m.startswith("mlp_")
@@ -187,8 +185,7 @@ def test_routing_and_unrouted_rows(family):
     inputs = _mlp_inputs(ref, gf.tokens)
     flat_mask = gf.mask.reshape(-1)
     for layer in range(2):
-        mlp = ref.model.layers[layer].mlp
-        router = mlp.router if hasattr(mlp, "router") else mlp.gate
+        router = router_of(ref.model.layers[layer].mlp)
         with torch.no_grad():
             _, _, idx = router(inputs[layer])
         idx = idx[flat_mask]
@@ -281,7 +278,7 @@ def test_forward_pass_shift_on_moe(family):
     with torch.no_grad():
         before = bridge.run_with_cache(tokens, names_filter=[name])[1][name][0, -1]
         hf_in = _mlp_inputs(ref, tokens)[layer][-1]
-        _, w, idx = (ref.model.layers[layer].mlp.router if family == "gpt_oss" else ref.model.layers[layer].mlp.gate)(hf_in[None])
+        _, w, idx = router_of(ref.model.layers[layer].mlp)(hf_in[None])
     t = next(i for i in range(5, 40) if i != int(bridge(tokens)[0, -1].argmax()))
     with forward_pass_shift(bridge, prompt, t, layer=layer, eta=0.5) as edit:
         assert edit.applied and list(edit.experts) == idx[0].tolist()
@@ -315,6 +312,33 @@ def test_refusals_name_the_argument():
     with pytest.raises(TLBackwardError) as err:
         expert_lens(bridge, PROMPTS[0], TARGET, module="router")
     assert err.value.argument == "module"
+    assert_no_hooks(bridge)
+    assert_untouched(bridge)
+
+
+@needs_tl4
+def test_shared_expert_factors_are_2d_and_refused_without_one():
+    """Qwen2-MoE's shared expert: plain 2-D factors over all tokens (the sigmoid gate inside δ, so
+    δ of its down projection is σ(s_i)·g_i); no shared expert elsewhere."""
+    bridge, ref = build("qwen2_moe")
+    gf = gradient_factors(bridge, PROMPTS, TARGET, modules=("mlp_out", "shared_out", "shared_expert_gate"),
+                          prepend_bos=False)
+    f = gf[0, "shared_out"]
+    assert not f.per_expert and f.shape == (40, 32) and gf[0, "shared_expert_gate"].shape == (32, 1)
+    x = _mlp_inputs(ref, gf.tokens)[0][gf.mask.reshape(-1)]
+    block = ref.model.layers[0].mlp
+    with torch.no_grad():
+        sig = torch.sigmoid(block.shared_expert_gate(x))  # [tokens, 1]
+        _, weights, idx = router_of(block)(x)  # the HF router's own top-k weights
+    out = gf[0, "mlp_out"]
+    for tok in range(len(x)):  # δ_out^e = w_ie·g_i (expert e = the first routed), δ_shared = σ(s_i)·g_i
+        g = out.delta[int(idx[tok, 0]), tok] / weights[tok, 0]
+        assert rel_err(f.delta[tok], sig[tok] * g) < TOL
+    bridge_mix, _ = build("mixtral")
+    assert "shared_out" not in gradient_factors(bridge_mix, PROMPTS[0], TARGET, modules="all").modules
+    with pytest.raises(TLBackwardError, match="shared expert") as err:
+        gradient_factors(bridge_mix, PROMPTS[0], TARGET, modules=("shared_in",))
+    assert err.value.argument == "modules"
     assert_no_hooks(bridge)
     assert_untouched(bridge)
 

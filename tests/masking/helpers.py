@@ -35,12 +35,17 @@ def random_layout(gen, length, *, pad_side=None, n_pad=0):
     return ids, valid
 
 
-def no_cache_generate(model, seg, n):
-    """Greedy reference: recompute the whole sequence with the full MAS-then-causal mask each step."""
+def no_cache_generate(model, seg, n, run=None):
+    """Greedy reference: recompute the whole sequence with the full MAS-then-causal mask each step
+    (new tokens have no segment, so they attend causally). ``run(cur) -> logits`` defaults to the
+    bridge under ``cur.mask()``; the HF references pass their explicit 4-D (windowed) masks."""
+    if run is None:
+        def run(cur):
+            return model(cur.tokens, attention_mask=cur.mask(), position_ids=cur.position_ids)
     cur, out = seg, []
     for _ in range(n):
         with torch.no_grad():
-            logits = model(cur.tokens, attention_mask=cur.mask(), position_ids=cur.position_ids)
+            logits = run(cur)
         cols = torch.arange(cur.tokens.shape[1])
         last = torch.where(cur.valid, cols, -1).max(-1).values
         nxt = logits[torch.arange(len(cur)), last].argmax(-1)

@@ -12,7 +12,7 @@ from tl_backward.errors import TLBackwardError
 from tl_backward.masking import answer_loss, mas_generate, segment_mask
 from tl_backward.masking import segments as S
 
-from .helpers import pairwise_mask, windowed_additive
+from .helpers import no_cache_generate, pairwise_mask, windowed_additive
 
 PROMPTS = [["the cat sat on", "where is the cat ?"], ["big dog", "red", "what is it"]]
 ANSWERS = ["A :", "A"]
@@ -35,15 +35,8 @@ def _hf_mask(hf, seg):
 
 
 def _no_cache(hf, seg, n):
-    cur, out = seg, []
-    for _ in range(n):
-        with torch.no_grad():
-            logits = hf(cur.tokens, attention_mask=_hf_mask(hf, cur), position_ids=cur.position_ids).logits
-        last = torch.where(cur.valid, torch.arange(cur.tokens.shape[1]), -1).max(-1).values
-        nxt = logits[torch.arange(len(cur)), last].argmax(-1)
-        out.append(nxt)
-        cur = cur.append(nxt[:, None])
-    return torch.stack(out, 1)
+    return no_cache_generate(hf, seg, n, run=lambda cur: hf(cur.tokens, attention_mask=_hf_mask(hf, cur),
+                                                             position_ids=cur.position_ids).logits)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

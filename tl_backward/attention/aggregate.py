@@ -24,13 +24,54 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
+from tl_backward.core.device import stack_on
 from tl_backward.core.sweep import Sums, dataset_size, run_sweep
 from tl_backward.errors import TLBackwardError
 
-from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, reversed_attention
+from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, ra_pass
 from .targets import describe, example_batches
 
 __all__ = ["MeanAccumulator", "mean_over", "aligned"]
+
+
+class LayerSums:
+    """Batch sums of each layer's RA map and pattern, taken inside the backward pass (the reducer
+    :func:`mean_over` hands to :func:`~tl_backward.attention.reversed.ra_pass`): a batch's maps are
+    never held for all layers at once, only the float64 sums ``[layer, 1, head, n, n]``. ``align``:
+    "exact" (one token length per batch, refused otherwise) or "end" (each row's last n real
+    positions, n = the batch's shortest prompt)."""
+
+    def __init__(self, align: str):
+        self.align = align
+        self.maps: dict[int, Tensor] = {}
+        self.patterns: dict[int, Tensor] = {}
+
+    def start(self, batch: Any) -> None:
+        self.lengths = batch.mask.sum(1)
+        lens = sorted({int(l) for l in self.lengths})
+        if self.align == "exact" and len(lens) > 1:
+            raise TLBackwardError(f"align='exact' needs prompts of one token length, got lengths {lens}: use "
+                                  "prompts with the same layout, or align='end' to count positions from the last "
+                                  "token", argument="align")
+        self.n = lens[0]
+
+    def _sum(self, x: Tensor) -> Tensor:
+        n = self.n
+        x = x[..., :n, :n] if self.align == "exact" else aligned(x, self.lengths, n)
+        return x.double().sum(0, keepdim=True)
+
+    def add(self, i: int, ra: Tensor, pattern: Tensor) -> None:
+        self.maps[i], self.patterns[i] = self._sum(ra), self._sum(pattern.float())
+
+    def result(self, out: Any) -> Sums:
+        """``{"maps", "patterns", "metric"}`` sums on ``out.device``; layers the metric never reached
+        (not in :meth:`add`) have RA 0 and their forward patterns from ``out.patterns``."""
+        for i, p in out.patterns.items():
+            self.add(i, torch.zeros_like(p, dtype=torch.float32), p)
+        n_layers = len(out.fields["layers"])
+        return {"maps": stack_on([self.maps[i] for i in range(n_layers)], out.device),
+                "patterns": stack_on([self.patterns[i] for i in range(n_layers)], out.device),
+                "metric": out.fields["metric"].detach().double().cpu()}
 
 
 def mean_over(
@@ -63,16 +104,13 @@ def mean_over(
 
     def step(batch: tuple[int, tuple[Any, Any, Any]]) -> tuple[Sums, int, list]:
         k, (chunk, tgt, met) = batch
-        ra = reversed_attention(model, chunk, tgt, metric=met, layers=layer_ids, prepend_bos=prepend_bos)
-        acc = MeanAccumulator(align)
-        acc.add(ra)  # this batch's sums (cropped to its shortest prompt under "end")
-        sums = {"maps": acc.sum_maps.double(), "patterns": acc.sum_patterns.double(),
-                "metric": torch.tensor(acc.metric, dtype=torch.float64)}
-        tokens, str_tokens, length = acc.first
-        first = [] if k else [{"tokens": tokens.clone(), "str_tokens": list(str_tokens), "length": int(length),
-                               "layers": list(ra.layers), "scales": [float(x) for x in ra.scales],
-                               "n_layers": ra.n_layers, "dtype": str(ra.maps.dtype).removeprefix("torch.")}]
-        return sums, ra.maps.shape[1], first
+        sums = LayerSums(align)
+        out = ra_pass(model, chunk, tgt, metric=met, layers=layer_ids, prepend_bos=prepend_bos, reduce=sums)
+        f = out.fields
+        first = [] if k else [{"tokens": f["tokens"][0].clone(), "str_tokens": list(f["str_tokens"][0]),
+                               "length": int(f["mask"][0].sum()), "layers": list(f["layers"]),
+                               "scales": list(f["scales"]), "n_layers": f["n_layers"], "dtype": "float32"}]
+        return sums.result(out), len(f["tokens"]), first
 
     fingerprint = (f"mean_over {getattr(model.cfg, 'model_name', '?')} layers={list(layer_ids)} align={align} "
                    f"batch_size={batch_size} prepend_bos={prepend_bos} target={describe(target)} "

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tl_backward.core import checks
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device
 from tl_backward.core.sweep import batched, checkpoint_part, dataset_size, run_sweep
 
 from ..core.adapter import get_adapter
@@ -98,7 +98,7 @@ def evaluate(model: Any, prompts: Iterable[str], answers: Iterable[int], *, ks: 
     patched and an unpatched run need different paths).
     """
     ad = get_adapter(model)
-    device = device_of(model)
+    device = input_device(model)
     ks = tuple(checks.count(k, "ks", minimum=1) for k in ks)
 
     @torch.no_grad()

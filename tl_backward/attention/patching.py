@@ -18,6 +18,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
+from tl_backward.core.device import param_dtype
 from tl_backward.core.lock import model_lock
 from tl_backward.errors import TLBackwardError
 
@@ -143,7 +144,7 @@ def patch_attention(
     checks.one_of(align, "align", ("exact", "end"))
     per_layer = _delta_by_layer(adapter, delta, layers)
     masks = _head_mask(heads, adapter, per_layer)
-    dtype = next(model.parameters()).dtype
+    dtype = param_dtype(model)
     deltas: dict[int, Tensor] = {}
     for l, d in per_layer.items():
         if d.shape[1] != adapter.n_heads:

@@ -25,9 +25,10 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.batch import Batch
+from tl_backward.core.device import stack_on
 from tl_backward.errors import TLBackwardError
 
-__all__ = ["KEEPS", "LayerReductions", "RANorms", "RATopK", "check_keep", "layer_position", "top_of"]
+__all__ = ["KEEPS", "LayerReductions", "RAContext", "RANorms", "RATopK", "check_keep", "layer_position", "top_of"]
 
 KEEPS = ("maps", "norms", "topk")
 
@@ -61,16 +62,15 @@ def top_of(norms: Float[Tensor, "layer head"], layers: Sequence[int], k: int) ->
 
 
 @dataclass(frozen=True, repr=False, kw_only=True)
-class RANorms:
-    """Per-example head norms of Reversed Attention, without the maps.
+class RAContext:
+    """What every Reversed Attention result records about its pass.
 
-    ``reversed_norms[i, b, h] = ‖RA_{layers[i], h}‖_F`` and ``forward_norms[i, b, h] = ‖P_{layers[i], h}‖_F``
-    of prompt ``b`` over its real tokens (``Float[layer, batch, head]``, fp32; query heads for GQA);
-    the other fields are those of :class:`~tl_backward.attention.ReversedAttention`.
+    ``layers``: the model layers computed, in order; ``scales[i]``: the attention scale of
+    ``layers[i]``; ``tokens``/``mask``/``last``/``str_tokens``: the input actually run (a
+    multi-token target is appended, teacher-forced); ``metric``: the (batch-summed) loss;
+    ``n_layers``: the model's layer count, so that model layer ``-1`` can be looked up.
     """
 
-    reversed_norms: Float[Tensor, "layer batch head"]
-    forward_norms: Float[Tensor, "layer batch head"]
     layers: tuple[int, ...]
     scales: tuple[float, ...]
     tokens: Int[Tensor, "batch pos"]
@@ -80,6 +80,23 @@ class RANorms:
     metric: Float[Tensor, ""]
     n_layers: int | None = None
 
+    def layer_index(self, layer: int) -> int:
+        """Position of model layer ``layer`` (negative counts from the model's end) along ``layer``."""
+        return layer_position(layer, self.layers, self.n_layers)
+
+
+@dataclass(frozen=True, repr=False, kw_only=True)
+class RANorms(RAContext):
+    """Per-example head norms of Reversed Attention, without the maps.
+
+    ``reversed_norms[i, b, h] = ‖RA_{layers[i], h}‖_F`` and ``forward_norms[i, b, h] = ‖P_{layers[i], h}‖_F``
+    of prompt ``b`` over its real tokens (``Float[layer, batch, head]``, fp32; query heads for GQA);
+    the other fields are :class:`RAContext`'s.
+    """
+
+    reversed_norms: Float[Tensor, "layer batch head"]
+    forward_norms: Float[Tensor, "layer batch head"]
+
     def __repr__(self) -> str:
         L, B, H = self.reversed_norms.shape
         return (f"{type(self).__name__}(layers={list(self.layers)}, batch {B}, {H} heads, "
@@ -87,10 +104,6 @@ class RANorms:
 
     def _extra(self) -> str:
         return ""
-
-    def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` (negative counts from the model's end) along ``layer``."""
-        return layer_position(layer, self.layers, self.n_layers)
 
     def head_norms(self, which: str = "reversed", *, per_example: bool = False) -> Tensor:
         """Frobenius norm per head, as ``ReversedAttention.head_norms``: ``[layer, head]`` (mean over
@@ -190,15 +203,16 @@ class LayerReductions:
         if self.keep == "topk":
             self.top[i] = top_edges(ra, min(self.top_k, ra.shape[-1] ** 2))
 
-    def result(self, patterns: dict[int, Tensor], n_heads: int, **fields: Any) -> RANorms:
-        """The result over ``len(fields["layers"])`` layers; ``patterns[i]``: the forward pattern of
-        every layer :meth:`add` never saw."""
+    def result(self, patterns: dict[int, Tensor], n_heads: int, device: torch.device, **fields: Any) -> RANorms:
+        """The result over ``len(fields["layers"])`` layers, stacked on ``device`` (each layer's
+        reductions sit on its own layer's device); ``patterns[i]``: the forward pattern of every layer
+        :meth:`add` never saw."""
         n = len(fields["layers"])
         B, T = self.mask.shape
         for i in range(n):
             if i not in self.norms:  # the metric does not depend on this layer: ∂L/∂A = 0
                 self.add(i, torch.zeros(B, n_heads, T, T, device=patterns[i].device), patterns[i])
-        stack = lambda d, j=None: torch.stack([d[i] if j is None else d[i][j] for i in range(n)])  # noqa: E731
+        stack = lambda d, j=None: stack_on([d[i] if j is None else d[i][j] for i in range(n)], device)  # noqa: E731
         out = dict(reversed_norms=stack(self.norms), forward_norms=stack(self.pattern_norms), **fields)
         if self.keep == "norms":
             return RANorms(**out)

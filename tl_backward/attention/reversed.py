@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import require_hooks
+from tl_backward.core.device import on, result_device
 from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
 from tl_backward.errors import TLBackwardError
 
-from .reduced import LayerReductions, RANorms, RATopK, check_keep, layer_position, top_of
+from .reduced import LayerReductions, RAContext, RANorms, RATopK, check_keep, top_of
 from .render import reversed_attention_page
 
 __all__ = ["ReversedAttention", "frobenius", "ra_hook_names", "reversed_attention", "reversed_attention_from",
@@ -85,32 +86,21 @@ def frobenius(maps: Float[Tensor, "... query_pos key_pos"]) -> Float[Tensor, "..
     return maps.pow(2).sum((-2, -1)).sqrt()
 
 
-@dataclass(frozen=True, repr=False)
-class ReversedAttention:
+@dataclass(frozen=True, repr=False, kw_only=True)
+class ReversedAttention(RAContext):
     """RA maps and forward patterns of the requested layers for a batch of prompts.
 
     ``maps``/``patterns``: ``Float[layer, batch, head, query_pos, key_pos]`` (query heads for GQA;
-    ``layer`` runs over :attr:`layers` in order), fp32, zero at padding. ``scales[i]`` is the
-    attention scale of ``layers[i]``. ``tokens``/``mask``/``last``/``str_tokens`` describe the
-    input actually run (a multi-token target is appended, teacher-forced); ``metric`` is the
-    (batch-summed) loss. Means over a dataset (:meth:`mean`, :func:`mean_over`) have batch 1,
-    ``n_examples`` prompts averaged, ``align`` set, ``metric`` the mean loss, and the first
-    prompt's tokens for display. ``n_layers`` is the model's layer count, so that model layer
-    ``-1`` (the last, as everywhere in tl_backward) can be looked up.
+    ``layer`` runs over :attr:`layers` in order), fp32, zero at padding; the pass's layers, scales,
+    input and metric are :class:`~tl_backward.attention.reduced.RAContext`'s fields. Means over a
+    dataset (:meth:`mean`, :func:`mean_over`) have batch 1, ``n_examples`` prompts averaged,
+    ``align`` set, ``metric`` the mean loss, and the first prompt's tokens for display.
     """
 
     maps: Float[Tensor, "layer batch head query_pos key_pos"]
     patterns: Float[Tensor, "layer batch head query_pos key_pos"]
-    layers: tuple[int, ...]
-    scales: tuple[float, ...]
-    tokens: Int[Tensor, "batch pos"]
-    mask: Bool[Tensor, "batch pos"]
-    last: Int[Tensor, " batch"]
-    str_tokens: list[list[str]]
-    metric: Float[Tensor, ""]
     n_examples: int | None = None
     align: str | None = None
-    n_layers: int | None = None
 
     def __repr__(self) -> str:
         L, B, H, Q, K = self.maps.shape
@@ -119,11 +109,6 @@ class ReversedAttention:
                 f"metric={float(self.metric):.4g})")
 
     # --------------------------------------------------------------------------- indexing
-    def layer_index(self, layer: int) -> int:
-        """Position of model layer ``layer`` (negative counts from the model's end) along the
-        ``layer`` axis."""
-        return layer_position(layer, self.layers, self.n_layers)
-
     def _row(self, row: int) -> int:
         n = self.maps.shape[1]
         if not checks.is_int(row) or not 0 <= row < n:
@@ -293,6 +278,8 @@ def reversed_attention(
     * HF computes the softmax (GPT-J, OPT, GPT-Neo: the generic bridge): from ``z = P·V``,
       ``dP = ∂L/∂z · Vᵀ`` per head (kv heads expanded) and ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``,
       with P and V the forward values of ``hook_pattern``/``hook_v`` and ∂L/∂z from ``hook_z``.
+    * the model multiplies the hooked pattern by V (``boot_native``, legacy TransformerLens
+      checkpoints): ``dP = ∂L/∂hook_pattern`` and the same ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``.
 
     A map is exactly 0 wherever the pattern is 0 and is zeroed at padding. ``patterns`` are the
     tensors ``hook_pattern`` carried in that forward, kept by reference -- autograd saves them
@@ -301,11 +288,43 @@ def reversed_attention(
     softmax. Peak memory: see benchmarks/bench_reversed_attention.py.
     """
     keep, top_k = check_keep(keep, top_k)
+    reduce = None if keep == "maps" else LayerReductions(keep, top_k)
+    out = ra_pass(model, input, target, metric=metric, layers=layers, prepend_bos=prepend_bos, reduce=reduce)
+    if reduce is not None:
+        return reduce.result(out.patterns, out.n_heads, out.device, **out.fields)
+    maps, patterns = _stack_layers(out.maps, out.patterns, len(out.fields["layers"]), out.fields["mask"],
+                                   out.n_heads, out.device)
+    return ReversedAttention(maps=maps, patterns=patterns, **out.fields)
+
+
+@dataclass(frozen=True, repr=False)
+class RAPass:
+    """What :func:`ra_pass` leaves: ``maps[i]`` (RA of ``layers[i]``, only without a reducer) and
+    ``patterns[i]`` (forward patterns of the layers the reducer did not take: all without one, else
+    those the metric never reached), the :class:`RAContext` ``fields``, and where to stack."""
+
+    maps: dict[int, Tensor]
+    patterns: dict[int, Tensor]
+    fields: dict[str, Any]
+    n_heads: int
+    device: torch.device
+
+    def __repr__(self) -> str:
+        return f"RAPass({len(self.fields['layers'])} layers, {len(self.maps)} maps kept)"
+
+
+def ra_pass(model: Any, input: Any, target: Any = None, *, metric: Any = None,
+            layers: int | Sequence[int] | None = None, prepend_bos: bool | None = None,
+            reduce: Any = None) -> RAPass:
+    """The one forward + backward of :func:`reversed_attention`. Each layer's map is computed when its
+    gradient arrives and either kept or handed to ``reduce`` (``start(batch)``, then ``add(i, ra,
+    pattern)`` with the fresh fp32 map, which it may modify), which releases it and the layer's
+    forward tensors at once: :class:`~tl_backward.attention.reduced.LayerReductions` (norms, top-k),
+    the dataset sums of :func:`tl_backward.attention.mean_over`."""
     adapter = get_adapter(model)
     layers = adapter.layers(layers)
     routes = [adapter.ra_route(l) for l in layers]
     metric = resolve_metric(target, metric)
-    reduce = None if keep == "maps" else LayerReductions(keep, top_k)
     scales = [adapter.attn_scale(l) for l in layers]
     acts: dict[int, dict[str, Tensor]] = {i: {} for i in range(len(layers))}  # live forward tensors
     written: dict[int, Tensor] = {}  # layer index -> its RA map, filled during the backward
@@ -343,10 +362,8 @@ def reversed_attention(
     fields = dict(layers=tuple(layers), scales=tuple(float(s) for s in scales), tokens=run.batch.tokens,
                   mask=run.batch.mask, last=run.batch.last, str_tokens=run.str_tokens, metric=run.metric,
                   n_layers=adapter.n_layers)
-    if reduce is not None:
-        return reduce.result(seen, adapter.n_heads, **fields)
-    maps, patterns = _stack_layers(written, seen, len(layers), run.batch.mask, adapter.n_heads)
-    return ReversedAttention(maps=maps, patterns=patterns, **fields)
+    # one device for the [layer, ...] result (the layers' may differ)
+    return RAPass(written, seen, fields, adapter.n_heads, result_device(model))
 
 
 def _route_names(adapter: Any, layer: int) -> tuple[dict[str, str], dict[str, str]]:
@@ -390,7 +407,7 @@ def reversed_attention_from_cache(model: Any, cache: Any, *,
         written[i] = adapter.ra_route(l).logit_grad(acts, {k: cache.grad(n) for k, n in grad_names.items()},
                                                     scales[i])
         seen[i] = acts["pattern"]
-    maps, patterns = _stack_layers(written, seen, len(layers), cache.mask, adapter.n_heads)
+    maps, patterns = _stack_layers(written, seen, len(layers), cache.mask, adapter.n_heads, result_device(model))
     return ReversedAttention(
         maps=maps, patterns=patterns, layers=tuple(layers), scales=tuple(float(s) for s in scales),
         tokens=cache.tokens, mask=cache.mask, last=cache.last, str_tokens=cache.str_tokens, metric=cache.metric,
@@ -399,27 +416,27 @@ def reversed_attention_from_cache(model: Any, cache: Any, *,
 
 
 def _stack_layers(written: dict[int, Tensor], seen: dict[int, Tensor], n_layers: int, mask: Tensor,
-                  n_heads: int) -> tuple[Tensor, Tensor]:
-    """``[layer, batch, head, q, k]`` fp32 maps and patterns from per-layer tensors, zero at padding.
+                  n_heads: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``[layer, batch, head, q, k]`` fp32 maps and patterns on ``device`` from per-layer tensors (each
+    on its own layer's device), zero at padding.
 
     Assembled layer by layer, dropping each source as it is copied, so at most one layer is doubled.
     A layer without a map (the metric does not depend on it) gets ∂L/∂A = 0."""
     B, T = mask.shape
     shape = (n_layers, B, n_heads, T, T)
-    device = seen[0].device
     # Padding: zero padded query rows and key columns (their RA is already 0; their patterns are not).
     drop = None if bool(mask.all()) else ~(mask[:, None, :, None] & mask[:, None, None, :]).to(device)
     maps = torch.empty(shape, dtype=torch.float32, device=device)
     for i in range(n_layers):
         if i in written:
-            maps[i] = written.pop(i)
+            maps[i] = on(written.pop(i), device)
         else:
             maps[i].zero_()
         if drop is not None:
             maps[i].masked_fill_(drop, 0.0)
     patterns = torch.empty(shape, dtype=torch.float32, device=device)
     for i in range(n_layers):
-        patterns[i] = seen.pop(i)
+        patterns[i] = on(seen.pop(i), device)
         if drop is not None:
             # compat mode: fully masked (padding) rows are NaN; they are zeroed with the padding.
             patterns[i].nan_to_num_(nan=0.0).masked_fill_(drop, 0.0)

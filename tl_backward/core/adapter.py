@@ -18,38 +18,40 @@ from torch import Tensor
 from tl_backward.errors import TLBackwardError
 
 from . import bridges
-from .adapter_base import HOOKS, ModelAdapter
-from .attention_kinds import Unsupported, ValueRoute, attention_route, attention_scale
+from .adapter_base import HOOKS, ModelAdapter, readout_input
+from .attention_kinds import PatternRoute, ValueRoute, attention_route, attention_scale
 from .compat import PositionEmbeddingsAttentionBridge, TransformerBridge, is_hooked_transformer
 from .hooked import HookedAdapter
 from .moe import MoELayer, moe_layer
 from .tokens import decode_ids
 
-__all__ = ["BridgeAdapter", "HookedAdapter", "ModelAdapter", "apply_rotary", "decode_ids", "get_adapter"]
+__all__ = ["BridgeAdapter", "HookedAdapter", "ModelAdapter", "apply_rotary", "decode_ids", "get_adapter",
+           "readout_input"]
 
 
 class BridgeAdapter(ModelAdapter):
     """:class:`ModelAdapter` of a reconstructing ``TransformerBridge`` (any family TransformerLens boots
-    from Hugging Face; see README's support matrix)."""
+    from Hugging Face; see README's support matrix) or a ``boot_native`` bridge."""
 
     def __init__(self, model: Any):
         bridges.check_runnable(model)
         _check_supported(model)
         super().__init__(model)
+        self.d_mlp = bridges.d_mlp(model)  # from the weights: OPT's cfg.d_mlp disagrees with them
         self.rotary = "blocks.0.attn.hook_cos" in self._hook_names
         # Only this bridge fires hook_rot_q/k; GPT-NeoX's rotates inside without the hook
         # (rotate q/k yourself with apply_rotary and the hook_cos/hook_sin tensors).
         self.rot_hooks = isinstance(model.blocks[0].attn, PositionEmbeddingsAttentionBridge)
         # How Reversed Attention is read per layer (core/attention_kinds.py): on-path score hook,
-        # z = P·V, or refused with a reason.
+        # on-path pattern hook (boot_native), z = P·V, or refused with a reason (RA / patching refuse
+        # per feature through ra_route; the model itself is adapted).
         self.routes = tuple(attention_route(block.attn, self.n_heads) for block in model.blocks)
-        unknown = [r for r in self.routes if isinstance(r, Unsupported)]
-        if unknown:  # an attention bridge tl_backward has not verified: refuse the model as a whole
-            raise TLBackwardError(f"{unknown[0].reason}", argument="model")
-        # Hook points fired on tensors the model has already consumed: forward values, no gradient.
-        self.values_only_hooks = frozenset(
-            HOOKS[kind].format(l=l) for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)
-            for kind in ("pattern", "attn_scores"))
+        self.flattened_hooks = bridges.flattened_norm_hooks(model.hook_dict)
+        value_layers = [l for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)]
+        self.values_only_hooks = frozenset(HOOKS["pattern"].format(l=l) for l in value_layers)
+        self.misfired_hooks = {
+            HOOKS["attn_scores"].format(l=l): r.misfired_scores for l, r in enumerate(self.routes)
+            if isinstance(r, (ValueRoute, PatternRoute))}
 
     def attn_scale(self, layer: int) -> float:
         """s such that ``attn_scores = q·kᵀ / s`` (before mask and soft-cap) at ``layer``.

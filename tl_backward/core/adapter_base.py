@@ -24,8 +24,9 @@ from torch import Tensor
 from tl_backward.errors import TLBackwardError
 
 from . import checks
-from .attention_kinds import ScoreRoute, Unsupported, ValueRoute
+from .attention_kinds import PatternRoute, ScoreRoute, Unsupported, ValueRoute
 from .batch import Batch
+from .device import module_device, param_dtype
 from .moe import MoELayer
 from .readout import Unembed
 from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
@@ -54,22 +55,36 @@ HOOKS = {
 }
 
 
+def readout_input(hook_names: Any) -> str | None:
+    """The hook at the unembedding's input (``[batch, pos, d_model]``, the very tensor ``W_U`` multiplies;
+    a returned tensor replaces it), None if the model has none. Both backends name it ``unembed.hook_in``
+    (TransformerLens 3.9's ``components/unembed.py`` fires it too); ``ln_final.hook_normalized`` would not
+    do: it fires before the final norm's gain and bias."""
+    return "unembed.hook_in" if "unembed.hook_in" in hook_names else None
+
+
 class ModelAdapter:
     """Read-only facts about a TransformerLens model (base class of the backends; see module doc).
 
     Construct through :func:`tl_backward.core.adapter.get_adapter` (cached per model). Weights come
     back as fp32 detached copies in TransformerLens layout: ``W_Q [head, d_model, d_head]``,
     ``W_O [head, d_head, d_model]``, ``W_in``/``W_gate [d_model, d_mlp]``, ``W_out [d_mlp, d_model]``,
-    ``W_U [d_model, d_vocab]``. Subclasses set :attr:`routes`, :attr:`rotary`, :attr:`rot_hooks`
-    and :attr:`values_only_hooks`, and implement :meth:`attn_scale`, :meth:`linear`,
-    :meth:`_moe_layer` and :attr:`logits_transform`.
+    ``W_U [d_model, d_vocab]``. Subclasses set :attr:`routes`, :attr:`rotary`, :attr:`rot_hooks`,
+    :attr:`values_only_hooks` and, where they apply, :attr:`flattened_hooks` / :attr:`misfired_hooks`,
+    and implement :meth:`attn_scale`, :meth:`linear`, :meth:`_moe_layer` and :attr:`logits_transform`.
     """
 
     hooks_table: dict[str, str] = HOOKS
-    routes: tuple[ScoreRoute | ValueRoute | Unsupported, ...] = ()
+    routes: tuple[ScoreRoute | ValueRoute | PatternRoute | Unsupported, ...] = ()
     rotary: bool = False
     rot_hooks: bool = False
+    # Hook points fired on tensors the model has already consumed: forward values, no gradient.
     values_only_hooks: frozenset[str] = frozenset()
+    # Norm hooks TransformerLens fires flattened [batch·pos, ...]; capture un-flattens them.
+    flattened_hooks: frozenset[str] = frozenset()
+    # Hook points whose tensor is not what their name says: capture refuses them by name and
+    # leaves them out of filters (hook name -> why, and what to read instead).
+    misfired_hooks: dict[str, str] = {}
     # Names capture() computes from another hook's activation: name -> (source hook, map); values only.
     derived_hooks: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
     # Hook points fired several times per forward on the same value; capture sums their gradients.
@@ -89,6 +104,11 @@ class ModelAdapter:
         self.gated_mlp: bool = bool(cfg.gated_mlp)
         self.parallel_blocks: bool = bool(cfg.parallel_attn_mlp)
         self._hook_names: frozenset[str] = frozenset(model.hook_dict)
+        # The unembedding's input, gathered to the positions a metric reads (core/stream.py); the
+        # hooks at the unembedding (legacy alias included), whose shapes that would change.
+        self.readout_hooks: frozenset[str] = frozenset(
+            n for n in self._hook_names if n.startswith("unembed.") or n == "hook_unembed")
+        self.readout_input: str | None = readout_input(self._hook_names)
         self._moe: dict[int, MoELayer | None] = {}
 
     # ---------------------------------------------------------------- names
@@ -145,25 +165,13 @@ class ModelAdapter:
         """s such that ``attn_scores = q·kᵀ / s`` (before mask and soft-cap) at ``layer``."""
         raise NotImplementedError
 
-    def ra_route(self, layer: int, feature: str = "Reversed Attention") -> ScoreRoute | ValueRoute:
+    def ra_route(self, layer: int, feature: str = "Reversed Attention") -> ScoreRoute | ValueRoute | PatternRoute:
         """How ``feature`` (RA, attention patching) reads or edits attention at ``layer``; raises a
         ``TLBackwardError`` naming the reason where it cannot be exact."""
         route = self.routes[self.check_layer(layer)]
         if isinstance(route, Unsupported):
             route.refuse(feature)
         return route
-
-    def require_score_hook(self, feature: str) -> None:
-        """Refuse ``feature`` unless every layer's ``hook_attn_scores`` is on the autograd path and
-        its gradient divided by s is ∂L/∂(q·kᵀ) (no soft-capping)."""
-        for layer in range(self.n_layers):
-            route = self.ra_route(layer, feature)
-            if not isinstance(route, ScoreRoute):
-                Unsupported("its attention bridge fires hook_attn_scores off the autograd path "
-                            "(HF computes the softmax)").refuse(feature)
-            if route.softcap:
-                Unsupported(f"attention soft-capping (c = {route.softcap:g}) sits between q·kᵀ and "
-                            "hook_attn_scores").refuse(feature)
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (GQA)."""
@@ -250,8 +258,7 @@ class ModelAdapter:
     def ln_final(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The model's real final norm (gain and bias included), in fp32."""
         norm = self.model.ln_final
-        dtype = next(self.model.parameters()).dtype
-        return norm(v.to(dtype)).float()
+        return norm(v.to(device=module_device(norm), dtype=param_dtype(self.model))).float()
 
     @property
     def logits_transform(self):

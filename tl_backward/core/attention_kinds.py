@@ -14,6 +14,9 @@ How it can be read depends on the TransformerLens attention bridge, dispatched h
   computes the softmax and ``hook_attn_scores``/``hook_pattern`` fire afterwards on the returned
   weights, off the autograd path. ``hook_v`` and ``hook_z`` are on it, and ``z = P·V`` per head, so
   ``dP = ∂L/∂z · Vᵀ`` (kv heads expanded) and ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``.
+* :class:`PatternRoute` -- the generic bridge around boot_native's ``NativeAttention`` (also a legacy
+  TransformerLens checkpoint loaded into it), which multiplies the *hooked* pattern by V:
+  ``dP`` is ``hook_pattern``'s gradient and ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``, s = its ``scale``.
 * anything else: RA and attention patching are refused with the reason (:class:`Unsupported`);
   capture, factors and lens do not depend on this.
 
@@ -25,12 +28,14 @@ GPT-2's ``scale_attn_by_inverse_layer_idx`` is inside transformers 5's ``scaling
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformers.models.codegen.modeling_codegen import CodeGenAttention
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
+from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 from tl_backward.errors import TLBackwardError
 
@@ -44,11 +49,15 @@ from .compat import (
     PositionEmbeddingsAttentionBridge,
 )
 
-__all__ = ["ROUTES", "ScoreRoute", "Unsupported", "ValueRoute", "attention_route", "attention_scale",
-           "softcap_of"]
+__all__ = ["ROUTES", "PatternRoute", "ScoreRoute", "Unsupported", "ValueRoute", "attention_route", "attention_scale",
+           "hidden_rotary", "softcap_of"]
 
 # HF attention modules that apply no scale at all (s = 1): GPT-Neo (modeling_gpt_neo.py, `_attn`).
 UNSCALED_HF_ATTENTION = (GPTNeoSelfAttention,)
+# HF attention modules that rotate q and k themselves (GPT-J / CodeGen: ``rotate_every_two`` on the
+# first ``rotary_dim`` dims) after the bridge's hook_q/hook_k, with no hook_cos/hook_sin or
+# hook_rot_q/hook_rot_k firing: hook_q·hook_kᵀ is not the model's q·kᵀ there.
+HIDDEN_ROTARY_HF_ATTENTION = (GPTJAttention, CodeGenAttention)
 # HF module attributes holding the multiplier 1/s, in the order they are tried.
 _INVERSE_SCALE_ATTRIBUTES = ("scaling", "softmax_scale", "inv_norm_factor")
 
@@ -57,6 +66,22 @@ def softcap_of(attn: Any) -> float | None:
     """Gemma-2's ``attn_logit_softcapping`` c of a bridge's HF module, None when off."""
     cap = getattr(attn.original_component, "attn_logit_softcapping", None)
     return None if cap in (None, 0, 0.0) else float(cap)
+
+
+def hidden_rotary(attn: Any) -> str | None:
+    """Why ``hook_q[p]·hook_k[i]`` is not the model's ``s·score[p, i]`` on the bridge ``attn`` (None
+    when it is): the wrapped module rotates q and k after those hooks and the rotation is not
+    hooked (:data:`HIDDEN_ROTARY_HF_ATTENTION`; boot_native's ``NativeAttention`` with RoPE). A
+    HookedTransformer's attention wraps no HF module and fires ``hook_rot_q``/``hook_rot_k`` itself: None."""
+    hf_attn = getattr(attn, "original_component", None)
+    name = type(hf_attn).__name__
+    if isinstance(hf_attn, HIDDEN_ROTARY_HF_ATTENTION):
+        return (f"{name} rotates q and k inside HF (rotary_dim = {getattr(hf_attn, 'rotary_dim', None)}) after "
+                "hook_q/hook_k, and the bridge fires neither hook_rot_q/hook_rot_k nor hook_cos/hook_sin")
+    if isinstance(hf_attn, NativeAttention) and hf_attn.rotary is not None:
+        return (f"{name} applies RoPE after hook_q/hook_k and the bridge fires neither hook_rot_q/hook_rot_k nor "
+                "hook_cos/hook_sin")
+    return None
 
 
 def attention_scale(attn: Any, layer: int, d_head: int) -> float:
@@ -70,6 +95,8 @@ def attention_scale(attn: Any, layer: int, d_head: int) -> float:
     hf_attn = attn.original_component
     if isinstance(hf_attn, UNSCALED_HF_ATTENTION):
         return 1.0
+    if isinstance(hf_attn, NativeAttention):  # divides q·kᵀ by its own ``scale``
+        return float(hf_attn.scale)
     for name in _INVERSE_SCALE_ATTRIBUTES:
         value = getattr(hf_attn, name, None)
         if isinstance(value, Tensor) and value.numel() == 1:  # some modules keep it as a buffer
@@ -117,6 +144,12 @@ class ValueRoute:
 
     n_heads: int
     activations: tuple[str, ...] = ("pattern", "v", "z")
+    # Why capture refuses hook_attn_scores on these layers (and leaves it out of filters).
+    misfired_scores: ClassVar[str] = (
+        "on this model's attention bridge (TransformerLens's generic AttentionBridge, HF computes the softmax) "
+        "hook_attn_scores fires on the post-softmax weights HF returns, after the model used them: its values "
+        "are the pattern, not the scores, and no gradient reaches it. Capture hook_pattern for the attention "
+        "pattern, and use tl_backward.reversed_attention for ∂L/∂(q·kᵀ) (read through z = pattern·V)")
     gradients: tuple[str, ...] = ("z",)
     patch_kind: str = "z"  # patch_attention adds η·Δ·V to hook_z, i.e. z = (P + η·Δ)·V
 
@@ -152,6 +185,32 @@ class ValueRoute:
 
 
 @dataclass(frozen=True)
+class PatternRoute:
+    """``hook_pattern`` is on the autograd path (the model multiplies the hooked pattern by V:
+    boot_native's ``NativeAttention`` takes it as ``pattern_fn``) but ``hook_attn_scores`` is not:
+    ``dP`` is the pattern hook's gradient and ``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s``."""
+
+    activations: tuple[str, ...] = ("pattern",)
+    gradients: tuple[str, ...] = ("pattern",)
+    patch_kind: str = "pattern"  # the hooked pattern is the one multiplied by V
+    misfired_scores: ClassVar[str] = (
+        "on this boot_native model (TransformerLens's NativeAttention) hook_attn_scores fires on the returned "
+        "post-softmax pattern after the model used it: its values are the pattern, not the scores, and no "
+        "gradient reaches it. Capture hook_pattern (on the autograd path here), and use "
+        "tl_backward.reversed_attention for ∂L/∂(q·kᵀ)")
+
+    def check_forward(self, acts: dict[str, Tensor], layer: int) -> None:
+        """Nothing to check: the gradient is read at the pattern the model multiplies by V."""
+
+    def logit_grad(self, acts: dict[str, Tensor], grads: dict[str, Tensor],
+                   scale: float) -> Float[Tensor, "batch head query_pos key_pos"]:
+        """``RA`` from ``P`` and ``dP = ∂L/∂P`` (both at hook_pattern), fp32, exactly 0 where ``P == 0``."""
+        p, dp = acts["pattern"].float(), grads["pattern"].float()
+        r = (p * dp).sum(-1, keepdim=True)
+        return (p * (dp - r) / scale).masked_fill(p == 0, 0.0)
+
+
+@dataclass(frozen=True)
 class Unsupported:
     """RA is not exact on this bridge; :meth:`refuse` says why."""
 
@@ -182,10 +241,15 @@ def attention_route(attn: Any, n_heads: int) -> ScoreRoute | ValueRoute | Unsupp
     for cls, kind in ROUTES:
         if isinstance(attn, cls):
             return ScoreRoute(softcap=softcap_of(attn))
-    if type(attn) in VALUE_ROUTE_CLASSES and not isinstance(attn.original_component, NativeAttention):
+    if type(attn) in VALUE_ROUTE_CLASSES and isinstance(attn.original_component, NativeAttention):
+        if attn.original_component.attn_scores_soft_cap > 0:  # the cap's input is never hooked
+            return Unsupported("boot_native's soft-capped attention exposes neither q·kᵀ nor the capped scores "
+                               "on the autograd path")
+        return PatternRoute()
+    if type(attn) in VALUE_ROUTE_CLASSES:
         if softcap_of(attn):
             return Unsupported(f"{type(attn).__name__} delegates a soft-capped attention to HF")
         return ValueRoute(n_heads=n_heads)
     return Unsupported(f"attention bridge {type(attn).__name__} fires hook_attn_scores outside the autograd path "
-                       "and is not known to compute z = pattern·V (e.g. boot_native models); boot the model with "
+                       "and is not known to compute z = pattern·V; boot the model with "
                        "TransformerBridge.boot_transformers(...) from an HF model")

@@ -22,6 +22,7 @@ from tl_backward.errors import TLBackwardError
 from . import checks
 from .adapter import ModelAdapter, get_adapter
 from .compat import ActivationCache, build_alias_to_canonical_map, get_act_name
+from .device import result_device, stack_on
 from .stream import stream
 
 Names = Sequence[str] | Callable[[str], bool] | None
@@ -203,7 +204,8 @@ class GradientCache(Mapping):
         if self.model is not None and len(layers) != int(self.model.cfg.n_layers):
             raise KeyError(f"hook_resid_{kind} was captured for layers {layers} only, the model has "
                            f"{int(self.model.cfg.n_layers)}; capture every layer")
-        return torch.stack([self.gradients[k] for _, k in found])
+        device = None if self.model is None else result_device(self.model)  # layers may sit on several devices
+        return stack_on([self.gradients[k] for _, k in found], device)
 
 
 def _strip_grad(name: str, grad: bool) -> tuple[str, bool]:
@@ -251,8 +253,11 @@ def capture(
             canonical names; each must receive a gradient), a filter ``name -> bool`` over
             ``model.hook_dict``, or None (default) for every hook point, as ``run_with_cache``.
             Filters and None skip gated hook points (``hook_result``, ``hook_q_input``, … need a
-            ``set_use_*`` flag) and hook points that carry no gradient (token/position ids, hooks
-            that never fire). Cost: memory ≈ one activation + one gradient per distinct hook point
+            ``set_use_*`` flag), hook points that carry no gradient (token/position ids, hooks
+            that never fire) and hook points whose tensor is not what their name says
+            (``hook_attn_scores`` on the generic, HF-delegating attention bridge: GPT-J, OPT,
+            GPT-Neo; asked for by name it is refused).
+            Cost: memory ≈ one activation + one gradient per distinct hook point
             (a legacy alias shares its canonical hook's tensors), about twice ``run_with_cache``.
         names_filter: TransformerLens's spelling of ``names``; pass one or the other.
         prepend_bos: None uses the model's default.
@@ -260,7 +265,9 @@ def capture(
     ``blocks.L.hook_resid_mid`` reports the *full* residual gradient (TransformerLens's alias,
     ``ln2.hook_in``, sees only the layer-norm branch); other names report the gradient at that
     hook point's output (summed over its calls where the model calls one hook point several times on
-    one value: ``adapter.summed_grad_hooks``, HookedTransformer's ``ln1``). Explicit names may also be
+    one value: ``adapter.summed_grad_hooks``, HookedTransformer's ``ln1``). Every per-token tensor comes
+    ``[batch, pos, …]``, also the norm hooks TransformerLens fires flattened ``[batch·pos, …]`` (OPT's
+    ``ln2.hook_normalized`` / ``hook_scale``, ``ModelAdapter.flattened_hooks``). Explicit names may also be
     an adapter's derived points (``adapter.derived_hooks``, e.g. a HookedTransformer's
     ``blocks.L.ln1.hook_out`` = ``hook_normalized · w + b``): activation only, no gradient.
 
@@ -294,21 +301,20 @@ def capture(
             store[key] = store[key] + value if summed and key in store else value
         return fn
 
-    def keep_last(logits: Tensor, batch: Any) -> None:
-        rows = torch.arange(len(batch.last), device=logits.device)
-        last_logits.append(logits[rows, batch.last.to(logits.device)].float())
-
     run = stream(
-        model, input, metric, prepend_bos=prepend_bos, on_logits=keep_last,
+        model, input, metric, prepend_bos=prepend_bos, on_last_logits=lambda x: last_logits.append(x.float()),
         on_activation={fwd: keep(acts, fwd, False) for fwd in dict.fromkeys(r.fwd for r in requests)},
         on_gradient={bwd: keep(grads, bwd, True, bwd in adapter.summed_grad_hooks)
                      for bwd in dict.fromkeys(r.bwd for r in requests if r.derive is None)},
     )
+    flat = {aliases.get(n, n) for n in adapter.flattened_hooks}
+    for store in (acts, grads):
+        _unflatten(store, flat, tuple(run.batch.tokens.shape))
     for key, g in run.leaf_grads.items():
         # The hook at a leaf itself may not fire (TransformerLens does not fire a leaf's own backward hook); backfill it.
         grads.setdefault(key, g.detach().float())
-    # Hook points that fire after the model used their tensor (generic bridges' hook_pattern /
-    # hook_attn_scores) carry values but, truthfully, no gradient: kept activation-only.
+    # Hook points that fire after the model used their tensor (generic bridges' hook_pattern) carry
+    # values but, truthfully, no gradient: kept activation-only.
     values_only = {aliases.get(n, n) for n in adapter.values_only_hooks}
     acts.update({r.name: r.derive(acts[r.fwd]) for r in requests if r.derive is not None and r.fwd in acts})
     missing = [r.name for r in requests if r.fwd not in acts or (r.bwd not in grads and r.bwd not in values_only)]
@@ -333,6 +339,16 @@ def capture(
         **_served_names(model.hook_dict, aliases, requests),
         model=model,
     )
+
+
+def _unflatten(store: dict[str, Tensor], flat: set[str], batch_pos: tuple[int, int]) -> None:
+    """``[batch·pos, …]`` tensors at the hook points in ``flat`` (ModelAdapter.flattened_hooks: OPT's
+    ln2.hook_normalized / hook_scale) back to ``[batch, pos, …]``, in place of ``store``'s entries."""
+    b, p = batch_pos
+    for key in flat & set(store):
+        t = store[key]
+        if t.dim() == 2 and t.shape[0] == b * p:
+            store[key] = t.reshape(b, p, *t.shape[1:])
 
 
 def _point(aliases: dict[str, str], name: str) -> _Request:
@@ -367,9 +383,10 @@ def _plan(adapter: ModelAdapter, aliases: dict[str, str], names: Names, argument
     """Resolve requested names to (forward hook, backward hook) pairs on canonical names; the flag
     says whether every name must receive a gradient (explicit names) or may be skipped (filters)."""
     hook_dict = adapter.model.hook_dict
+    misfired = {aliases.get(n, n): why for n, why in adapter.misfired_hooks.items()}
     if names is None or (callable(names) and not isinstance(names, str)):
         keep = names or (lambda n: True)
-        chosen = [n for n in hook_dict if not _GATED.search(n) and keep(n)]
+        chosen = [n for n in hook_dict if not _GATED.search(n) and aliases.get(n, n) not in misfired and keep(n)]
         if not chosen:
             raise TLBackwardError(f"the {argument} filter matched no hook point: check it against "
                                   "model.hook_dict, or pass None for every hook point", argument=argument)
@@ -390,9 +407,12 @@ def _plan(adapter: ModelAdapter, aliases: dict[str, str], names: Names, argument
         if name in adapter.derived_hooks:
             source, derive = adapter.derived_hooks[name]
             requests.append(_Request(name=name, fwd=aliases.get(source, source), bwd=name, derive=derive))
-        else:
-            adapter.resolve_hook(name, argument)
-            requests.append(_point(aliases, name))
+            continue
+        adapter.resolve_hook(name, argument)
+        why = misfired.get(aliases.get(name, name))
+        if why:
+            raise TLBackwardError(f"{argument}: {name!r} cannot be captured: {why}", argument=argument)
+        requests.append(_point(aliases, name))
     return requests, True
 
 

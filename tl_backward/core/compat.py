@@ -33,8 +33,10 @@ from transformer_lens.model_bridge.generalized_components import (
     AttentionBridge,
     BloomAttentionBridge,
     CodeGenAttentionBridge,
+    GatedMLPBridge,
     JointQKVAttentionBridge,
     JointQKVPositionEmbeddingsAttentionBridge,
+    LinearBridge,
     MoEBridge,
     MoERouterBridge,
     MPTALiBiAttentionBridge,
@@ -59,11 +61,11 @@ except ImportError:
 
 __all__ = [
     "TL_MAJOR", "TL_VERSION", "ActivationCache", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge",
-    "CodeGenAttentionBridge", "HookedTransformer", "HookedTransformerConfig", "JointQKVAttentionBridge",
-    "JointQKVPositionEmbeddingsAttentionBridge", "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge",
-    "NativeAttention", "NativeModel", "PositionEmbeddingsAttentionBridge", "TransformerBridge",
-    "build_alias_to_canonical_map", "get_act_name", "get_device", "is_hooked_transformer", "unwrap_bridge",
-    "weight_conversions",
+    "CodeGenAttentionBridge", "GatedMLPBridge", "HookedTransformer", "HookedTransformerConfig",
+    "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge",
+    "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge", "NativeAttention", "NativeModel",
+    "PositionEmbeddingsAttentionBridge", "TransformerBridge", "build_alias_to_canonical_map", "get_act_name",
+    "get_device", "is_hooked_transformer", "unwrap_bridge", "weight_conversions",
 ]
 
 

@@ -16,6 +16,9 @@ tests/core/test_hooked.py against autograd on the model's own activations and pa
 * **ln1 runs three times** per block (on the query, key and value inputs), so ``ln1.hook_scale`` and
   ``ln1.hook_normalized`` fire thrice on one value; :func:`tl_backward.capture` sums the three
   backward firings (``summed_grad_hooks``), the gradient at the hook point as a whole.
+* **Readout.** ``unembed.hook_in`` (TransformerLens 3.9's ``components/unembed.py`` fires ``hook_in`` /
+  ``hook_out``) is the input of ``W_U`` after ``ln_final``: the adapter's ``readout_input``, where
+  :func:`tl_backward.core.stream.stream` gathers the positions a metric reads.
 * **Residual.** ``hook_resid_mid`` is a real hook on ``resid_pre + attn_out`` (no alias): its
   gradient is the full residual gradient, as tl_backward reports on the bridge.
 * **Weights** are the parameters the model holds: ``W_Q [head, d_model, d_head]``,
@@ -43,6 +46,7 @@ from tl_backward.errors import TLBackwardError
 
 from .adapter_base import HOOKS, ModelAdapter
 from .attention_kinds import ScoreRoute
+from .device import module_device, on, param_dtype
 
 __all__ = ["HOOKED_HOOKS", "HookedAdapter"]
 
@@ -114,8 +118,8 @@ class HookedAdapter(ModelAdapter):
             # Read at call time: process_weights_ (fold_ln) swaps LN for LNPre, which has no w / b.
             module = getattr(block, ln)
             w, b = getattr(module, "w", None), getattr(module, "b", None)
-            out = normalized if w is None else normalized * w.detach().float().to(normalized.device)
-            return out if b is None else out + b.detach().float().to(normalized.device)
+            out = normalized if w is None else normalized * on(w.detach().float(), normalized)
+            return out if b is None else out + on(b.detach().float(), normalized)
         return f"blocks.{layer}.{ln}.hook_normalized", apply
 
     # ---------------------------------------------------------------- names
@@ -190,8 +194,8 @@ class HookedAdapter(ModelAdapter):
         """The model's ``ln_final`` (identity when ``normalization_type`` is None), in fp32."""
         if self.model.cfg.normalization_type is None:
             return v.float()
-        dtype = next(self.model.parameters()).dtype
-        return self.model.ln_final(v.to(dtype)).float()
+        norm = self.model.ln_final
+        return norm(v.to(device=module_device(norm), dtype=param_dtype(self.model))).float()
 
     @property
     def logits_transform(self) -> Callable[[Tensor], Tensor] | None:

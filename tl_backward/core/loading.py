@@ -16,7 +16,9 @@ What :func:`load_model` promises:
   tokenizer.json holds a word-level model; load_model follows AutoTokenizer there too.)
 - **Device.** The model's parameters really are on ``device``. A device this machine does not
   have is refused up front; left at None, TransformerLens picks one (``get_device``: CUDA if
-  available, else CPU).
+  available, else CPU). With ``device_map`` the blocks sit where the map puts them (Hugging Face
+  dispatches them; TransformerLens sets ``cfg.device`` to the embedding's device and
+  ``cfg.n_devices``); that placement is not checked against one device.
 - **Hub names offline.** If ``HF_HUB_OFFLINE`` is set, or the hub's host (from
   ``huggingface_hub.constants.ENDPOINT``) refuses a short TCP connect, the model comes from the
   local HF cache, or the call fails at once naming ``name``. It does not sit through
@@ -29,7 +31,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import torch
@@ -38,6 +40,7 @@ from .. import zoo
 from ..errors import TLBackwardError
 from . import checks
 from .compat import HookedTransformer, TransformerBridge, get_device
+from .device import declared_device
 from .hooked_loading import hooked_from_hf, require_hooked
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -48,7 +51,8 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
 def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32, backend: str = "bridge") -> Any:
+               dtype: torch.dtype = torch.float32, device_map: str | dict[str, Any] | None = None,
+               backend: str = "bridge") -> Any:
     """Boot a ``TransformerBridge`` (or, ``backend="hooked"``, a ``HookedTransformer``) in eval mode, raw
     (no weight processing).
 
@@ -57,6 +61,10 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     or a Hugging Face hub name such as ``"gpt2"`` (from the local HF cache when offline).
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``; None lets
     TransformerLens choose. ``dtype``: torch.float32 (default), float16, bfloat16 or float64.
+    ``device_map`` (instead of ``device``): a Hugging Face device map -- ``"auto"``, ``"balanced"`` or a
+    dict ``{module name: device}`` such as ``{"transformer.h.0": "cuda:0", ..., "lm_head": "cuda:1"}``
+    -- that dispatches the model's blocks over several devices (Accelerate moves each block's inputs to
+    its device; tl_backward's rules for such models are in :mod:`tl_backward.core.device`).
     Tokenisation, device and offline behaviour are described in this module's docstring.
     ``backend``: ``"bridge"`` (default), or ``"hooked"`` on TransformerLens < 4: directories (the
     embedded models too) are converted by :func:`tl_backward.core.hooked_loading.hooked_from_hf` (GPT-2
@@ -65,22 +73,22 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     _check_name(name)
     _check_dtype(dtype)
     device = _check_device(device)
-    checks.one_of(backend, "backend", tuple(_BACKENDS))
-    if backend == "hooked":
-        require_hooked()
+    place = _Placement(device, _check_device_map(device_map, device))
+    _check_backend(backend, place)
     boot_directory, boot_hub = _BACKENDS[backend]
     embedded = _embedded_dir(None if name is None else str(name))
     if embedded is not None:
-        model = boot_directory(embedded, embedded.name, device, dtype)
+        model = boot_directory(embedded, embedded.name, place, dtype)
     elif _looks_local(name):
-        model = boot_directory(_local_dir(name), str(name), device, dtype)
+        model = boot_directory(_local_dir(name), str(name), place, dtype)
     else:
         snapshot = _offline_snapshot(str(name))
         if snapshot is not None:
-            model = boot_directory(snapshot, str(name), device, dtype)
+            model = boot_directory(snapshot, str(name), place, dtype)
         else:
-            model = boot_hub(str(name), device, dtype)
-    _check_placed(model)
+            model = boot_hub(str(name), place, dtype)
+    if place.device_map is None:  # a dispatched model's blocks sit where its map says, on purpose
+        _check_placed(model)
     return model.eval()
 
 
@@ -132,9 +140,53 @@ def _check_device(device: Any) -> torch.device | None:
                               "pass device='cpu'", argument="device") from None
 
 
+class _Placement(NamedTuple):
+    """Where :func:`load_model` puts the weights: one ``device`` or a Hugging Face ``device_map``."""
+
+    device: torch.device | None
+    device_map: str | dict[str, Any] | None = None
+
+
+def _check_device_map(device_map: Any, device: torch.device | None) -> str | dict[str, Any] | None:
+    """``device_map`` as Hugging Face takes it (None stays None); refused next to ``device``."""
+    if device_map is None:
+        return None
+    if device is not None:
+        raise TLBackwardError("pass device= (one device) or device_map= (blocks over several devices), not both",
+                              argument="device_map")
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return device_map
+    if isinstance(device_map, dict) and device_map and all(isinstance(k, str) for k in device_map):
+        return {k: _map_value(k, v) for k, v in device_map.items()}
+    raise TLBackwardError(f"device_map must be 'auto', 'balanced', 'balanced_low_0', 'sequential' or a non-empty "
+                          f"dict {{module name: device}}, got {device_map!r:.60}", argument="device_map")
+
+
+def _map_value(module: str, device: Any) -> int | str:
+    """One ``device_map`` entry: a CUDA index or a device this machine has (as :func:`_check_device`)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device
+    try:
+        return str(_check_device(device))
+    except TLBackwardError as err:
+        raise TLBackwardError(f"device_map[{module!r}]: {err}", argument="device_map") from None
+
+
+def _check_backend(backend: Any, place: _Placement) -> None:
+    """``backend`` is ``"bridge"`` or ``"hooked"``; ``"hooked"`` needs TransformerLens < 4 and one device
+    (a HookedTransformer is not dispatched by a Hugging Face device map)."""
+    checks.one_of(backend, "backend", tuple(_BACKENDS))
+    if backend != "hooked":
+        return
+    require_hooked()
+    if place.device_map is not None:
+        raise TLBackwardError("backend='hooked' places the model on one device: pass device= instead of device_map=, "
+                              "or use backend='bridge' for a Hugging Face device map", argument="device_map")
+
+
 def _check_placed(model: Any) -> None:
     """Every parameter sits on ``cfg.device`` (TransformerLens records a device it may not apply)."""
-    want = torch.device(model.cfg.device)
+    want = declared_device(model)
     for pname, param in model.named_parameters():
         dev = param.device
         if dev.type != want.type or None not in (want.index, dev.index) and dev.index != want.index:
@@ -169,29 +221,33 @@ def _local_dir(name: str | os.PathLike) -> Path:
     return path
 
 
-def _boot_directory(directory: Path, label: str, device: torch.device | None, dtype: torch.dtype) -> Any:
-    """HF model + AutoTokenizer from ``directory``, moved to ``device``, wrapped as a bridge."""
+def _boot_directory(directory: Path, label: str, place: _Placement, dtype: torch.dtype) -> Any:
+    """HF model + AutoTokenizer from ``directory``, moved to ``place.device`` or dispatched by
+    ``place.device_map``, wrapped as a bridge."""
     config = _read_config(directory, label)
     tokenizer = _read_tokenizer(directory, label)
-    hf = _read_weights(directory, label, config, dtype)
-    # boot_transformers records device= but leaves a pre-loaded model where it is, so move it here.
-    device = device if device is not None else torch.device(get_device())
-    hf = hf.to(device)
+    hf = _read_weights(directory, label, config, dtype, place.device_map)
+    where: dict[str, str] = {}
+    if place.device_map is None:
+        # boot_transformers records device= but leaves a pre-loaded model where it is, so move it here.
+        device = place.device if place.device is not None else torch.device(get_device())
+        hf, where = hf.to(device), {"device": str(device)}
+    # else: TransformerLens reads cfg.device / cfg.n_devices off the model's hf_device_map.
     try:
-        bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tokenizer, device=str(device),
-                                                     dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tokenizer, dtype=dtype, **where)
     except ValueError as err:  # e.g. an architecture TransformerLens has no adapter for
         raise TLBackwardError(f"name {label!r}: TransformerLens cannot bridge this model ({_first_line(err)})",
                               argument="name") from err
     return bridge
 
 
-def _hooked_directory(directory: Path, label: str, device: torch.device | None, dtype: torch.dtype) -> Any:
-    """HF model + AutoTokenizer from ``directory`` converted into a raw HookedTransformer."""
+def _hooked_directory(directory: Path, label: str, place: _Placement, dtype: torch.dtype) -> Any:
+    """HF model + AutoTokenizer from ``directory`` converted into a raw HookedTransformer on ``place.device``."""
     config = _read_config(directory, label)
     tokenizer = _read_tokenizer(directory, label)
     hf = _read_weights(directory, label, config, dtype)
-    return hooked_from_hf(hf, tokenizer, label, device if device is not None else torch.device(get_device()), dtype)
+    device = place.device if place.device is not None else torch.device(get_device())
+    return hooked_from_hf(hf, tokenizer, label, device, dtype)
 
 
 def _read_config(directory: Path, label: str) -> Any:
@@ -226,7 +282,8 @@ def _read_tokenizer(directory: Path, label: str) -> Any:
     return tokenizer
 
 
-def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype) -> Any:
+def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype,
+                  device_map: str | dict[str, Any] | None = None) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -234,7 +291,7 @@ def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype) 
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise for a 1 MB model
     try:
         return AutoModelForCausalLM.from_pretrained(directory, config=config, local_files_only=True, dtype=dtype,
-                                                    attn_implementation="eager")
+                                                    attn_implementation="eager", device_map=device_map)
     except (OSError, ValueError) as err:  # no weights file, or no causal-LM class for this config
         raise TLBackwardError(f"name {label!r}: the model in {directory} cannot be loaded ({_first_line(err)})",
                               argument="name") from err
@@ -244,9 +301,11 @@ def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype) 
 
 
 # ------------------------------------------------------------------------------- the hub
-def _boot_hub(name: str, device: torch.device | None, dtype: torch.dtype) -> Any:
+def _boot_hub(name: str, place: _Placement, dtype: torch.dtype) -> Any:
+    where = {"device_map": place.device_map} if place.device_map is not None else \
+        {"device": None if place.device is None else str(place.device)}
     try:
-        return TransformerBridge.boot_transformers(name, device=None if device is None else str(device), dtype=dtype)
+        return TransformerBridge.boot_transformers(name, dtype=dtype, **where)
     except (OSError, ValueError) as err:
         # Hub failures surface as OSError/ValueError deep inside transformers; say what was tried.
         raise TLBackwardError(
@@ -255,10 +314,10 @@ def _boot_hub(name: str, device: torch.device | None, dtype: torch.dtype) -> Any
             argument="name") from err
 
 
-def _hooked_hub(name: str, device: torch.device | None, dtype: torch.dtype) -> Any:
+def _hooked_hub(name: str, place: _Placement, dtype: torch.dtype) -> Any:
+    device = None if place.device is None else str(place.device)
     try:
-        return HookedTransformer.from_pretrained_no_processing(name, device=None if device is None else str(device),
-                                                               dtype=dtype)
+        return HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
     except (OSError, ValueError) as err:
         raise TLBackwardError(f"could not load model {name!r} as a HookedTransformer ({type(err).__name__}: "
                               f"{_first_line(err)})", argument="name") from err

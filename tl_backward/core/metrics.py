@@ -29,6 +29,29 @@ from .batch import Batch
 LogitsFn = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 
 
+@dataclass(frozen=True, repr=False)
+class Picked:
+    """A bound metric that reads the logits at ``(rows[i], positions[i])`` only.
+
+    ``self(logits)`` scores full logits ``[batch, pos, vocab]``; ``of_picked(picked)`` scores the
+    ``[n, vocab]`` rows ``logits[rows, positions]`` directly. Knowing the positions lets the pass
+    (core/stream.py) unembed only them: at GPT-2-small's shape, 64 tokens, the ``[pos, d_model] @
+    [d_model, vocab]`` readout and its backward are about a third of a forward+backward, and all
+    but ``n`` of its rows are discarded by the metric anyway.
+    """
+
+    rows: Int[Tensor, " n"]
+    positions: Int[Tensor, " n"]
+    of_picked: Callable[[Float[Tensor, "n vocab"]], Tensor]
+
+    def __repr__(self) -> str:
+        return f"Picked({len(self.rows)} positions)"
+
+    def __call__(self, logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        d = logits.device
+        return self.of_picked(logits[self.rows.to(d), self.positions.to(d)])
+
+
 @dataclass(frozen=True)
 class TargetNLL:
     """Negative log-likelihood of a target continuation, summed over the batch.
@@ -58,12 +81,11 @@ class TargetNLL:
         bound = Batch(tokens=bound.tokens, mask=bound.mask, last=batch.last)
         b_idx, p_idx, labels = (torch.tensor(v) for v in (b_idx, p_idx, labels))
 
-        def nll(logits: Tensor) -> Tensor:
-            picked = logits[b_idx.to(logits.device), p_idx.to(logits.device)].float()
-            logp = torch.log_softmax(picked, dim=-1)
-            return -logp.gather(-1, labels.to(logits.device)[:, None]).sum()
+        def nll(picked: Tensor) -> Tensor:
+            logp = torch.log_softmax(picked.float(), dim=-1)
+            return -logp.gather(-1, labels.to(picked.device)[:, None]).sum()
 
-        return bound, nll
+        return bound, Picked(b_idx, p_idx, nll)
 
 
 @dataclass(frozen=True)
@@ -86,11 +108,11 @@ class LogitDiff:
             ids.append(int(tok[0]))
         last = batch.last
 
-        def diff(logits: Tensor) -> Tensor:
-            rows = logits[torch.arange(len(last), device=logits.device), last.to(logits.device)].float()
+        def diff(picked: Tensor) -> Tensor:
+            rows = picked.float()
             return (rows[:, ids[0]] - rows[:, ids[1]]).sum()
 
-        return batch, diff
+        return batch, Picked(torch.arange(len(last)), last, diff)
 
 
 def target_nll(target: Any) -> TargetNLL:
@@ -172,5 +194,5 @@ def _per_row(target: Any, n_rows: int, adapter: ModelAdapter) -> list[Int[Tensor
     return [ids] * n_rows
 
 
-__all__: Sequence[str] = ["TargetNLL", "LogitDiff", "target_nll", "logit_diff", "bind_metric", "resolve_metric",
+__all__: Sequence[str] = ["Picked", "TargetNLL", "LogitDiff", "target_nll", "logit_diff", "bind_metric", "resolve_metric",
                           "check_scalar", "describe"]

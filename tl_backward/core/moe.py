@@ -16,6 +16,16 @@ gradient at ``mlp.hook_out``; a shared expert adds to the output, so it does not
     ∂L/∂W_down^e = Σ_{i→e} h_i^e ⊗ δ_out_i^e,   ∂L/∂W_up^e = Σ_{i→e} x_i ⊗ δ_up_i^e  (gate likewise)
     ∂L/∂W_router = Σ_i x_i ⊗ ∂L/∂logits_i
 
+Qwen2-MoE adds a shared expert read by every token, gated by a sigmoid of a scalar logit
+``s_i = x_i W_sg`` (``W_sg [d_model, 1]``, HF ``shared_expert_gate``)::
+
+    y_i += σ(s_i) · down_s(h_i^s),     h_i^s = act(x_i W_gate^s) ⊙ x_i W_up^s
+    δ_out_i^s = σ(s_i) g_i,   δ_s_i = σ'(s_i) ⟨g_i, down_s(h_i^s)⟩,   up / gate: VJP of h^s
+
+TransformerLens bridges the shared expert's three linear maps and ``shared_expert_gate`` as
+``LinearBridge`` modules, so their factors are the hooks' (input, output gradient) of the same
+backward, like a dense MLP's (hooks flattened to ``[batch·pos, d]``): the sigmoid sits inside δ.
+
 x, g and ∂L/∂w come from the one forward + backward of :func:`tl_backward.core.stream.stream`
 (through ``capture``); h^e, δ_pre^e and ∂L/∂logits are then exact local vector-Jacobian products
 of the HF module's own per-expert map (its ``_apply_gate``, layout flags ``is_transposed`` /
@@ -37,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 
 from tl_backward.errors import TLBackwardError
 
-from .compat import MoEBridge, MoERouterBridge, unwrap_bridge
+from .compat import GatedMLPBridge, LinearBridge, MoEBridge, MoERouterBridge, unwrap_bridge
 
 # HF sparse blocks whose output is the routed experts' weighted sum (plus, in Qwen2-MoE, a gated
 # shared expert that does not read the experts): there g = ∂L/∂(mlp.hook_out) is the gradient at
@@ -52,6 +62,10 @@ VERIFIED_BLOCKS = {
 }
 # Expert matrices with factors; "router" is the router's linear map (never a gate).
 EXPERT_MODULES = ("mlp_in", "mlp_gate", "mlp_out")
+# Shared-expert factor modules -> (child of the MoE bridge, LinearBridge inside it or None): the
+# TransformerLens names of Qwen2-MoE's GatedMLPBridge ``shared_expert`` and ``shared_expert_gate``.
+SHARED_MODULES = {"shared_in": ("shared_expert", "in"), "shared_gate": ("shared_expert", "gate"),
+                  "shared_out": ("shared_expert", "out"), "shared_expert_gate": ("shared_expert_gate", None)}
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,8 @@ class MoELayer:
     """One sparse MLP layer: its HF experts and router modules and the hooks its factors read.
 
     ``hooks = (x, g, w)``: ``mlp.hook_in`` (x, its activation), ``mlp.hook_out`` (g, its gradient)
-    and the router's ``hook_expert_weights`` (w and ∂L/∂w, ``[batch·pos, expert]``).
+    and the router's ``hook_expert_weights`` (w and ∂L/∂w, ``[batch·pos, expert]``). ``shared``:
+    ``(module, hook_in, hook_out)`` of each shared-expert linear map (Qwen2-MoE; empty otherwise).
     """
 
     layer: int
@@ -70,10 +85,17 @@ class MoELayer:
     d_expert: int
     gated: bool
     hooks: tuple[str, str, str]
+    shared: tuple[tuple[str, str, str], ...] = ()
 
     def __repr__(self) -> str:
         return (f"MoELayer(layer {self.layer}: {type(self.experts).__name__}, {self.n_experts} experts, "
-                f"top-{self.top_k}, d_expert {self.d_expert}{', gated' if self.gated else ''})")
+                f"top-{self.top_k}, d_expert {self.d_expert}{', gated' if self.gated else ''}"
+                f"{', shared expert' if self.shared else ''})")
+
+    def shared_hooks(self, module: str) -> tuple[str, str] | None:
+        """``(hook_in, hook_out)`` of shared-expert ``module`` (x and the hook whose gradient is δ),
+        None when this layer has no such map."""
+        return next(((i, o) for m, i, o in self.shared if m == module), None)
 
     def weight(self, module: str) -> Float[Tensor, "expert d_in d_out"]:
         """The experts' matrix in TransformerLens layout ``[expert, d_in, d_out]`` (fp32 copy):
@@ -237,12 +259,49 @@ def moe_layer(mlp: Any, layer: int) -> MoELayer | None:
     d_expert = experts.down_proj.shape[-1 if not experts.is_transposed else -2]
     return MoELayer(layer=layer, experts=experts, router=hf_router, n_experts=int(experts.num_experts),
                     top_k=int(hf_router.top_k), d_expert=int(d_expert), gated=gated,
-                    hooks=(mlp.hook_in.name, mlp.hook_out.name, router.hook_expert_weights.name))
+                    hooks=(mlp.hook_in.name, mlp.hook_out.name, router.hook_expert_weights.name),
+                    shared=shared_linears(mlp))
+
+
+def shared_linears(mlp: nn.Module) -> tuple[tuple[str, str, str], ...]:
+    """``(module, hook_in, hook_out)`` for each :data:`SHARED_MODULES` map bridged inside ``mlp``:
+    a ``LinearBridge`` in a ``GatedMLPBridge`` child (the shared expert) or a direct one (its gate)."""
+    children = dict(mlp.named_children())
+    found = []
+    for module, (child, inner) in SHARED_MODULES.items():
+        c = children.get(child)
+        if inner is not None:
+            c = dict(c.named_children()).get(inner) if isinstance(c, GatedMLPBridge) else None
+        if isinstance(c, LinearBridge):
+            found.append((module, c.hook_in.name, c.hook_out.name))
+    return tuple(found)
 
 
 def has_moe(model: Any) -> bool:
     """True when any block of the bridge has a sparse (``MoEBridge``) MLP."""
     return any(isinstance(block.mlp, MoEBridge) for block in model.blocks)
+
+
+def has_shared_expert(model: Any) -> bool:
+    """True when any sparse MLP of the bridge has a bridged shared expert (:func:`shared_linears`)."""
+    return any(isinstance(block.mlp, MoEBridge) and shared_linears(block.mlp) for block in model.blocks)
+
+
+def refuse_moe_neurons(model: Any, layers: list[int], feature: str) -> None:
+    """Refuse ``feature`` (a method drawing an MLP's neurons: W_in columns, W_out rows, hook_post)
+    on mixture-of-experts layers, naming why and what works there instead."""
+    sparse = [l for l in layers if isinstance(model.blocks[l].mlp, MoEBridge)]
+    if not sparse:
+        return
+    dense = not all(isinstance(block.mlp, MoEBridge) for block in model.blocks)
+    block = type(unwrap_bridge(model.blocks[sparse[0]].mlp)).__name__
+    where = f"layer{'s' * (len(sparse) > 1)} {', '.join(map(str, sparse))} ({block})"
+    raise TLBackwardError(
+        f"{feature} is not available on mixture-of-experts layers: per-expert neurons routed per token, not one "
+        "neuron set; use expert_lens or gradient_factors(..., modules='all') instead (tl_backward.lens: per-expert "
+        "gradient norms and δ projections; per-expert, router and shared-expert factors). "
+        f"{feature} reads one dense MLP's neurons (W_in columns, W_out rows, hook_post); sparse: {where}"
+        + ("; or pass only dense layers" if dense else ""), argument="layer" if dense else "model")
 
 
 def routed_mask(idx: Tensor, n_experts: int) -> Bool[Tensor, "expert tokens"]:

@@ -39,6 +39,7 @@ from torch import Tensor
 from tl_backward.errors import TLBackwardError
 
 from . import checks
+from .device import on
 
 __all__ = ["Readout", "Unembed", "readout", "logits_readout", "normalize_rows", "entropy_bits", "as_targets",
            "TILE_ELEMENTS", "ROW_CHUNK"]
@@ -131,9 +132,10 @@ class Unembed:
         return self.W_U.shape[1]
 
     def normed(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """``norm(v)`` in fp32 on ``W_U``'s device."""
-        v = v.to(self.W_U.device)
-        return (self.norm(v) if self.norm is not None else v).float()
+        """``norm(v)`` in fp32 on ``W_U``'s device (the norm may sit on another device of a
+        dispatched model; it moves its input there itself, see ModelAdapter.ln_final)."""
+        v = on(v, self.W_U)
+        return on((self.norm(v) if self.norm is not None else v).float(), self.W_U)
 
     @torch.no_grad()
     def logits(self, v: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:

@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from .adapter import get_adapter
+from .adapter import get_adapter, readout_input
 from .batch import Batch
-from .device import device_of
+from .device import input_device
 from .lock import model_lock
-from .metrics import bind_metric, check_scalar
+from .metrics import Picked, bind_metric, check_scalar
 
-__all__ = ["Streamed", "stream"]
+__all__ = ["Streamed", "picked_readout", "stream"]
 
 # Where the embeddings enter; their outputs become the leaves of the backward pass.
 LEAF_HOOKS = ("hook_embed", "hook_pos_embed")
@@ -58,7 +58,7 @@ def stream(
     on_activation: Mapping[str, Callable[[Tensor], None]] = {},
     on_gradient: Mapping[str, Callable[[Tensor], None]] = {},
     on_batch: Callable[[Batch], None] | None = None,
-    on_logits: Callable[[Tensor, Batch], None] | None = None,
+    on_last_logits: Callable[[Float[Tensor, "batch vocab"]], None] | None = None,
     prepend_bos: bool | None = None,
 ) -> Streamed:
     """Run ``model`` on ``input`` and backpropagate ``metric`` (summed over the batch) once.
@@ -66,8 +66,14 @@ def stream(
     ``on_activation[name](tensor)`` gets each hook point's forward output (live and detached: do
     not modify it); ``on_gradient[name](grad)`` gets ∂metric/∂output during the backward (live:
     copy what you keep). ``on_batch(batch)`` runs first with the tokenised input (e.g. to allocate
-    output buffers), ``on_logits(logits, batch)`` right after the forward. Names must be canonical
-    or legacy hook names of ``model.hook_dict``. Parameters are frozen and restored, train/eval
+    output buffers), ``on_last_logits(logits)`` right after the forward with the logits at each
+    row's last prompt position (``[batch, vocab]``). Names must be canonical or legacy hook names of
+    ``model.hook_dict``.
+
+    A metric that reads a few positions (``target_nll``, ``logit_diff``: :class:`~tl_backward.core.metrics.Picked`)
+    has only those rows (and the last positions) unembedded: the unembedding's input is gathered at
+    ``adapter.readout_input`` to ``[1, n, d_model]``, unless a requested hook sits at the unembedding.
+    The metric and every gradient are the same as with full logits (only the discarded rows are skipped). Parameters are frozen and restored, train/eval
     modes restored, hooks removed (also on error), and no parameter ``.grad`` is written.
 
     The whole pass (tokenising too: a fast tokenizer is reconfigured per call) holds
@@ -75,11 +81,11 @@ def stream(
     """
     adapter = get_adapter(model)
     with model_lock(model):
-        return _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_logits,
+        return _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_last_logits,
                        prepend_bos)
 
 
-def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_logits,
+def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_last_logits,
             prepend_bos) -> Streamed:
     """:func:`stream`'s body, run while the caller holds the model's lock."""
     for argument, names in (("on_activation", on_activation), ("on_gradient", on_gradient)):
@@ -112,15 +118,23 @@ def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch,
     fwd_hooks = [(n, make_leaf(n)) for n in LEAF_HOOKS if n in model.hook_dict]
     fwd_hooks += [(n, forward(fn)) for n, fn in on_activation.items()]
     bwd_hooks = [(n, backward(n, fn)) for n, fn in on_gradient.items()]
+    rows, positions = _readout_rows(adapter, score, batch, {*on_activation, *on_gradient})
+    if rows is not None:
+        fwd_hooks.append((adapter.readout_input, _gather(rows, positions)))
     with frozen(model), torch.enable_grad(), warnings.catch_warnings(), \
             model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
         # Expected: the hook at a leaf fires on its output gradient (its input is frozen).
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        logits = model(batch.tokens.to(device_of(model)), return_type="logits")
-        value = check_scalar(score(logits), metric)
-        if on_logits is not None:
-            on_logits(logits.detach(), batch)
-        del logits  # the graph keeps what the backward needs
+        logits = model(batch.tokens.to(input_device(model)), return_type="logits")
+        if rows is None:
+            value = check_scalar(score(logits), metric)
+            last = logits[torch.arange(len(batch.last), device=logits.device), batch.last.to(logits.device)]
+        else:
+            picked, last = logits[0].split([len(score.rows), len(batch.last)])
+            value = check_scalar(score.of_picked(picked), metric)
+        if on_last_logits is not None:
+            on_last_logits(last.detach())
+        del logits, last  # the graph keeps what the backward needs
         if not leaves:  # a model defect, not a bad argument
             raise RuntimeError("no embedding hook fired during the forward pass; cannot start the backward pass")
         grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
@@ -128,6 +142,35 @@ def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch,
         batch=batch, metric=value.detach().float(), str_tokens=adapter.to_str_tokens(batch.tokens, batch.mask),
         fired=frozenset(fired), leaf_grads={k: g for k, g in zip(leaves, grads) if g is not None},
     )
+
+
+def _readout_rows(adapter: Any, score: Any, batch: Batch, names: set[str]) -> tuple[Tensor | None, Tensor | None]:
+    """``(rows, positions)`` to unembed: the metric's picked positions, then each row's last
+    position; ``(None, None)`` (full logits) for a metric over all logits or when a requested hook
+    reads the unembedding's input or output (its shape must stay ``[batch, pos, ...]``)."""
+    if not isinstance(score, Picked) or names & adapter.readout_hooks or adapter.readout_input is None:
+        return None, None
+    return torch.cat([score.rows, torch.arange(len(batch.last))]), torch.cat([score.positions, batch.last])
+
+
+@contextlib.contextmanager
+def picked_readout(model: Any, rows: Int[Tensor, " n"], positions: Int[Tensor, " n"]
+                   ) -> Iterator[Callable[[Tensor], Float[Tensor, "n vocab"]]]:
+    """Within the block the model unembeds only ``logits[rows, positions]``; yields ``pick`` with
+    ``pick(model_output_logits) = logits[rows, positions]`` (``[n, vocab]``), the same values and
+    gradients (also for the weights, when training) as slicing full logits, without the other rows."""
+    name = readout_input(model.hook_dict)  # not get_adapter: MAS also runs models RA refuses
+    if name is None:
+        yield lambda logits: logits[rows.to(logits.device), positions.to(logits.device)]
+        return
+    with model.hooks(fwd_hooks=[(name, _gather(rows, positions))]):
+        yield lambda logits: logits[0]
+
+
+def _gather(rows: Tensor, positions: Tensor) -> Callable[..., Tensor]:
+    def hook(x: Float[Tensor, "batch pos d_model"], hook: Any) -> Float[Tensor, "1 n d_model"]:
+        return x[rows.to(x.device), positions.to(x.device)][None]
+    return hook
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ pass (:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow
 from __future__ import annotations
 
 import inspect
-
 from typing import Any, Sequence
 
 import torch
@@ -18,8 +17,10 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
+from tl_backward.core.attention_kinds import ScoreRoute, Unsupported, hidden_rotary
 from tl_backward.core.capture import capture, require_hooks
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device, module_device, param_dtype
+from tl_backward.core.moe import refuse_moe_neurons
 from tl_backward.errors import TLBackwardError
 
 from .colors import BIAS_COLOR, entropy_grey, rank_color
@@ -39,8 +40,9 @@ def _names(ad: ModelAdapter, layer: int, backward: bool) -> dict[str, str]:
     if not ad.parallel_blocks:
         kinds.append("resid_mid")
     names = {k: ad.hook_name(k, layer) for k in kinds}
-    if backward:
-        names["attn_scores"] = ad.hook_name("attn_scores", layer)
+    if backward:  # what the layer's route reads RA from (core/attention_kinds.py)
+        route = ad.ra_route(layer, "flow_graph")
+        names.update({k: ad.hook_name(k, layer) for k in (*route.activations, *route.gradients)})
         names["mlp_pre"] = ad.hook_name("mlp_pre_linear" if ad.gated_mlp else "mlp_pre", layer)
         names["ln1_in"] = f"blocks.{layer}.ln1.hook_in"  # the LN1-branch gradient of resid_pre
         names["ln2_in"] = f"blocks.{layer}.ln2.hook_in"  # the LN2-branch gradient
@@ -70,8 +72,7 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
                     f"this model's rotary embedding ({name}) differs by layer type (local and global RoPE, "
                     "e.g. Gemma-3), but flow graphs read one cos/sin table for every layer: not supported",
                     argument="model")
-            dtype = next(ad.model.parameters()).dtype
-            x = torch.zeros(1, n_pos, ad.d_model, dtype=dtype, device=device_of(ad.model))
+            x = torch.zeros(1, n_pos, ad.d_model, dtype=param_dtype(ad.model), device=module_device(mod))
             with torch.no_grad():
                 cos, sin = mod(x, torch.arange(n_pos, device=x.device)[None])
             return cos[0].float().cpu(), sin[0].float().cpu()
@@ -79,12 +80,28 @@ def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None,
                           argument="model")
 
 
+def _check_attention(ad: ModelAdapter, layers: list[int]) -> None:
+    """Refuse where a layer's attention cannot be drawn exactly: no exact RA route (unknown bridges),
+    Gemma-2 soft-capping, or q/k rotated after hook_q/hook_k with no hooked rotation (GPT-J): the key
+    and query nodes need q_p·k'_i = s·score[p, i] from hook_q/hook_k (and the RoPE tables)."""
+    for layer in layers:
+        route = ad.ra_route(layer, "flow_graph")
+        if isinstance(route, ScoreRoute) and route.softcap:
+            Unsupported(f"attention soft-capping (c = {route.softcap:g}) sits between q·kᵀ and "
+                        "hook_attn_scores").refuse("flow_graph")
+        why = hidden_rotary(ad.model.blocks[layer].attn)
+        if why is not None:
+            Unsupported(f"its key and query nodes need q·kᵀ from hook_q/hook_k, but {why}").refuse("flow_graph")
+
+
 def flow_hook_names(model: Any, layer: int | Sequence[int], *, backward: bool = False) -> list[str]:
     """The hook points a flow graph of ``layer`` reads, for ``capture(names=...)`` when the graph is
     built from a shared cache (``flow_graph(..., cache=...)``); ``backward=True`` adds the ones only
     the backward graph needs. A backward list serves the forward graph too."""
     ad = get_adapter(model)
-    names = {l: _names(ad, l, backward) for l in sorted(set(ad.layers(layer)))}
+    layers = sorted(set(ad.layers(layer)))
+    refuse_moe_neurons(model, layers, "flow_graph")
+    names = {l: _names(ad, l, backward) for l in layers}
     return list(dict.fromkeys(n for d in names.values() for n in d.values()))
 
 
@@ -94,12 +111,13 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
     names = {l: _names(ad, l, backward) for l in layers}
     flat = list(dict.fromkeys(n for d in names.values() for n in d.values()))
     if cache is not None:
-        acts, grads, t, value = _from_cache(cache, tokens, flat, p, backward, target)
+        acts, grads, t, value = _from_cache(cache, tokens, flat, p, backward, target, ad.values_only_hooks)
     elif backward:
         acts, grads, t, value = _backward_pass(ad.model, tokens, flat, p, metric, target)
     else:
         acts, grads, t, value = _forward_pass(ad.model, tokens, flat, p, target)
-    silent = [n for n in flat if n not in acts or (backward and n not in grads)]
+    # hook_pattern on HF-delegating bridges: values only (RA is read through z = P·V there)
+    silent = [n for n in flat if n not in acts or (backward and n not in grads and n not in ad.values_only_hooks)]
     if silent:
         raise TLBackwardError(
             f"flow graphs read {silent[:3]}, which this model's bridge never fires (e.g. OLMo-2's post-norm "
@@ -108,7 +126,7 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
     for l in layers:
         nm = names[l]
         out.append(LayerData(acts={k: acts[n][0] for k, n in nm.items()},
-                             grads={k: grads[n][0] for k, n in nm.items()} if backward else {}))
+                             grads={k: grads[n][0] for k, n in nm.items() if n in grads} if backward else {}))
     return out, t, value
 
 
@@ -130,13 +148,14 @@ def _backward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, metric: 
 
 def _forward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, target: int | None):
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=flat)
+        logits, cache = model.run_with_cache(tokens.to(input_device(model)), names_filter=flat)
     t = int(logits[0, p].argmax()) if target is None else target
     fired = set(cache.keys())  # a hook that never fires is reported by _gather, not as a KeyError
     return {n: cache[n].detach().float().cpu() for n in flat if n in fired}, {}, t, None
 
 
-def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: bool, target: int | None):
+def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: bool, target: int | None,
+                values_only: frozenset[str]):
     """A shared :func:`~tl_backward.capture` cache of this very prompt stands in for the pass."""
     if not hasattr(cache, "activations") or not hasattr(cache, "last_logits"):
         raise TLBackwardError(f"cache must be a GradientCache from tl_backward.capture, got {type(cache).__name__}",
@@ -151,7 +170,7 @@ def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: b
                                   "keeps the model's logits at the last position only)", argument="target")
         target = int(cache.last_logits[0].argmax())
     acts = {n: cache[n].detach().float().cpu() for n in flat}
-    grads = {n: cache.grad(n).float().cpu() for n in flat} if backward else {}
+    grads = {n: cache.grad(n).float().cpu() for n in flat if n not in values_only} if backward else {}
     return acts, grads, target, (float(cache.metric) if backward else None)
 
 
@@ -325,13 +344,14 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
         raise TLBackwardError("flow_graph needs raw weights: VISIT is not meaningful in compatibility mode "
                               "(fold_ln erases the layer-norm effect, centring changes the edge norms); "
                               "load the model without enable_compatibility_mode()", argument="model")
-    ad.require_score_hook("flow_graph")  # its edges read hook_attn_scores (values and gradients)
+    layers = sorted(ad.layers(layer, "layer"))
+    refuse_moe_neurons(model, layers, "flow_graph")  # VISIT's MLP nodes are one dense MLP's neurons
+    _check_attention(ad, layers)
     checks.flag(backward, "backward")
     if metric is not None and not backward:
         raise TLBackwardError("metric= only applies to backward graphs (backward=True)", argument="metric")
     if metric is not None and not callable(metric):
         raise TLBackwardError("metric must be a callable (logits, tokens) -> scalar", argument="metric")
-    layers = sorted(ad.layers(layer, "layer"))
     opts = dict(n_heads=_check_count(n_heads, "n_heads"), n_memory=_check_count(n_memory, "n_memory"),
                 n_top=_check_count(n_top_neurons, "n_top_neurons"),
                 n_bottom=checks.count(n_bottom_neurons, "n_bottom_neurons",

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device, module_device, param_dtype
+from tl_backward.core.moe import refuse_moe_neurons
 from tl_backward.core.readout import entropy_bits
 from tl_backward.errors import TLBackwardError
 
@@ -55,7 +56,7 @@ def _collect(ad: ModelAdapter, prompts: list[str], names: list[str], position: i
     checks.count(batch_size, "batch_size", minimum=1)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     model = ad.model
-    device = device_of(model)
+    device = input_device(model)
     for start in range(0, len(prompts), batch_size):
         batch = ad.tokenize(prompts[start:start + batch_size], prepend_bos)
         pos = _positions(batch, position)
@@ -157,9 +158,8 @@ def ln_filter(model: Any, prompts: Sequence[str] | str, *, layer: int, which: st
     r = torch.randn(x.shape, generator=gen)
     r = r * (x.norm(dim=-1, keepdim=True) / r.norm(dim=-1, keepdim=True))
     norm = getattr(model.blocks[layer], which)
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        ln_r = norm(r.to(dtype).to(device_of(model))).float().cpu()
+    with torch.no_grad():  # on the norm's own device (its block's, on a dispatched model)
+        ln_r = norm(r.to(device=module_device(norm), dtype=param_dtype(model))).float().cpu()
     px, py, pr, plr = (ad.unembedding.probs(v, CHUNK).cpu() for v in (x, y, r, ln_r))
     ids = list(range(ad.d_vocab))
     return LNFilter(
@@ -245,6 +245,7 @@ def regularisation_neurons(model: Any, prompts: Sequence[str] | str, *, layers: 
     """
     ad = get_adapter(model)
     layer_list = ad.layers(layers)
+    refuse_moe_neurons(model, layer_list, "regularisation_neurons")
     checks.count(top, "top", minimum=1, maximum=ad.d_mlp - 1, hint=f"below d_mlp={ad.d_mlp}")
     checks.probability(min_fraction, "min_fraction", open_zero=True)
     checks.count(baseline, "baseline", minimum=1, hint="random neurons for the median entropy")

@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_backward.core.adapter import ModelAdapter
+from tl_backward.core.attention_kinds import PatternRoute, ScoreRoute, ValueRoute
 
 from . import vectors as V
 from .colors import attention_color, sign_color
@@ -78,6 +79,7 @@ class LayerTensors:
     z: Float[Tensor, "head e"]
     mlp_post: Float[Tensor, " m"]        # h = mlp.hook_post at p
     rotary: tuple[Tensor, Tensor] | tuple[None, None]  # cos, sin [pos, rot] (None: absolute positions)
+    route: ScoreRoute | ValueRoute | PatternRoute  # where RA = ∂L/∂(q·kᵀ) is read (core/attention_kinds.py)
     attn_scale: float
     d_head: int
     d_model: int
@@ -87,6 +89,16 @@ class LayerTensors:
     @property
     def n_heads(self) -> int:
         return self.W_Q.shape[0]
+
+    def reversed_attention(self) -> Float[Tensor, "head query key"]:
+        """RA = ∂L/∂(q·kᵀ) of the whole prompt, read through the layer's route: ∂L/∂S / s at an on-path
+        hook_attn_scores, else P ⊙ (dP − rowsum(P ⊙ dP)) / s with dP at hook_pattern (boot_native) or
+        ∂L/∂z · Vᵀ (HF-delegating bridges, after checking z = P·V in this pass)."""
+        route = self.route
+        acts = {k: self.acts[k][None] for k in route.activations}
+        route.check_forward(acts, self.ids.layer)
+        grads = {k: self.grads[k][None] for k in route.gradients}
+        return route.logit_grad(acts, grads, self.attn_scale)[0]
 
 
 def gather_layer(ad: ModelAdapter, data: LayerData, layer: int, p: int,
@@ -104,7 +116,8 @@ def gather_layer(ad: ModelAdapter, data: LayerData, layer: int, p: int,
         W_O=ad.W_O(layer).cpu(), W_in=ad.W_in(layer).cpu(), W_out=ad.W_out(layer).cpu(),
         b_O=ad.b_O(layer).cpu(), b_in=ad.b_in(layer).cpu(), b_out=ad.b_out(layer).cpu(),
         query=a["q"][p], keys=keys, values=a["v"][:n_key][:, kv], pattern=a["pattern"][:, p, :n_key],
-        z=a["z"][p], mlp_post=a["mlp_post"][p], rotary=rotary, attn_scale=ad.attn_scale(layer),
+        z=a["z"][p], mlp_post=a["mlp_post"][p], rotary=rotary, route=ad.ra_route(layer, "flow_graph"),
+        attn_scale=ad.attn_scale(layer),
         d_head=ad.d_head, d_model=ad.d_model, gated_mlp=ad.gated_mlp, parallel_blocks=ad.parallel_blocks)
 
 
@@ -293,7 +306,7 @@ class BackwardRules(Rules):
         grads, p = tensors.grads, tensors.p
         cos, sin = tensors.rotary
         self.g_query, self.g_z = grads["q"][p], grads["z"][p]                   # [h, e]
-        self.ra = grads["attn_scores"] / tensors.attn_scale                     # [h, Q, K] Reversed Attention
+        self.ra = tensors.reversed_attention()                                  # [h, Q, K] Reversed Attention
         g_key = V.key_grad_share(self.ra, tensors.acts["q"], p, cos, sin)       # RA · (forward) q
         g_value = V.value_grad_share(tensors.acts["pattern"], grads["z"], p)
         self.qkv_vectors = V.qkv_backward(tensors.W_Q, tensors.W_K, tensors.W_V, self.g_query, g_key, g_value)

@@ -25,7 +25,8 @@ Backward (tl_backward's extension; g = ∂L/∂·, δ = the Backward Lens factor
     MLP key i        = g_pre[p, i] · mlp_in[p]               (∂L/∂W_in[:, i] restricted to p)
     MLP value i      = h_p[i] · g_mlp_out[p]                 (∂L/∂W_out[i] restricted to p)
 
-RA_j[p, i] = ∂L/∂score_j[p, i] / s (Reversed Attention), s the attention scale.
+RA_j[p, i] = ∂L/∂(q·kᵀ)_j[p, i] (Reversed Attention; ∂L/∂score / s with s the attention scale),
+read through the layer's route (:meth:`tl_backward.flow.rules.LayerTensors.reversed_attention`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ the logit lens ``LL(v) = ln_final(v) @ W_U + b_U`` (the real final norm, bias in
 
 | module | projected | read |
 |---|---|---|
-| ``mlp_in`` (FF1), ``mlp_gate``, ``q``/``k``/``v`` | x (the module input) | top-k |
-| ``mlp_out`` (FF2), ``o`` | δ (gradient at the module output) | bottom-k: descent adds −δ |
+| ``mlp_in`` (FF1), ``mlp_gate``, ``q``/``k``/``v``, ``router``, ``shared_in``/``shared_gate``/``shared_expert_gate`` | x (the module input) | top-k |
+| ``mlp_out`` (FF2), ``o``, ``shared_out`` | δ (gradient at the module output) | bottom-k: descent adds −δ |
 
 Bottom-k of LL(δ) is not top-k of LL(−δ) when the final norm or unembedding has a bias; like the
 paper, tl_backward reports bottom-k of LL(δ). Every cell also reports the rank of the target (its
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import decode_ids, get_adapter
+from tl_backward.core.device import result_device, stack_on
 from tl_backward.core.metrics import target_nll
 from tl_backward.core.readout import Unembed
 from tl_backward.errors import TLBackwardError
@@ -37,6 +38,8 @@ from .render import render_backward_lens
 READING = {
     "mlp_in": ("x", "top"), "mlp_gate": ("x", "top"), "q": ("x", "top"), "k": ("x", "top"),
     "v": ("x", "top"), "mlp_out": ("delta", "bottom"), "o": ("delta", "bottom"), "router": ("x", "top"),
+    "shared_in": ("x", "top"), "shared_gate": ("x", "top"), "shared_out": ("delta", "bottom"),
+    "shared_expert_gate": ("x", "top"),
 }
 
 
@@ -183,7 +186,7 @@ class BackwardLens:
                                   "'mlp_out'))", argument="modules")
         out = {}
         for m in have:
-            out[m] = torch.stack([self.factors[l, m].sgd_output_change(t, lr)[t] for l in self.layers])
+            out[m] = stack_on([self.factors[l, m].sgd_output_change(t, lr)[t] for l in self.layers])
         b, p = self.factors.positions[t].tolist()
         return ImprintShift(layers=self.layers, token=t, position=(b, p), lr=lr,
                             imprint=out.get("mlp_in"), shift=out.get("mlp_out"))
@@ -258,6 +261,7 @@ def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: 
     # One [layers, tokens, d_model] block per distinct projected tensor.
     blocks: list[Tensor] = []
     where: dict[str, int] = {}
+    device = result_device(ad.model)  # each layer's factors sit on its own layer's device
     keys: dict[tuple, int] = {}
     for m in gf.modules:
         side = READING[m][0]
@@ -267,7 +271,7 @@ def project_factors(ad: Any, gf: GradientFactors, target_ids: Tensor, pred_ids: 
         key = tuple((v.untyped_storage().data_ptr(), v.storage_offset()) for v in vecs)
         if key not in keys:
             keys[key] = len(blocks)
-            blocks.append(torch.stack(vecs))
+            blocks.append(stack_on(vecs, device))
         where[m] = keys[key]
     stacked = torch.stack(blocks)  # [blocks, layer, tokens, d_model]
     norms = stacked.norm(dim=-1)

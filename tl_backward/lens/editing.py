@@ -48,7 +48,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device
 from tl_backward.errors import TLBackwardError
 
 
@@ -211,7 +211,7 @@ def forward_pass_shift(
     module = lin.original_component
     out_in = _stores_out_in(module, ad)
     name = lin.hook_in.name  # = blocks.L.mlp.hook_post
-    device = device_of(model)
+    device = input_device(model)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens.to(device), names_filter=[name], return_type="logits")
     x = cache[name][0, -1].detach().float().cpu().clone()
@@ -237,7 +237,7 @@ def _moe_shift(model: Any, ad: Any, moe: Any, eta: float, t: int, tokens: Tensor
     position gains ``η Σ_e w_e‖h^e‖² e_t`` (the router reads the unchanged block input)."""
     name = moe.hooks[0]  # mlp.hook_in: the block input, read by the router and the experts
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens.to(device_of(model)), names_filter=[name], return_type="logits")
+        logits, cache = model.run_with_cache(tokens.to(input_device(model)), names_filter=[name], return_type="logits")
     experts, weights, h = moe.expert_inputs(cache[name][0, -1].detach())
     e_t = ad.W_U[:, t].cpu().clone()
     edit = Edit(layer=moe.layer, eta=eta, target_id=t, x=h.cpu(), e_t=e_t, applied=False, model=model,

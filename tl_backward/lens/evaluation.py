@@ -20,7 +20,7 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.batch import Batch
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device
 from tl_backward.core.sweep import dataset_size, run_sweep
 from tl_backward.errors import TLBackwardError
 
@@ -154,7 +154,7 @@ def continuation_correct(model: Any, prompts: Sequence[str], targets: Sequence[s
     if batch.tokens.shape[1] > ad.n_ctx:
         raise TLBackwardError(f"a prompt plus its target is {batch.tokens.shape[1]} tokens, more than the "
                               f"model's context ({ad.n_ctx}); shorten it", argument="prompts")
-    device = device_of(model)
+    device = input_device(model)
     with torch.no_grad():
         pred = model(batch.tokens.to(device), return_type="logits").argmax(-1).cpu()
     return torch.tensor([bool((pred[i, s:s + len(t)] == t).all()) for i, (s, t) in enumerate(spans)])

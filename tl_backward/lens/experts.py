@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
+from tl_backward.core.device import result_device, stack_on
 from tl_backward.core.metrics import target_nll
 from tl_backward.core.readout import Unembed
 from tl_backward.errors import TLBackwardError
@@ -103,18 +104,20 @@ def expert_lens(model: Any, input: Any = None, target: Any = None, *, factors: G
 
 
 def _project(ad: Any, gf: GradientFactors, module: str, lays: list[int], target_id: int, k: int) -> ExpertLens:
-    grad_norm = torch.stack([gf[l, module].norms().grad.float() for l in lays])  # [layer, expert]
+    device = result_device(ad.model)  # the layers' factors may sit on different devices
+    grad_norm = stack_on([gf[l, module].norms().grad.float() for l in lays], device)  # [layer, expert]
     total = grad_norm.pow(2).sum(-1, keepdim=True)
     share = grad_norm.pow(2) / total.clamp(min=1e-30)
     outs = [gf[l, "mlp_out"] for l in lays]
-    routed = torch.stack([f.routed for f in outs])  # [layer, expert, tokens]
-    deltas = torch.stack([f.delta for f in outs])  # [layer, expert, tokens, d_model]
+    routed = stack_on([f.routed for f in outs], device)  # [layer, expert, tokens]
+    deltas = stack_on([f.delta for f in outs], device)  # [layer, expert, tokens, d_model]
     rows = deltas[routed]  # only routed δ's are projected
     r = Unembed.of(ad).readout(rows, k=k, targets=target_id)
     ids = torch.full((*routed.shape, k), -1, dtype=torch.long)
     logits = torch.full((*routed.shape, k), float("nan"))
     rank = torch.full(routed.shape, -1, dtype=torch.long)
-    ids[routed], logits[routed] = r.bottom_ids.cpu(), r.bottom_logits.float().cpu()
-    rank[routed] = r.ranks[:, 0].cpu()
+    where = routed.cpu()  # the CPU tables above are indexed on the CPU
+    ids[where], logits[where] = r.bottom_ids.cpu(), r.bottom_logits.float().cpu()
+    rank[where] = r.ranks[:, 0].cpu()
     return ExpertLens(module=module, layers=tuple(lays), grad_norm=grad_norm, share=share, routed=routed,
                       delta_norm=deltas.norm(dim=-1), bottom_ids=ids, bottom_logits=logits, target_rank=rank)

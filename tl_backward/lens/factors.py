@@ -28,18 +28,16 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import capture, require_hooks
+from tl_backward.core.device import on
 from tl_backward.core.metrics import resolve_metric
-from tl_backward.core.moe import has_moe
 from tl_backward.errors import TLBackwardError
 
+from .factor_modules import ATTENTION, MODULES, factor_hook_names, factor_hooks, resolve_modules
 from .factor_stats import FactorNorms, FactorSVD
 
-# Module names -> (TL weight name, is attention). Order is the display order.
-MODULES = {
-    "mlp_in": "W_in", "mlp_gate": "W_gate", "mlp_out": "W_out",
-    "q": "W_Q", "k": "W_K", "v": "W_V", "o": "W_O", "router": "W_router",
-}
-ATTENTION = ("q", "k", "v", "o")
+__all__ = ["ATTENTION", "MODULES", "Factor", "GradientFactors", "factor_hook_names", "factors_from_cache",
+           "gradient_factors", "resolve_modules"]
+
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,8 @@ class Factor:
     was not routed to the expert, so ``Σ_i x_i ⊗ δ_i^e`` runs over the tokens routed to e and
     ``reconstruct()`` is ``[expert, d_in, d_out]``: up/gate ``[expert, d_model, d_expert]``, down
     ``[expert, d_expert, d_model]``); ``routed [expert, tokens]`` marks the routing, ``expert(e)``
-    gives one expert's factor, ``tokens_of(e)`` its tokens. ``router``: ``W_router [d_model, expert]``.
+    gives one expert's factor, ``tokens_of(e)`` its tokens. ``router``: ``W_router [d_model, expert]``;
+    a shared expert's ``shared_*`` are 2-D like a dense MLP's (``shared_expert_gate [d_model, 1]``).
     """
 
     layer: int
@@ -159,7 +158,7 @@ class Factor:
         S = self.svd().S
         if rtol is None:
             rtol = max(self.x.shape[-1], self.delta.shape[-1]) * torch.finfo(torch.float64).eps
-        smax = S.max(-1, keepdim=True).values if S.shape[-1] else torch.zeros(*S.shape[:-1], 1)
+        smax = S.max(-1, keepdim=True).values if S.shape[-1] else torch.zeros(*S.shape[:-1], 1, device=S.device)
         return ((S > rtol * smax) & (S > 0)).sum(-1)
 
     def norms(self) -> FactorNorms:
@@ -323,7 +322,9 @@ def gradient_factors(
             ``(logits, tokens) -> scalar``.
         modules: any of ``mlp_in`` (W_in; the up projection of gated MLPs), ``mlp_gate``
             (W_gate), ``mlp_out`` (W_out), ``q``, ``k``, ``v``, ``o`` (per head), ``router``
-            (mixture-of-experts layers: the router's logits map), or ``"all"``. On MoE layers the
+            (mixture-of-experts layers: the router's logits map), ``shared_in`` / ``shared_gate`` /
+            ``shared_out`` / ``shared_expert_gate`` (Qwen2-MoE's shared expert and its sigmoid
+            gate ``[d_model, 1]``; plain 2-D factors, the gate's σ inside δ), or ``"all"``. On MoE layers the
             three MLP modules are the experts' up / gate / down projections, with an expert axis
             (:class:`Factor`); the router is never taken for a gate.
         layers: None for all layers, an int, or a list.
@@ -337,35 +338,6 @@ def gradient_factors(
     return factors_from_cache(model, cache, modules=modules, layers=layers)
 
 
-def _factor_hooks(ad: Any, modules: Any, layers: Any) -> dict[tuple[int, str], tuple[str, ...]]:
-    """(layer, module) -> (hook of the matrix's input x, hook of its output z, whose gradient is δ);
-    on mixture-of-experts layers, the MLP and router modules read :attr:`MoELayer.hooks`."""
-    hooks = {}
-    for l in ad.layers(layers):
-        for m in resolve_modules(ad, modules):
-            moe = ad.moe(l) if m.startswith("mlp_") or m == "router" else None
-            if m == "router" and moe is None:
-                raise TLBackwardError(f"modules: 'router' exists only on mixture-of-experts layers; layer {l}'s "
-                                      "MLP is dense", argument="modules")
-            if m == "mlp_gate" and moe is not None and not moe.gated:
-                raise TLBackwardError(f"modules: layer {l}'s experts are not gated (no gate projection); "
-                                      "drop 'mlp_gate'", argument="modules")
-            if moe is not None:
-                hooks[(l, m)] = moe.hooks
-            else:
-                lin = ad.linear(l, m)
-                hooks[(l, m)] = (lin.hook_in.name, lin.hook_out.name)
-    return hooks
-
-
-def factor_hook_names(model: Any, modules: str | Sequence[str] = ("mlp_in", "mlp_out"),
-                      layers: int | Sequence[int] | None = None) -> list[str]:
-    """The hook points :func:`factors_from_cache` reads (each matrix's input and output), for
-    ``capture(names=...)``."""
-    hooks = _factor_hooks(get_adapter(model), modules, layers)
-    return list(dict.fromkeys(n for pair in hooks.values() for n in pair))
-
-
 def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] = ("mlp_in", "mlp_out"),
                        layers: int | Sequence[int] | None = None) -> GradientFactors:
     """:func:`gradient_factors` read off a :func:`~tl_backward.capture` cache holding
@@ -373,7 +345,7 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
     the real (unpadded) tokens. Lets several analyses share one forward + backward."""
     ad = get_adapter(model)
     mods, lays = resolve_modules(ad, modules), ad.layers(layers)
-    hooks = _factor_hooks(ad, mods, lays)
+    hooks = factor_hooks(ad, mods, lays)
     require_hooks(cache, [n for pair in hooks.values() for n in pair], "factor_hook_names(model, modules, layers)")
     mask = cache.mask
     factors: dict[tuple[int, str], Factor] = {}
@@ -384,9 +356,8 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
             parts = moe_parts.get(l) or moe_parts.setdefault(l, _moe_parts(ad.moe(l), cache, names))
             factors[(l, m)] = Factor(l, m, *parts[m], parts["routed"] if m != "router" else None)
             continue
-        in_name, out_name = names
-        x = _share(cache[in_name][mask], seen_x.setdefault(l, []))
-        d = cache.grad(out_name)[mask]
+        x, d = cache[names[0]], cache.grad(names[1])  # each on its own layer's device; the mask goes there
+        x, d = _share(_at(x, on(mask, x)), seen_x.setdefault(l, [])), _at(d, on(mask, d))
         if m in ("q", "k", "v"):  # x [n, d_model], δ [n, head, d_head]
             d = d.permute(1, 0, 2).contiguous()
             x = x.expand(d.shape[0], *x.shape)
@@ -406,30 +377,15 @@ def _moe_parts(moe: Any, cache: Any, names: tuple[str, ...]) -> dict[str, Any]:
     """:meth:`tl_backward.core.moe.MoELayer.factor_parts` at the cache's real tokens."""
     x_name, g_name, w_name = names
     mask = cache.mask
-    dw = cache.grad(w_name).reshape(*mask.shape, -1)[mask]  # the router hooks see [batch·pos, expert]
-    return moe.factor_parts(cache[x_name][mask], cache.grad(g_name)[mask], dw)
+    mask, g_w = on(mask, cache[x_name]), cache.grad(w_name)  # on the layer's device
+    dw = g_w.reshape(*mask.shape, -1)[on(mask, g_w)]  # the router hooks see [batch·pos, expert]
+    return moe.factor_parts(cache[x_name][mask], cache.grad(g_name)[on(mask, cache.grad(g_name))], dw)
 
 
-def resolve_modules(ad: Any, modules: str | Sequence[str]) -> tuple[str, ...]:
-    """Validate a ``modules`` argument: names from :data:`MODULES` or ``"all"``; clear errors."""
-    if isinstance(modules, str):
-        if modules == "all":
-            moe = has_moe(ad.model)
-            return tuple(m for m in MODULES if (m != "mlp_gate" or ad.gated_mlp) and (m != "router" or moe))
-        modules = (modules,)
-    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
-        raise TLBackwardError(f"modules must be a module name or a list of names from {list(MODULES)}, got "
-                              f"{modules!r:.60}", argument="modules")
-    if not modules:
-        raise TLBackwardError(f"modules is empty: pass names from {list(MODULES)} or 'all'", argument="modules")
-    for m in modules:
-        if m not in MODULES:
-            raise TLBackwardError(f"modules: unknown module {m!r}: choose from {list(MODULES)} (or 'all')",
-                                  argument="modules")
-        if m == "mlp_gate" and not ad.gated_mlp:
-            raise TLBackwardError("modules: 'mlp_gate' exists only for gated MLPs (Llama-style); this model's MLP "
-                                  "is not gated", argument="modules")
-    return tuple(dict.fromkeys(modules))
+def _at(t: Tensor, mask: Tensor) -> Tensor:
+    """``t`` at the real tokens ``[n, ...]``; hooks inside a sparse block (the shared expert's)
+    see the block's flattened ``[batch·pos, ...]`` tokens, in row-major (b, p) order."""
+    return (t if t.shape[:2] == mask.shape else t.reshape(*mask.shape, *t.shape[1:]))[mask]
 
 
 def _share(x: Tensor, seen: list[Tensor]) -> Tensor:

@@ -24,7 +24,9 @@ from ..render.figures import colored_tokens_multi, heatmap_table, line_plot
 from ..render.page import Figure, Page
 
 _WEIGHT = {"mlp_in": "W_in (FF1)", "mlp_gate": "W_gate", "mlp_out": "W_out (FF2)", "q": "W_Q", "k": "W_K",
-           "v": "W_V", "o": "W_O"}
+           "v": "W_V", "o": "W_O", "router": "W_router", "shared_in": "W_in (shared expert)",
+           "shared_gate": "W_gate (shared expert)", "shared_out": "W_out (shared expert)",
+           "shared_expert_gate": "W (shared expert's sigmoid gate)"}
 _ATTN = ("q", "k", "v", "o")
 
 

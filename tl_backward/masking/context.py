@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device
 
 from ..core import checks
 from ..core.adapter import get_adapter
@@ -102,7 +102,7 @@ def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Seg
     """:func:`segment_mask`'s block: the pre-hook lives from the yield to its end."""
     if model in _ACTIVE:
         raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
-    device = device_of(hf)
+    device = input_device(hf)
     seg = segments.to(device)
     # The HF-level mask (windowed per layer, in the family's format: families.py) and positions
     # counting real tokens (always given: OPT derives positions from a 2-D mask only).
@@ -158,7 +158,7 @@ def attention_patterns(
     checks.one_of(mask, "mask", ("mas", "causal"))
     ad = get_adapter(model)
     names = [ad.hook_name("pattern", layer) for layer in ad.layers(layers)]
-    seg = check_segments(model, segments).to(device_of(hf_module(model)))
+    seg = check_segments(model, segments).to(input_device(hf_module(model)))
     with torch.no_grad():
         if mask == "mas":
             with segment_mask(model, seg):

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device, on
 
 from .. import zoo
 from ..core.loading import load_model
@@ -97,7 +97,7 @@ def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_
     """Fraction of rows whose argmax at the last prompt position is the first answer token."""
     if mask not in ("mas", "causal"):
         raise TLBackwardError(f"mask must be 'mas' or 'causal', got {mask!r}", argument="mask")
-    device = device_of(model)
+    device = input_device(model)
     hits = 0
     for i in range(0, len(segments), batch_size):
         seg = segments.select(list(range(i, min(i + batch_size, len(segments))))).to(device)
@@ -106,7 +106,7 @@ def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_
             raise TLBackwardError("every row needs an answer (target) after at least one prompt token",
                                   argument="segments")
         keep = (seg if mask == "mas" else seg.causal()).mask()
-        logits = run_masked(model, seg.tokens, keep, seg.position_ids)
+        logits = on(run_masked(model, seg.tokens, keep, seg.position_ids), device)  # from the unembedding's device
         rows = torch.arange(len(seg), device=device)
         hits += int((logits[rows, first - 1].argmax(-1) == seg.tokens[rows, first]).sum())
     return hits / len(segments)

@@ -40,6 +40,7 @@ from ..core.compat import (
     MPTALiBiAttentionBridge,
     PositionEmbeddingsAttentionBridge,
 )
+from ..core.device import param_dtype
 from ..errors import TLBackwardError
 
 # Bridges that compute softmax(scores + mask) themselves and read a bool keep-mask.
@@ -109,7 +110,7 @@ def hf_attention_mask(model: Any, keep: Bool[Tensor, "batch 1 query_pos key_pos"
     """The ``attention_mask`` the wrapped HF model must receive for the keep-mask ``keep``: windowed
     per layer, in the format its attention reads (module docstring)."""
     hf = model.original_model
-    dtype = next(hf.parameters()).dtype
+    dtype = param_dtype(hf)
     windows = layer_windows(hf.config)
     if len(set(windows)) <= 1:
         return _format(model, windowed(keep, windows[0] if windows else None), dtype)

@@ -23,7 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device, model_devices, on
+from tl_backward.core.stream import picked_readout
 from tl_backward.core.sweep import rank_and_world
 
 from ..core import checks
@@ -99,12 +100,14 @@ def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[T
 
 def _answer_nll_sum(model: Any, segments: Segments, mask: str) -> Float[Tensor, ""]:
     """``Σ_{t: target[t]} -log p(tokens[t] | context of t-1)`` (differentiable), for checked segments."""
-    seg = segments.to(device_of(hf_module(model)))
+    seg = segments.to(input_device(hf_module(model)))
     keep = (seg if mask == "mas" else seg.causal()).mask()
-    logits = run_masked(model, seg.tokens, keep, seg.position_ids)
-    logp = logits[:, :-1].float().log_softmax(-1)
-    nll = -logp.gather(-1, seg.tokens[:, 1:, None]).squeeze(-1)
-    return nll[seg.target[:, 1:]].sum()
+    # Position t predicts token t + 1: only the answer positions are unembedded (core/stream.py).
+    rows, positions = seg.target[:, 1:].nonzero(as_tuple=True)
+    with picked_readout(model, rows, positions) as pick:
+        logits = pick(run_masked(model, seg.tokens, keep, seg.position_ids))
+    logp = logits.float().log_softmax(-1)  # on the unembedding's device (the last of a split model)
+    return -logp.gather(-1, on(seg.tokens[rows, positions + 1], logp)[:, None]).sum()
 
 
 def _train_step(model: Any, data: Segments, idx: Tensor, mask: str, params: list[Tensor], opt: Any,
@@ -143,10 +146,13 @@ def _sum_over_ranks(params: list[Tensor], loss_sum: Tensor) -> Tensor:
     for p in live:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if live:
-        flat = torch.cat([p.grad.reshape(-1) for p in live])
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for p in live:  # one flat buffer per device (a dispatched model's parameters sit on several)
+        by_device.setdefault(p.grad.device, []).append(p)
+    for group in by_device.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
         dist.all_reduce(flat)
-        for p, g in zip(live, flat.split([p.numel() for p in live])):
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
             p.grad.copy_(g.view_as(p))
     loss_sum = loss_sum.to(live[0].device if live else "cpu")
     dist.all_reduce(loss_sum)
@@ -267,13 +273,14 @@ def finetune(
     _check_lora(lora)
     data = _as_dataset(dataset)
     hf = hf_module(model)
-    device = device_of(hf)
+    device = input_device(hf)
     n = len(data)
     steps = epochs * math.ceil(n / batch_size)
     layers: list[Any] = []
     losses: list[float] = []
     # The lock: flags, train mode and weights change for the whole run (core/lock.py).
-    with model_lock(model), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    accelerators = [d for d in model_devices(hf) if d.type != "cpu"]  # every GPU of a dispatched model
+    with model_lock(model), torch.random.fork_rng(devices=accelerators):
         flags = {p: p.requires_grad for p in model.parameters()}  # read under the lock
         modes = [(m, m.training) for m in model.modules()]
         had_config = "peft_config" in vars(hf)

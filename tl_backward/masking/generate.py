@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from tl_backward.core.device import device_of
+from tl_backward.core.device import input_device, on
 
 from ..core import checks
 from ..core.lock import model_lock
@@ -151,7 +151,7 @@ def mas_generate(
         eos_token_id = checks.count(eos_token_id, "eos_token_id", maximum=vocab - 1, none_ok=True,
                                     hint="a token id, 'auto' or None")
     pad = pad_token_id(tok)
-    device = device_of(hf)
+    device = input_device(hf)
     seg = segments.to(device)
     gen = None
     if seed is not None:
@@ -169,7 +169,8 @@ def _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_
         raise RuntimeError(
             "mas_generate: the prefill did not fill the KV cache (bridge/transformers version mismatch?)"
         )
-    next_logits = logits[torch.arange(batch, device=device), _last_real(seg.valid)]
+    # Logits come from the unembedding's device (the last one of a dispatched model): sampled on the input's.
+    next_logits = on(logits, device)[torch.arange(batch, device=device), _last_real(seg.valid)]
     running = seg.valid.long()
     n_real = seg.valid.sum(-1)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -188,5 +189,5 @@ def _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_
             new[:, None], attention_mask=running, position_ids=(n_real + step)[:, None],
             past_key_values=cache, return_type="logits_and_cache", use_cache=True,
         )
-        next_logits = logits[:, -1]
+        next_logits = on(logits[:, -1], device)
     return Generation(segments, torch.stack(out, 1).cpu(), torch.stack(alive, 1).cpu())
