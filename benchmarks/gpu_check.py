@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import tl_backward as tlb  # noqa: E402
 from tests.tolerance import fp32_rtol  # noqa: E402
 from tl_backward import zoo  # noqa: E402
+from tl_backward.core.compat import TransformerBridge  # noqa: E402
 from tl_backward.core.device import input_device, model_devices, module_device, result_device  # noqa: E402
 
 PROMPTS = ["the capital of france is", "the capital of italy is"]
@@ -96,8 +97,6 @@ def candidate(name: str, devices: list[str], split: str = "map") -> Any:
     if len(devices) == 1:
         return tlb.load_model(name, device=devices[0])
     if split == "n_devices":
-        from transformer_lens import TransformerBridge
-
         path = str(zoo.model_dir(name))
         return TransformerBridge.boot_transformers(path, n_devices=len(devices), dtype=torch.float32).eval()
     return tlb.load_model(name, device_map=split_map(name, devices))

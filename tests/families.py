@@ -132,7 +132,7 @@ def build(name: str) -> tuple[torch.nn.Module, Any]:
     """``(hf, bridge)``: ``hf`` is an untouched copy of the weights the bridge wraps (the independent
     reference); the bridge is booted with ``TransformerBridge.boot_transformers(name, hf_model=...,
     tokenizer=word_tokenizer())`` and put in eval mode."""
-    from transformer_lens import TransformerBridge
+    from tl_backward.core.compat import TransformerBridge
 
     wrapped = hf_model(name)
     reference = copy.deepcopy(wrapped)

@@ -43,6 +43,8 @@ NOT_RESULTS = {
     "ScoreRoute": "attention-route strategy", "ValueRoute": "attention-route strategy",
     "PatternRoute": "attention-route strategy", "RAPass": "ra_pass internals (reversed_attention builds results)", "RAContext": "base of ReversedAttention / RANorms (no instances)",
     "Unsupported": "attention-route strategy (a refusal reason)",
+    "HookRef": "HookedTransformer adapter internals (a hook name)",
+    "LinearHooks": "HookedTransformer adapter internals (a weight's two hook names)",
 }
 
 

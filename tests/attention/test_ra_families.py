@@ -19,7 +19,6 @@ import warnings
 
 import pytest
 import torch
-from transformer_lens import TransformerBridge
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -38,6 +37,7 @@ from tl_backward.attention import patch_attention, ra_hook_names, reversed_atten
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.attention_kinds import ScoreRoute, ValueRoute
 from tl_backward.core.capture import capture
+from tl_backward.core.compat import TransformerBridge
 from tl_backward.core.metrics import target_nll
 from tl_backward.errors import TLBackwardError
 from tl_backward.flow import flow_graph

@@ -12,7 +12,7 @@ import pytest
 import torch
 from huggingface_hub import constants as hub_constants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformer_lens import TransformerBridge
+from tl_backward.core.compat import TransformerBridge
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import tl_backward

@@ -20,6 +20,7 @@ from tests.conformance.moe_ref import factor_parameters, router_of, tl_layout
 from tests.reference import assert_no_hooks, assert_untouched
 from tests.tolerance import MODEL_TERMS, fp32_rtol
 from tl_backward.core.adapter import get_adapter
+from tl_backward.core.compat import TL_MAJOR, TL_VERSION
 from tl_backward.errors import TLBackwardError
 from tl_backward.lens import backward_lens, expert_lens, forward_pass_shift, gradient_factors
 from tl_backward.zoo.tiny import word_tokenizer
@@ -30,6 +31,9 @@ N_EXPERTS, TOP_K = 4, 2
 # Whole-model fp32 comparison (tests/tolerance.py); the brief's bound 1e-4 is looser.
 TOL = min(fp32_rtol(MODEL_TERMS), 1e-4)
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss")
+# TransformerLens 3.9's MoE bridges expose no router bridge with routing weights: tl_backward refuses
+# their MoE layers (test_moe_layers_refused_on_transformer_lens_3).
+needs_tl4 = pytest.mark.skipif(TL_MAJOR < 4, reason=f"MoE factors need TransformerLens 4.x (installed {TL_VERSION})")
 
 
 def hf_config(family: str, vocab: int):
@@ -80,8 +84,9 @@ _BUILT: dict = {}
 def build(family: str):
     """(bridge, plain HF copy with the same weights), cached per family."""
     if family not in _BUILT:
-        from transformer_lens import TransformerBridge
         from transformers import AutoModelForCausalLM
+
+        from tl_backward.core.compat import TransformerBridge
 
         tok = word_tokenizer()
         cfg = hf_config(family, len(tok))
@@ -130,6 +135,7 @@ def hf_grads(ref, gf, target_id):
     return {p: g for p, g in zip(params, grads)}
 
 
+@needs_tl4
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_factor_matches_hf_autograd(family):
     bridge, ref = build(family)
@@ -171,6 +177,7 @@ def _mlp_inputs(ref, tokens):
     return seen
 
 
+@needs_tl4
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routing_and_unrouted_rows(family):
     bridge, ref = build(family)
@@ -193,6 +200,7 @@ def test_routing_and_unrouted_rows(family):
         assert gf[layer, "mlp_in"].x.stride(0) == 0  # one x shared by the experts
 
 
+@needs_tl4
 def test_mlp_gate_is_the_experts_gate_never_the_router():
     bridge, ref = build("mixtral")
     ad = get_adapter(bridge)
@@ -206,6 +214,7 @@ def test_mlp_gate_is_the_experts_gate_never_the_router():
     assert torch.equal(moe.weight("mlp_gate"), ref.model.layers[0].mlp.experts.gate_up_proj[:, :48].transpose(1, 2))
 
 
+@needs_tl4
 @pytest.mark.parametrize("family", ("mixtral", "gpt_oss"))
 def test_expert_lens_against_explicit_projection(family):
     bridge, ref = build(family)
@@ -237,6 +246,7 @@ def test_expert_lens_against_explicit_projection(family):
         assert "tensor(" not in text
 
 
+@needs_tl4
 def test_backward_lens_runs_on_moe_and_reads_the_experts_sum():
     bridge, _ = build("qwen2_moe")
     lens = backward_lens(bridge, PROMPTS, TARGET, modules="all", prepend_bos=False)
@@ -253,6 +263,7 @@ def test_backward_lens_runs_on_moe_and_reads_the_experts_sum():
     assert torch.equal(sub[0, "mlp_out"].routed, gf[0, "mlp_out"].routed[:, [0, 2]])
 
 
+@needs_tl4
 @pytest.mark.parametrize("family", ("mixtral", "qwen2_moe", "gpt_oss"))
 def test_forward_pass_shift_on_moe(family):
     """FPS edits the routed experts' down projections: the MoE output at the last position changes by
@@ -285,6 +296,7 @@ def test_forward_pass_shift_on_moe(family):
     assert_untouched(bridge)
 
 
+@needs_tl4
 def test_refusals_name_the_argument():
     bridge, _ = build("olmoe")
     gf = gradient_factors(bridge, PROMPTS[0], TARGET, modules=("mlp_out",), prepend_bos=False)
@@ -304,6 +316,7 @@ def test_refusals_name_the_argument():
     assert_untouched(bridge)
 
 
+@needs_tl4
 def test_shared_expert_factors_are_2d_and_refused_without_one():
     """Qwen2-MoE's shared expert: plain 2-D factors over all tokens (the sigmoid gate inside δ, so
     δ of its down projection is σ(s_i)·g_i); no shared expert elsewhere."""
@@ -339,3 +352,11 @@ def test_router_refused_on_dense_models(llama_model):
     with pytest.raises(TLBackwardError) as err:
         expert_lens(llama_model, "the cat sat", " dog")
     assert err.value.argument == "layers"
+
+
+@pytest.mark.skipif(TL_MAJOR >= 4, reason="TransformerLens 4.x bridges MoE routers (the tests above)")
+def test_moe_layers_refused_on_transformer_lens_3():
+    bridge, _ = build("mixtral")
+    with pytest.raises(TLBackwardError, match="no single router bridge") as err:
+        gradient_factors(bridge, PROMPTS[0], TARGET, modules=("mlp_out",), prepend_bos=False)
+    assert err.value.argument == "model"

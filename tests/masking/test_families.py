@@ -7,6 +7,7 @@ import torch
 
 from tests.families import build
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
+from tl_backward.core.compat import TL_MAJOR, TL_VERSION
 from tl_backward.errors import TLBackwardError
 from tl_backward.masking import answer_loss, mas_generate, segment_mask
 from tl_backward.masking import segments as S
@@ -62,8 +63,11 @@ def test_sliding_window_is_kept_under_mas():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_cached_generation_equals_no_cache_windowed_reference(family, side):
+def test_cached_generation_equals_no_cache_windowed_reference(family, side, request):
     name, hf, model = family
+    if name == "mpt" and TL_MAJOR < 4:  # known gap, reported: its KV cache stays empty after the prefill
+        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
+            f"TransformerLens {TL_VERSION}'s MPT bridge returns no filled KV cache from the prefill")))
     seg = S.from_blocks(model, PROMPTS, ANSWERS, padding_side=side)
     out = mas_generate(model, seg, max_new_tokens=6, eos_token_id=None)
     assert torch.equal(out.new_tokens, _no_cache(hf, seg, 6)), name

@@ -103,7 +103,7 @@ def test_recall_check_can_fail(loaded):
 
 
 def test_bridge_boots_with_bos_and_matches_hf(loaded):
-    from transformer_lens import TransformerBridge
+    from tl_backward.core.compat import TransformerBridge
 
     name, model, tok = loaded
     bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tok)

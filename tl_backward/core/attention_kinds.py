@@ -33,20 +33,21 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.model_bridge.generalized_components import (
-    AttentionBridge,
-    BloomAttentionBridge,
-    JointQKVAttentionBridge,
-    JointQKVPositionEmbeddingsAttentionBridge,
-    MPTALiBiAttentionBridge,
-    PositionEmbeddingsAttentionBridge,
-)
-from transformer_lens.model_bridge.sources.native.model import NativeAttention
 from transformers.models.codegen.modeling_codegen import CodeGenAttention
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 from transformers.models.gptj.modeling_gptj import GPTJAttention
 
 from tl_backward.errors import TLBackwardError
+
+from .compat import (
+    AttentionBridge,
+    BloomAttentionBridge,
+    JointQKVAttentionBridge,
+    JointQKVPositionEmbeddingsAttentionBridge,
+    MPTALiBiAttentionBridge,
+    NativeAttention,
+    PositionEmbeddingsAttentionBridge,
+)
 
 __all__ = ["ROUTES", "PatternRoute", "ScoreRoute", "Unsupported", "ValueRoute", "attention_route", "attention_scale",
            "hidden_rotary", "softcap_of"]
@@ -70,8 +71,9 @@ def softcap_of(attn: Any) -> float | None:
 def hidden_rotary(attn: Any) -> str | None:
     """Why ``hook_q[p]·hook_k[i]`` is not the model's ``s·score[p, i]`` on the bridge ``attn`` (None
     when it is): the wrapped module rotates q and k after those hooks and the rotation is not
-    hooked (:data:`HIDDEN_ROTARY_HF_ATTENTION`; boot_native's ``NativeAttention`` with RoPE)."""
-    hf_attn = attn.original_component
+    hooked (:data:`HIDDEN_ROTARY_HF_ATTENTION`; boot_native's ``NativeAttention`` with RoPE). A
+    HookedTransformer's attention wraps no HF module and fires ``hook_rot_q``/``hook_rot_k`` itself: None."""
+    hf_attn = getattr(attn, "original_component", None)
     name = type(hf_attn).__name__
     if isinstance(hf_attn, HIDDEN_ROTARY_HF_ATTENTION):
         return (f"{name} rotates q and k inside HF (rotary_dim = {getattr(hf_attn, 'rotary_dim', None)}) after "

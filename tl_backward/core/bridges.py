@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from torch import Tensor
-from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
-from transformer_lens.model_bridge.generalized_components import CodeGenAttentionBridge
 
 from tl_backward.errors import TLBackwardError
+
+from .compat import ArchitectureAdapter, CodeGenAttentionBridge
 
 
 def check_runnable(model: Any) -> None:

@@ -16,14 +16,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens.ActivationCache import ActivationCache
-from transformer_lens.model_bridge.bridge_core import build_alias_to_canonical_map
-from transformer_lens.utilities import get_act_name
 
 from tl_backward.errors import TLBackwardError
 
 from . import checks
 from .adapter import ModelAdapter, get_adapter
+from .compat import ActivationCache, build_alias_to_canonical_map, get_act_name
 from .device import result_device, stack_on
 from .stream import stream
 
@@ -228,6 +226,8 @@ class _Request:
     name: str  # as the caller wrote it
     fwd: str  # canonical hook whose forward output is the activation
     bwd: str  # canonical hook whose backward gradient is the full gradient
+    # A derived point (adapter.derived_hooks): its activation is derive(activation at fwd); no gradient.
+    derive: Callable[[Tensor], Tensor] | None = None
 
 
 def capture(
@@ -243,7 +243,8 @@ def capture(
     activation ``a`` and ``∂metric/∂a``.
 
     Args:
-        model: a reconstructing ``TransformerBridge`` (GPT-2, GPT-NeoX, Llama/Qwen2/Mistral).
+        model: a reconstructing ``TransformerBridge`` (GPT-2, GPT-NeoX, Llama/Qwen2/Mistral), or on
+            TransformerLens < 4 a ``HookedTransformer``.
         input: a string, a list of strings (right-padded; each row's loss sits at its own last
             real token) or token ids ``[batch, pos]``.
         metric: ``tl_backward.metrics.target_nll(...)``/``logit_diff(...)`` or any callable
@@ -263,9 +264,12 @@ def capture(
 
     ``blocks.L.hook_resid_mid`` reports the *full* residual gradient (TransformerLens's alias,
     ``ln2.hook_in``, sees only the layer-norm branch); other names report the gradient at that
-    hook point's output. Every per-token tensor comes ``[batch, pos, …]``, also the norm hooks
-    TransformerLens fires flattened ``[batch·pos, …]`` (OPT's ``ln2.hook_normalized`` /
-    ``hook_scale``, ``ModelAdapter.flattened_hooks``).
+    hook point's output (summed over its calls where the model calls one hook point several times on
+    one value: ``adapter.summed_grad_hooks``, HookedTransformer's ``ln1``). Every per-token tensor comes
+    ``[batch, pos, …]``, also the norm hooks TransformerLens fires flattened ``[batch·pos, …]`` (OPT's
+    ``ln2.hook_normalized`` / ``hook_scale``, ``ModelAdapter.flattened_hooks``). Explicit names may also be
+    an adapter's derived points (``adapter.derived_hooks``, e.g. a HookedTransformer's
+    ``blocks.L.ln1.hook_out`` = ``hook_normalized · w + b``): activation only, no gradient.
 
     The model is left as found: parameters' ``requires_grad``, train/eval mode and hooks are
     restored (also on error), and no parameter ``.grad`` is written.
@@ -283,21 +287,25 @@ def capture(
     grads: dict[str, Tensor] = {}
     last_logits: list[Tensor] = []
 
-    def keep(store: dict[str, Tensor], key: str, copy: bool) -> Callable[[Tensor], None]:
+    def keep(store: dict[str, Tensor], key: str, copy: bool, summed: bool = False) -> Callable[[Tensor], None]:
         def fn(tensor: Tensor) -> None:
             # Activations are kept by reference, as ActivationCache does: autograd saves most of
             # them anyway. Gradients are copied: autograd may reuse a gradient buffer in place.
             # float() upcasts bf16/fp16 (a copy already).
             if tensor.dtype != torch.float32:
-                store[key] = tensor.float()
+                value = tensor.float()
             else:
-                store[key] = tensor.clone() if copy else tensor
+                value = tensor.clone() if copy else tensor
+            # A hook point the model calls several times on one value (adapter.summed_grad_hooks, e.g.
+            # HookedTransformer's ln1 for q, k and v): its gradient is the sum over the calls.
+            store[key] = store[key] + value if summed and key in store else value
         return fn
 
     run = stream(
         model, input, metric, prepend_bos=prepend_bos, on_last_logits=lambda x: last_logits.append(x.float()),
         on_activation={fwd: keep(acts, fwd, False) for fwd in dict.fromkeys(r.fwd for r in requests)},
-        on_gradient={bwd: keep(grads, bwd, True) for bwd in dict.fromkeys(r.bwd for r in requests)},
+        on_gradient={bwd: keep(grads, bwd, True, bwd in adapter.summed_grad_hooks)
+                     for bwd in dict.fromkeys(r.bwd for r in requests if r.derive is None)},
     )
     flat = {aliases.get(n, n) for n in adapter.flattened_hooks}
     for store in (acts, grads):
@@ -308,6 +316,7 @@ def capture(
     # Hook points that fire after the model used their tensor (generic bridges' hook_pattern) carry
     # values but, truthfully, no gradient: kept activation-only.
     values_only = {aliases.get(n, n) for n in adapter.values_only_hooks}
+    acts.update({r.name: r.derive(acts[r.fwd]) for r in requests if r.derive is not None and r.fwd in acts})
     missing = [r.name for r in requests if r.fwd not in acts or (r.bwd not in grads and r.bwd not in values_only)]
     if missing and strict:
         raise TLBackwardError(
@@ -319,7 +328,7 @@ def capture(
                               "between the embeddings and the logits", argument=argument)
     batch = run.batch
     return GradientCache(
-        activations={r.name: acts[r.fwd] for r in requests},
+        activations={r.name: acts[r.name if r.derive else r.fwd] for r in requests},
         gradients={r.name: grads[r.bwd] for r in requests if r.bwd in grads},
         metric=run.metric,
         tokens=batch.tokens,
@@ -357,8 +366,9 @@ def _point(aliases: dict[str, str], name: str) -> _Request:
 
 def _served_names(hook_dict: Any, aliases: dict[str, str], requests: list[_Request]) -> dict[str, dict[str, str]]:
     """For every hook name of the model, the captured key holding the same activation / gradient."""
-    by_fwd = {r.fwd: r.name for r in reversed(requests)}
-    by_pair = {(r.fwd, r.bwd): r.name for r in reversed(requests)}
+    real = [r for r in reversed(requests) if r.derive is None]  # a derived point serves no hook name
+    by_fwd = {r.fwd: r.name for r in real}
+    by_pair = {(r.fwd, r.bwd): r.name for r in real}
     act_names, grad_names = {}, {}
     for name in hook_dict:
         point = _point(aliases, name)
@@ -392,12 +402,18 @@ def _plan(adapter: ModelAdapter, aliases: dict[str, str], names: Names, argument
     if not chosen:
         raise TLBackwardError(f"{argument} is empty: list the hook points to capture, or pass None for "
                               "every hook point", argument=argument)
+    requests = []
     for name in chosen:
+        if name in adapter.derived_hooks:
+            source, derive = adapter.derived_hooks[name]
+            requests.append(_Request(name=name, fwd=aliases.get(source, source), bwd=name, derive=derive))
+            continue
         adapter.resolve_hook(name, argument)
         why = misfired.get(aliases.get(name, name))
         if why:
             raise TLBackwardError(f"{argument}: {name!r} cannot be captured: {why}", argument=argument)
-    return [_point(aliases, n) for n in chosen], True
+        requests.append(_point(aliases, name))
+    return requests, True
 
 
 def require_hooks(cache: Any, names: Sequence[str], fix: str) -> None:

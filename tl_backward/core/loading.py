@@ -38,7 +38,10 @@ import torch
 
 from .. import zoo
 from ..errors import TLBackwardError
+from . import checks
+from .compat import HookedTransformer, TransformerBridge, get_device
 from .device import declared_device
+from .hooked_loading import hooked_from_hf, require_hooked
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # One TCP connect to the hub host: a reachable hub answers in tens of ms, and waiting longer
@@ -48,8 +51,10 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
 def load_model(name: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32, device_map: str | dict[str, Any] | None = None) -> Any:
-    """Boot a ``TransformerBridge`` in eval mode, raw (no weight processing).
+               dtype: torch.dtype = torch.float32, device_map: str | dict[str, Any] | None = None,
+               backend: str = "bridge") -> Any:
+    """Boot a ``TransformerBridge`` (or, ``backend="hooked"``, a ``HookedTransformer``) in eval mode, raw
+    (no weight processing).
 
     ``name``: None for the embedded default model (offline), an embedded model's name (see
     :func:`list_models`), a local directory saved with ``save_pretrained`` (model and tokenizer),
@@ -61,22 +66,27 @@ def load_model(name: str | os.PathLike | None = None, *, device: str | torch.dev
     -- that dispatches the model's blocks over several devices (Accelerate moves each block's inputs to
     its device; tl_backward's rules for such models are in :mod:`tl_backward.core.device`).
     Tokenisation, device and offline behaviour are described in this module's docstring.
+    ``backend``: ``"bridge"`` (default), or ``"hooked"`` on TransformerLens < 4: directories (the
+    embedded models too) are converted by :func:`tl_backward.core.hooked_loading.hooked_from_hf` (GPT-2
+    and Llama layouts), hub names load with ``HookedTransformer.from_pretrained_no_processing``.
     """
     _check_name(name)
     _check_dtype(dtype)
     device = _check_device(device)
     place = _Placement(device, _check_device_map(device_map, device))
+    _check_backend(backend, place)
+    boot_directory, boot_hub = _BACKENDS[backend]
     embedded = _embedded_dir(None if name is None else str(name))
     if embedded is not None:
-        model = _boot_directory(embedded, embedded.name, place, dtype)
+        model = boot_directory(embedded, embedded.name, place, dtype)
     elif _looks_local(name):
-        model = _boot_directory(_local_dir(name), str(name), place, dtype)
+        model = boot_directory(_local_dir(name), str(name), place, dtype)
     else:
         snapshot = _offline_snapshot(str(name))
         if snapshot is not None:
-            model = _boot_directory(snapshot, str(name), place, dtype)
+            model = boot_directory(snapshot, str(name), place, dtype)
         else:
-            model = _boot_hub(str(name), place, dtype)
+            model = boot_hub(str(name), place, dtype)
     if place.device_map is None:  # a dispatched model's blocks sit where its map says, on purpose
         _check_placed(model)
     return model.eval()
@@ -162,6 +172,18 @@ def _map_value(module: str, device: Any) -> int | str:
         raise TLBackwardError(f"device_map[{module!r}]: {err}", argument="device_map") from None
 
 
+def _check_backend(backend: Any, place: _Placement) -> None:
+    """``backend`` is ``"bridge"`` or ``"hooked"``; ``"hooked"`` needs TransformerLens < 4 and one device
+    (a HookedTransformer is not dispatched by a Hugging Face device map)."""
+    checks.one_of(backend, "backend", tuple(_BACKENDS))
+    if backend != "hooked":
+        return
+    require_hooked()
+    if place.device_map is not None:
+        raise TLBackwardError("backend='hooked' places the model on one device: pass device= instead of device_map=, "
+                              "or use backend='bridge' for a Hugging Face device map", argument="device_map")
+
+
 def _check_placed(model: Any) -> None:
     """Every parameter sits on ``cfg.device`` (TransformerLens records a device it may not apply)."""
     want = declared_device(model)
@@ -202,9 +224,6 @@ def _local_dir(name: str | os.PathLike) -> Path:
 def _boot_directory(directory: Path, label: str, place: _Placement, dtype: torch.dtype) -> Any:
     """HF model + AutoTokenizer from ``directory``, moved to ``place.device`` or dispatched by
     ``place.device_map``, wrapped as a bridge."""
-    from transformer_lens import TransformerBridge
-    from transformer_lens.utilities import get_device
-
     config = _read_config(directory, label)
     tokenizer = _read_tokenizer(directory, label)
     hf = _read_weights(directory, label, config, dtype, place.device_map)
@@ -220,6 +239,15 @@ def _boot_directory(directory: Path, label: str, place: _Placement, dtype: torch
         raise TLBackwardError(f"name {label!r}: TransformerLens cannot bridge this model ({_first_line(err)})",
                               argument="name") from err
     return bridge
+
+
+def _hooked_directory(directory: Path, label: str, place: _Placement, dtype: torch.dtype) -> Any:
+    """HF model + AutoTokenizer from ``directory`` converted into a raw HookedTransformer on ``place.device``."""
+    config = _read_config(directory, label)
+    tokenizer = _read_tokenizer(directory, label)
+    hf = _read_weights(directory, label, config, dtype)
+    device = place.device if place.device is not None else torch.device(get_device())
+    return hooked_from_hf(hf, tokenizer, label, device, dtype)
 
 
 def _read_config(directory: Path, label: str) -> Any:
@@ -274,8 +302,6 @@ def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype,
 
 # ------------------------------------------------------------------------------- the hub
 def _boot_hub(name: str, place: _Placement, dtype: torch.dtype) -> Any:
-    from transformer_lens import TransformerBridge
-
     where = {"device_map": place.device_map} if place.device_map is not None else \
         {"device": None if place.device is None else str(place.device)}
     try:
@@ -286,6 +312,19 @@ def _boot_hub(name: str, place: _Placement, dtype: torch.dtype) -> Any:
             f"could not load model {name!r}: it is not an embedded model {list_models()}, not a local directory, "
             f"and the Hugging Face hub could not provide it ({type(err).__name__}: {_first_line(err)})",
             argument="name") from err
+
+
+def _hooked_hub(name: str, place: _Placement, dtype: torch.dtype) -> Any:
+    device = None if place.device is None else str(place.device)
+    try:
+        return HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise TLBackwardError(f"could not load model {name!r} as a HookedTransformer ({type(err).__name__}: "
+                              f"{_first_line(err)})", argument="name") from err
+
+
+# backend -> (boot a local directory, boot a hub name)
+_BACKENDS = {"bridge": (_boot_directory, _boot_hub), "hooked": (_hooked_directory, _hooked_hub)}
 
 
 def _offline_snapshot(name: str) -> Path | None:

@@ -44,15 +44,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from transformer_lens.model_bridge.generalized_components import (
-    GatedMLPBridge,
-    LinearBridge,
-    MoEBridge,
-    MoERouterBridge,
-)
-from transformer_lens.model_bridge.generalized_components.moe import unwrap_bridge
 
 from tl_backward.errors import TLBackwardError
+
+from .compat import GatedMLPBridge, LinearBridge, MoEBridge, MoERouterBridge, unwrap_bridge
 
 # HF sparse blocks whose output is the routed experts' weighted sum (plus, in Qwen2-MoE, a gated
 # shared expert that does not read the experts): there g = ∂L/∂(mlp.hook_out) is the gradient at

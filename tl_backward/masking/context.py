@@ -16,13 +16,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.model_bridge.sources.native.model import NativeModel
 
 from tl_backward.core.device import input_device
 
 from ..core import checks
 from ..core.adapter import get_adapter
 from ..core.bridges import check_runnable
+from ..core.compat import NativeModel
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
 from .families import check_family, hf_attention_mask, hf_mask

@@ -31,11 +31,15 @@ from typing import Any, Iterator
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens.model_bridge.generalized_components import (AttentionBridge, BloomAttentionBridge,
-                                                                 JointQKVAttentionBridge,
-                                                                 PositionEmbeddingsAttentionBridge)
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
+from ..core.compat import (
+    AttentionBridge,
+    BloomAttentionBridge,
+    JointQKVAttentionBridge,
+    MPTALiBiAttentionBridge,
+    PositionEmbeddingsAttentionBridge,
+)
 from ..core.device import param_dtype
 from ..errors import TLBackwardError
 
@@ -85,9 +89,17 @@ def windowed(keep: Bool[Tensor, "batch 1 query_pos key_pos"], window: int | None
     return keep & (cols > rows - window)
 
 
+def _bool_mask_is_keep(model: Any, attn: Any) -> bool:
+    """The architecture adapter's ``bool_4d_mask_is_keep`` (TransformerLens 4.x). TransformerLens 3.9 has no
+    such flag, yet its MPT bridge already blocks where the bool mask is True (``masked_fill(mask, min)`` in
+    ``generalized_components/mpt_alibi_attention.py``): there the bridge class decides."""
+    flag = getattr(getattr(model, "adapter", None), "bool_4d_mask_is_keep", None)
+    return not isinstance(attn, MPTALiBiAttentionBridge) if flag is None else bool(flag)
+
+
 def _format(model: Any, keep: Tensor, dtype: torch.dtype) -> Tensor:
     attn = _first_attn(model)
-    if not getattr(getattr(model, "adapter", None), "bool_4d_mask_is_keep", True):
+    if not _bool_mask_is_keep(model, attn):
         return ~keep
     if isinstance(attn, AttentionBridge) and not isinstance(attn, RECONSTRUCTING):
         return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)

@@ -85,7 +85,7 @@ def tiny_model(family: str = "gpt2", *, seed: int = 0, vocab_size: int | None = 
     ``d_mlp`` and any raw HF config attribute. The HF model stays reachable as
     ``bridge.original_model`` for independent autograd checks.
     """
-    from transformer_lens import TransformerBridge
+    from transformer_lens.model_bridge import TransformerBridge
 
     hf = tiny_hf_model(family, seed=seed, vocab_size=vocab_size, **overrides)
     bridge = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=hf, tokenizer=word_tokenizer())
