@@ -26,9 +26,8 @@ from tl_backward.core import checks
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.device import stack_on
 from tl_backward.core.sweep import Sums, dataset_size, run_sweep
-from tl_backward.errors import TLBackwardError
 
-from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, ra_pass
+from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, check_one_length, cropped, ra_pass
 from .targets import describe, example_batches
 
 __all__ = ["MeanAccumulator", "mean_over", "aligned"]
@@ -48,17 +47,10 @@ class LayerSums:
 
     def start(self, batch: Any) -> None:
         self.lengths = batch.mask.sum(1)
-        lens = sorted({int(l) for l in self.lengths})
-        if self.align == "exact" and len(lens) > 1:
-            raise TLBackwardError(f"align='exact' needs prompts of one token length, got lengths {lens}: use "
-                                  "prompts with the same layout, or align='end' to count positions from the last "
-                                  "token", argument="align")
-        self.n = lens[0]
+        self.n = check_one_length(self.lengths.tolist()) if self.align == "exact" else int(self.lengths.min())
 
     def _sum(self, x: Tensor) -> Tensor:
-        n = self.n
-        x = x[..., :n, :n] if self.align == "exact" else aligned(x, self.lengths, n)
-        return x.double().sum(0, keepdim=True)
+        return cropped(x, self.align, self.lengths, self.n).double().sum(0, keepdim=True)
 
     def add(self, i: int, ra: Tensor, pattern: Tensor) -> None:
         self.maps[i], self.patterns[i] = self._sum(ra), self._sum(pattern.float())
@@ -124,10 +116,8 @@ def mean_over(
 def _cropped_sum(a: Sums, b: Sums, align: str) -> Sums:
     """Two partial sums of maps merged: both cropped to the last n positions of the shorter, added."""
     n, m = a["maps"].shape[-1], b["maps"].shape[-1]
-    if n != m and align == "exact":
-        raise TLBackwardError(f"align='exact' needs prompts of one token length, got lengths {sorted({n, m})}: use "
-                              "prompts with the same layout, or align='end' to count positions from the last token",
-                              argument="align")
+    if align == "exact":
+        check_one_length([n, m])
     k = min(n, m)
     return {"maps": a["maps"][..., -k:, -k:] + b["maps"][..., -k:, -k:],
             "patterns": a["patterns"][..., -k:, -k:] + b["patterns"][..., -k:, -k:],

@@ -172,6 +172,22 @@ def check_align(align: str) -> str:
                          "from the last token, crop to the shortest prompt")
 
 
+def check_one_length(lengths: Sequence[int]) -> int:
+    """The one token length ``align="exact"`` needs, refused when ``lengths`` hold several."""
+    lens = sorted({int(l) for l in lengths})
+    if len(lens) > 1:
+        raise TLBackwardError(f"align='exact' needs prompts of one token length, got lengths {lens}: use prompts "
+                              "with the same layout, or align='end' to count positions from the last token",
+                              argument="align")
+    return lens[0]
+
+
+def cropped(x: Tensor, align: str, lengths: Tensor, n: int) -> Tensor:
+    """``x [..., batch, head, q, k]`` cropped to ``n × n`` per row: the first n positions under
+    ``align="exact"`` (one length, no padding), else each row's last n real ones (:func:`aligned`)."""
+    return x[..., :n, :n] if align == "exact" else aligned(x, lengths, n)
+
+
 def aligned(x: Tensor, lengths: Tensor, n: int) -> Tensor:
     """``x [..., batch, head, q, k]`` (batch at dim -4) cropped per row to the ``n × n`` block that
     ends at the row's last real token (``lengths[b]`` real tokens)."""
@@ -205,17 +221,11 @@ class MeanAccumulator:
                                   argument="layers")
         lengths = ra.mask.sum(1)
         if self.align == "exact":
-            lens = sorted({int(l) for l in lengths} | ({self.length} if self.length else set()))
-            if len(lens) > 1:
-                raise TLBackwardError(
-                    f"align='exact' needs prompts of one token length, got lengths {lens}: use prompts "
-                    "with the same layout, or align='end' to count positions from the last token", argument="align")
-            n = lens[0]
-            maps, pats = ra.maps[..., :n, :n], ra.patterns[..., :n, :n]
+            n = check_one_length([*lengths.tolist(), *([self.length] if self.length else [])])
         else:
             n = min(int(lengths.min()), self.length or 10**9)
-            maps, pats = aligned(ra.maps, lengths, n), aligned(ra.patterns, lengths, n)
-        maps, pats = maps.sum(1, keepdim=True), pats.sum(1, keepdim=True)
+        maps = cropped(ra.maps, self.align, lengths, n).sum(1, keepdim=True)
+        pats = cropped(ra.patterns, self.align, lengths, n).sum(1, keepdim=True)
         if self.sum_maps is None:
             self.sum_maps, self.sum_patterns = maps, pats
             self.first = (ra.tokens[0], ra.str_tokens[0], lengths[0])

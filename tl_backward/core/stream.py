@@ -73,8 +73,9 @@ def stream(
     A metric that reads a few positions (``target_nll``, ``logit_diff``: :class:`~tl_backward.core.metrics.Picked`)
     has only those rows (and the last positions) unembedded: the unembedding's input is gathered at
     ``adapter.readout_input`` to ``[1, n, d_model]``, unless a requested hook sits at the unembedding.
-    The metric and every gradient are the same as with full logits (only the discarded rows are skipped). Parameters are frozen and restored, train/eval
-    modes restored, hooks removed (also on error), and no parameter ``.grad`` is written.
+    The metric and every gradient are the same as with full logits (only the discarded rows are
+    skipped). Parameters are frozen and restored, train/eval modes restored, hooks removed (also on
+    error), and no parameter ``.grad`` is written.
 
     The whole pass (tokenising too: a fast tokenizer is reconfigured per call) holds
     ``model_lock(model)`` (:mod:`tl_backward.core.lock`): threads sharing a model run one at a time.
@@ -159,7 +160,7 @@ def picked_readout(model: Any, rows: Int[Tensor, " n"], positions: Int[Tensor, "
     """Within the block the model unembeds only ``logits[rows, positions]``; yields ``pick`` with
     ``pick(model_output_logits) = logits[rows, positions]`` (``[n, vocab]``), the same values and
     gradients (also for the weights, when training) as slicing full logits, without the other rows."""
-    name = readout_input(model.hook_dict)  # not get_adapter: MAS also runs models RA refuses
+    name = readout_input(model.hook_dict)  # fine-tuning reads no other adapter fact
     if name is None:
         yield lambda logits: logits[rows.to(logits.device), positions.to(logits.device)]
         return
