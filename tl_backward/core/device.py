@@ -15,7 +15,7 @@ block's device. The rules every analysis follows:
   :func:`module_device` (e.g. the final norm, wherever the last block lives).
 
 No other module calls ``next(model.parameters())`` or reads a model's ``.device``
-(``tests/test_devices.py`` checks the source).
+(``device_reads`` in tests/layout.py checks the source).
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ __all__ = ["ATTENTION", "MODULES", "Factor", "GradientFactors", "factor_hook_nam
            "gradient_factors", "resolve_modules"]
 
 
-
 @dataclass(frozen=True)
 class Factor:
     """The gradient of one weight matrix as ``Σ_i x_i ⊗ δ_i`` over the non-padding tokens.
@@ -356,8 +355,7 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
             parts = moe_parts.get(l) or moe_parts.setdefault(l, _moe_parts(ad.moe(l), cache, names))
             factors[(l, m)] = Factor(l, m, *parts[m], parts["routed"] if m != "router" else None)
             continue
-        x, d = cache[names[0]], cache.grad(names[1])  # each on its own layer's device; the mask goes there
-        x, d = _share(_at(x, on(mask, x)), seen_x.setdefault(l, [])), _at(d, on(mask, d))
+        x, d = _share(_at(cache[names[0]], mask), seen_x.setdefault(l, [])), _at(cache.grad(names[1]), mask)
         if m in ("q", "k", "v"):  # x [n, d_model], δ [n, head, d_head]
             d = d.permute(1, 0, 2).contiguous()
             x = x.expand(d.shape[0], *x.shape)
@@ -375,17 +373,17 @@ def factors_from_cache(model: Any, cache: Any, *, modules: str | Sequence[str] =
 
 def _moe_parts(moe: Any, cache: Any, names: tuple[str, ...]) -> dict[str, Any]:
     """:meth:`tl_backward.core.moe.MoELayer.factor_parts` at the cache's real tokens."""
-    x_name, g_name, w_name = names
-    mask = cache.mask
-    mask, g_w = on(mask, cache[x_name]), cache.grad(w_name)  # on the layer's device
-    dw = g_w.reshape(*mask.shape, -1)[on(mask, g_w)]  # the router hooks see [batch·pos, expert]
-    return moe.factor_parts(cache[x_name][mask], cache.grad(g_name)[on(mask, cache.grad(g_name))], dw)
+    x_name, g_name, w_name = names  # the router hooks see [batch·pos, expert]
+    return moe.factor_parts(_at(cache[x_name], cache.mask), _at(cache.grad(g_name), cache.mask),
+                            _at(cache.grad(w_name), cache.mask))
 
 
 def _at(t: Tensor, mask: Tensor) -> Tensor:
-    """``t`` at the real tokens ``[n, ...]``; hooks inside a sparse block (the shared expert's)
-    see the block's flattened ``[batch·pos, ...]`` tokens, in row-major (b, p) order."""
-    return (t if t.shape[:2] == mask.shape else t.reshape(*mask.shape, *t.shape[1:]))[mask]
+    """``t`` at the real tokens ``[n, ...]``, on ``t``'s own (layer's) device; hooks inside a sparse
+    block (the router's, the shared expert's) see the block's flattened ``[batch·pos, ...]`` tokens,
+    in row-major (b, p) order."""
+    t = t if t.shape[:2] == mask.shape else t.reshape(*mask.shape, *t.shape[1:])
+    return t[on(mask, t)]
 
 
 def _share(x: Tensor, seen: list[Tensor]) -> Tensor:
