@@ -50,7 +50,7 @@ from .compat import (
 )
 
 __all__ = ["ROUTES", "PatternRoute", "ScoreRoute", "Unsupported", "ValueRoute", "attention_route", "attention_scale",
-           "hidden_rotary", "softcap_of"]
+           "hidden_rotary", "softcap_of", "softmax_logit_grad"]
 
 # HF attention modules that apply no scale at all (s = 1): GPT-Neo (modeling_gpt_neo.py, `_attn`).
 UNSCALED_HF_ATTENTION = (GPTNeoSelfAttention,)
@@ -137,6 +137,15 @@ class ScoreRoute:
         return grad / scale
 
 
+def softmax_logit_grad(p: Float[Tensor, "batch head query_pos key_pos"],
+                       dp: Float[Tensor, "batch head query_pos key_pos"],
+                       scale: float) -> Float[Tensor, "batch head query_pos key_pos"]:
+    """``RA = P ⊙ (dP − rowsum(P ⊙ dP)) / s`` (the softmax's backward, then the scale), exactly 0 where
+    ``P == 0`` (``dP`` need not be 0 at masked entries)."""
+    r = (p * dp).sum(-1, keepdim=True)
+    return (p * (dp - r) / scale).masked_fill(p == 0, 0.0)
+
+
 @dataclass(frozen=True)
 class ValueRoute:
     """``hook_attn_scores`` is off the autograd path but ``z = P·V`` with ``P`` = ``hook_pattern``'s
@@ -180,8 +189,7 @@ class ValueRoute:
         exactly 0 wherever ``P == 0`` (``dP`` itself is not 0 at masked entries)."""
         p = acts["pattern"].float()
         dp = torch.einsum("bqhd,bkhd->bhqk", grads["z"].float(), self.expand(acts["v"].float()))
-        r = (p * dp).sum(-1, keepdim=True)
-        return (p * (dp - r) / scale).masked_fill(p == 0, 0.0)
+        return softmax_logit_grad(p, dp, scale)
 
 
 @dataclass(frozen=True)
@@ -205,9 +213,7 @@ class PatternRoute:
     def logit_grad(self, acts: dict[str, Tensor], grads: dict[str, Tensor],
                    scale: float) -> Float[Tensor, "batch head query_pos key_pos"]:
         """``RA`` from ``P`` and ``dP = ∂L/∂P`` (both at hook_pattern), fp32, exactly 0 where ``P == 0``."""
-        p, dp = acts["pattern"].float(), grads["pattern"].float()
-        r = (p * dp).sum(-1, keepdim=True)
-        return (p * (dp - r) / scale).masked_fill(p == 0, 0.0)
+        return softmax_logit_grad(acts["pattern"].float(), grads["pattern"].float(), scale)
 
 
 @dataclass(frozen=True)
