@@ -27,7 +27,8 @@ from tl_backward.core.adapter import get_adapter
 from tl_backward.core.device import stack_on
 from tl_backward.core.sweep import Sums, dataset_size, run_sweep
 
-from .reversed import MeanAccumulator, ReversedAttention, aligned, check_align, check_one_length, cropped, ra_pass
+from .reduced import aligned, check_one_length, cropped
+from .reversed import MeanAccumulator, ReversedAttention, check_align, ra_pass
 from .targets import describe, example_batches
 
 __all__ = ["MeanAccumulator", "mean_over", "aligned"]

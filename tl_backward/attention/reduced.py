@@ -11,7 +11,8 @@ memory is the activation-gradient floor plus one layer's map instead of all laye
   per example and head, signed, with their (query, key) positions.
 
 Both are exactly the reductions of ``keep="maps"``'s ``ReversedAttention.maps``/``patterns``
-(tests/attention/test_ra_keep.py).
+(tests/attention/test_ra_keep.py). The dataset means' crops (:func:`cropped`, :func:`aligned`,
+:func:`check_one_length`) live here too, shared by ``MeanAccumulator`` and ``mean_over``'s sums.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from tl_backward.core.batch import Batch
 from tl_backward.core.device import stack_on
 from tl_backward.errors import TLBackwardError
 
-__all__ = ["KEEPS", "LayerReductions", "RAContext", "RANorms", "RATopK", "check_keep", "layer_position", "top_of"]
+__all__ = ["KEEPS", "LayerReductions", "RAContext", "RANorms", "RATopK", "aligned", "check_keep", "check_one_length",
+           "cropped", "layer_position", "top_of"]
 
 KEEPS = ("maps", "norms", "topk")
 
@@ -217,3 +219,26 @@ class LayerReductions:
         if self.keep == "norms":
             return RANorms(**out)
         return RATopK(values=stack(self.top, 0), query=stack(self.top, 1), key=stack(self.top, 2), **out)
+
+
+def check_one_length(lengths: Sequence[int]) -> int:
+    """The one token length ``align="exact"`` needs, refused when ``lengths`` hold several."""
+    lens = sorted({int(l) for l in lengths})
+    if len(lens) > 1:
+        raise TLBackwardError(f"align='exact' needs prompts of one token length, got lengths {lens}: use prompts "
+                              "with the same layout, or align='end' to count positions from the last token",
+                              argument="align")
+    return lens[0]
+
+
+def cropped(x: Tensor, align: str, lengths: Tensor, n: int) -> Tensor:
+    """``x [..., batch, head, q, k]`` cropped to ``n × n`` per row: the first n positions under
+    ``align="exact"`` (one length, no padding), else each row's last n real ones (:func:`aligned`)."""
+    return x[..., :n, :n] if align == "exact" else aligned(x, lengths, n)
+
+
+def aligned(x: Tensor, lengths: Tensor, n: int) -> Tensor:
+    """``x [..., batch, head, q, k]`` (batch at dim -4) cropped per row to the ``n × n`` block that
+    ends at the row's last real token (``lengths[b]`` real tokens)."""
+    rows = [x[..., b, :, int(l) - n:int(l), int(l) - n:int(l)] for b, l in enumerate(lengths)]
+    return torch.stack(rows, dim=-4)

@@ -31,7 +31,7 @@ from tl_backward.core.metrics import resolve_metric
 from tl_backward.core.stream import stream
 from tl_backward.errors import TLBackwardError
 
-from .reduced import LayerReductions, RAContext, RANorms, RATopK, check_keep, top_of
+from .reduced import LayerReductions, RAContext, RANorms, RATopK, check_keep, check_one_length, cropped, top_of
 from .render import reversed_attention_page
 
 __all__ = ["ReversedAttention", "frobenius", "ra_hook_names", "reversed_attention", "reversed_attention_from",
@@ -170,29 +170,6 @@ ALIGNS = ("exact", "end")
 def check_align(align: str) -> str:
     return checks.one_of(align, "align", ALIGNS, hint="'exact': same-length prompts; 'end': count positions "
                          "from the last token, crop to the shortest prompt")
-
-
-def check_one_length(lengths: Sequence[int]) -> int:
-    """The one token length ``align="exact"`` needs, refused when ``lengths`` hold several."""
-    lens = sorted({int(l) for l in lengths})
-    if len(lens) > 1:
-        raise TLBackwardError(f"align='exact' needs prompts of one token length, got lengths {lens}: use prompts "
-                              "with the same layout, or align='end' to count positions from the last token",
-                              argument="align")
-    return lens[0]
-
-
-def cropped(x: Tensor, align: str, lengths: Tensor, n: int) -> Tensor:
-    """``x [..., batch, head, q, k]`` cropped to ``n × n`` per row: the first n positions under
-    ``align="exact"`` (one length, no padding), else each row's last n real ones (:func:`aligned`)."""
-    return x[..., :n, :n] if align == "exact" else aligned(x, lengths, n)
-
-
-def aligned(x: Tensor, lengths: Tensor, n: int) -> Tensor:
-    """``x [..., batch, head, q, k]`` (batch at dim -4) cropped per row to the ``n × n`` block that
-    ends at the row's last real token (``lengths[b]`` real tokens)."""
-    rows = [x[..., b, :, int(l) - n:int(l), int(l) - n:int(l)] for b, l in enumerate(lengths)]
-    return torch.stack(rows, dim=-4)
 
 
 class MeanAccumulator:
