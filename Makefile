@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Pin torch first so no later requirement can pull a multi-GB CUDA build; override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test notebooks processes conformance matrix bench gpu-check clean
+.PHONY: demo test test-tl39 notebooks processes conformance matrix bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The suite again in a second venv with TransformerLens 3.9, where HookedTransformer and TransformerBridge
+# sit side by side (tl_backward/core/hooked.py); TL_SPEC selects another 3.x release.
+TL39     := .venv-tl39
+TL_SPEC  ?= transformer_lens==3.9.*
+$(TL39)/bin/python:
+	$(PYTHON) -m venv $(TL39)
+
+$(TL39)/.installed: pyproject.toml | $(TL39)/bin/python
+	$(TL39)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(TL39)/bin/pip install --quiet "$(TL_SPEC)" -e ".[dev,demos,lora]"
+	touch $@
+
+test-tl39: $(TL39)/.installed
+	$(TL39)/bin/python -m pytest
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest -m notebooks
@@ -44,4 +59,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info demos/out
+	rm -rf $(VENV) $(TL39) build *.egg-info demos/out
