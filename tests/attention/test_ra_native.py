@@ -14,7 +14,7 @@ from tests.conformance.native import build_legacy, build_native
 from tests.reference import assert_no_hooks, assert_untouched
 from tl_backward import capture, patch_attention, reversed_attention
 from tl_backward.core.adapter import get_adapter
-from tl_backward.core.attention_kinds import PatternRoute
+from tl_backward.core.attention_kinds import PatternRoute, Unsupported
 from tl_backward.core.metrics import target_nll
 from tl_backward.errors import TLBackwardError
 
@@ -25,6 +25,14 @@ TARGET = 11
 @pytest.fixture(scope="module", params=[build_native, build_legacy], ids=["boot_native", "legacy"])
 def pair(request):
     return request.param()
+
+
+def exact_or_skip(bridge) -> None:
+    """TransformerLens 3.x's NativeAttention keeps hook_pattern off the autograd path: RA is refused there
+    (test_ra_and_patching_are_refused_where_the_pattern_has_no_gradient)."""
+    route = get_adapter(bridge).routes[0]
+    if isinstance(route, Unsupported):
+        pytest.skip(route.reason)
 
 
 def _reference(ref):
@@ -42,6 +50,7 @@ def _nll(bridge) -> float:
 
 def test_route_scale_and_ra_match_the_plain_model(pair):
     ref, bridge = pair
+    exact_or_skip(bridge)
     ad = get_adapter(bridge)
     assert all(isinstance(r, PatternRoute) for r in ad.routes)
     assert ad.attn_scale(0) == pytest.approx(bridge.blocks[0].attn.original_component.scale)
@@ -60,6 +69,7 @@ def test_route_scale_and_ra_match_the_plain_model(pair):
 def test_patching_first_order_effect_is_ra_dot_dp(pair):
     """P' = P + η·RA at hook_pattern (which NativeAttention multiplies by V): dL/dη at 0 = Σ_l ⟨dP_l, RA_l⟩."""
     ref, bridge = pair
+    exact_or_skip(bridge)
     ra = reversed_attention(bridge, TOKENS, TARGET)
     _, dps, base = _reference(ref)
     slope = sum(float((dp[0].double() * ra.maps[l, 0].double()).sum()) for l, dp in enumerate(dps))
@@ -81,3 +91,21 @@ def test_scores_hook_is_refused_by_name_and_left_out_of_filters(pair):
     cache = capture(bridge, TOKENS, target_nll(TARGET), names=lambda n: n.startswith("blocks.0.attn.hook_"))
     assert "blocks.0.attn.hook_pattern" in cache.activations
     assert "blocks.0.attn.hook_attn_scores" not in cache.activations
+
+
+def test_ra_and_patching_are_refused_where_the_pattern_has_no_gradient(pair):
+    """Where NativeAttention does not take hook_pattern as its pattern_fn (TransformerLens 3.x), the
+    pattern hook carries values only: RA and patching are refused naming why; the values stay capturable."""
+    ref, bridge = pair
+    if getattr(bridge.blocks[0].attn.original_component, "accepts_pattern_fn", False):
+        pytest.skip("this TransformerLens passes hook_pattern into NativeAttention: RA is exact (tests above)")
+    with pytest.raises(TLBackwardError, match="NativeAttention multiplies V by its own pattern"):
+        reversed_attention(bridge, TOKENS, TARGET)
+    with pytest.raises(TLBackwardError, match="NativeAttention"):
+        ad = get_adapter(bridge)
+        with patch_attention(bridge, torch.zeros(ad.n_layers, ad.n_heads, 7, 7), eta=1.0):
+            pass
+    cache = capture(bridge, TOKENS, target_nll(TARGET), names=["blocks.0.attn.hook_pattern"])
+    assert torch.allclose(cache.activations["blocks.0.attn.hook_pattern"], R.run(ref, TOKENS).attentions[0].detach(),
+                          atol=1e-6)
+    assert_no_hooks(bridge)

@@ -81,6 +81,10 @@ def test_cells_can_fail(monkeypatch):
 
 def test_moe_cells_can_fail(monkeypatch):
     """A MoE reference that swaps the experts' gate and up halves turns the factors cell into a FAIL."""
+    base = run_cell("qwen3_moe", "factors")
+    if base.status == "refused":  # TransformerLens 3.x's MoE bridge has no batched experts / router weights
+        pytest.skip(f"this TransformerLens refuses MoE factors: {base.detail}")
+    assert base.status == "exact", base.detail
     layout = M.tl_layout
     monkeypatch.setattr(M, "tl_layout", lambda block, grads: {
         **layout(block, grads), "mlp_in": layout(block, grads)["mlp_gate"], "mlp_gate": layout(block, grads)["mlp_in"]})

@@ -19,7 +19,7 @@ from tl_backward.errors import TLBackwardError
 
 from . import bridges
 from .adapter_base import HOOKS, ModelAdapter, readout_input
-from .attention_kinds import PatternRoute, ValueRoute, attention_route, attention_scale
+from .attention_kinds import PatternRoute, Unsupported, ValueRoute, attention_route, attention_scale
 from .compat import PositionEmbeddingsAttentionBridge, TransformerBridge, is_hooked_transformer
 from .hooked import HookedAdapter
 from .moe import MoELayer, moe_layer
@@ -46,12 +46,20 @@ class BridgeAdapter(ModelAdapter):
         # on-path pattern hook (boot_native), z = P·V, or refused with a reason (RA / patching refuse
         # per feature through ra_route; the model itself is adapted).
         self.routes = tuple(attention_route(block.attn, self.n_heads) for block in model.blocks)
+        # A nameless MLP container (TransformerLens 3.x's OPT: fc1/fc2 sit on the block) never fires its
+        # own hook_in; its first linear's hook_in carries the same tensor, the MLP's input.
+        mlp = getattr(model.blocks[0], "mlp", None)
+        if mlp is not None and getattr(mlp, "name", "") is None and "blocks.0.mlp.in.hook_in" in self._hook_names:
+            self.hooks_table = {**HOOKS, "mlp_in": "blocks.{l}.mlp.in.hook_in"}
         self.flattened_hooks = bridges.flattened_norm_hooks(model.hook_dict)
-        value_layers = [l for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)]
+        # hook_pattern carries values only where RA is read through z = P·V, or where no gradient reaches
+        # it at all (Unsupported with a forward route: TransformerLens 3.x's NativeAttention).
+        value_layers = [l for l, r in enumerate(self.routes)
+                        if isinstance(r, ValueRoute) or (isinstance(r, Unsupported) and r.forward is not None)]
         self.values_only_hooks = frozenset(HOOKS["pattern"].format(l=l) for l in value_layers)
         self.misfired_hooks = {
             HOOKS["attn_scores"].format(l=l): r.misfired_scores for l, r in enumerate(self.routes)
-            if isinstance(r, (ValueRoute, PatternRoute))}
+            if isinstance(r, (ValueRoute, PatternRoute)) or (isinstance(r, Unsupported) and r.misfired_scores)}
 
     def attn_scale(self, layer: int) -> float:
         """s such that ``attn_scores = q·kᵀ / s`` (before mask and soft-cap) at ``layer``.

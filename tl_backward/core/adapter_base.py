@@ -173,6 +173,15 @@ class ModelAdapter:
             route.refuse(feature)
         return route
 
+    def forward_route(self, layer: int, feature: str) -> ScoreRoute | ValueRoute | PatternRoute:
+        """As :meth:`ra_route`, for features that read attention *values* only (forward flow graphs): a
+        layer whose gradients are off the autograd path but whose hooked pattern is the one used
+        (``Unsupported.forward``) still serves."""
+        route = self.routes[self.check_layer(layer)]
+        if isinstance(route, Unsupported) and route.forward is not None:
+            return route.forward
+        return self.ra_route(layer, feature)
+
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (GQA)."""
         return head // (self.n_heads // self.n_kv_heads)

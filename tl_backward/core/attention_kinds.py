@@ -40,6 +40,7 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention
 from tl_backward.errors import TLBackwardError
 
 from .compat import (
+    TL_VERSION,
     AttentionBridge,
     BloomAttentionBridge,
     JointQKVAttentionBridge,
@@ -218,9 +219,14 @@ class PatternRoute:
 
 @dataclass(frozen=True)
 class Unsupported:
-    """RA is not exact on this bridge; :meth:`refuse` says why."""
+    """RA is not exact on this bridge; :meth:`refuse` says why. ``forward`` is the route whose
+    *values* still hold where only the gradients are missing (TransformerLens 3.x's NativeAttention:
+    hook_pattern carries the pattern used, but no gradient), so forward flow graphs keep working;
+    ``misfired_scores`` is then why ``hook_attn_scores`` is refused by name."""
 
     reason: str
+    forward: PatternRoute | None = None
+    misfired_scores: str | None = None
 
     def refuse(self, feature: str) -> None:
         raise TLBackwardError(f"{feature} is not available for this model: {self.reason}. Capture, factors and "
@@ -248,6 +254,15 @@ def attention_route(attn: Any, n_heads: int) -> ScoreRoute | ValueRoute | Unsupp
         if isinstance(attn, cls):
             return ScoreRoute(softcap=softcap_of(attn))
     if type(attn) in VALUE_ROUTE_CLASSES and isinstance(attn.original_component, NativeAttention):
+        if not getattr(attn.original_component, "accepts_pattern_fn", False):  # TransformerLens < 4.x
+            return Unsupported(
+                f"TransformerLens {TL_VERSION}'s NativeAttention multiplies V by its own pattern and returns the one "
+                "hook_pattern sees beside its output, off the autograd path (TransformerLens 4.x passes hook_pattern "
+                "into the attention: upgrade, or boot the model with TransformerBridge.boot_transformers)",
+                forward=PatternRoute(), misfired_scores=(
+                    f"on this boot_native model (TransformerLens {TL_VERSION}'s NativeAttention) hook_attn_scores fires "
+                    "on the returned post-softmax pattern: its values are the pattern, not the scores, and no gradient "
+                    "reaches it (nor hook_pattern); capture hook_pattern for the pattern's values"))
         if attn.original_component.attn_scores_soft_cap > 0:  # the cap's input is never hooked
             return Unsupported("boot_native's soft-capped attention exposes neither q·kᵀ nor the capped scores "
                                "on the autograd path")

@@ -85,7 +85,7 @@ def _check_attention(ad: ModelAdapter, layers: list[int]) -> None:
     Gemma-2 soft-capping, or q/k rotated after hook_q/hook_k with no hooked rotation (GPT-J): the key
     and query nodes need q_p·k'_i = s·score[p, i] from hook_q/hook_k (and the RoPE tables)."""
     for layer in layers:
-        route = ad.ra_route(layer, "flow_graph")
+        route = ad.forward_route(layer, "flow_graph")
         if isinstance(route, ScoreRoute) and route.softcap:
             Unsupported(f"attention soft-capping (c = {route.softcap:g}) sits between q·kᵀ and "
                         "hook_attn_scores").refuse("flow_graph")

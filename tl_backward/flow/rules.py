@@ -108,6 +108,8 @@ def gather_layer(ad: ModelAdapter, data: LayerData, layer: int, p: int,
     kv = torch.tensor([ad.kv_head(j) for j in range(ad.n_heads)])
     cos, sin = rotary
     n_key = p + 1
+    # A forward graph reads values only: a layer whose gradients are off the path still serves.
+    route = (ad.ra_route if data.grads else ad.forward_route)(layer, "flow_graph")
     keys = V.keys_in_query_frame(a["k"][:n_key][:, kv], p, None if cos is None else cos[:n_key],
                                  None if sin is None else sin[:n_key])
     return LayerTensors(
@@ -116,7 +118,7 @@ def gather_layer(ad: ModelAdapter, data: LayerData, layer: int, p: int,
         W_O=ad.W_O(layer).cpu(), W_in=ad.W_in(layer).cpu(), W_out=ad.W_out(layer).cpu(),
         b_O=ad.b_O(layer).cpu(), b_in=ad.b_in(layer).cpu(), b_out=ad.b_out(layer).cpu(),
         query=a["q"][p], keys=keys, values=a["v"][:n_key][:, kv], pattern=a["pattern"][:, p, :n_key],
-        z=a["z"][p], mlp_post=a["mlp_post"][p], rotary=rotary, route=ad.ra_route(layer, "flow_graph"),
+        z=a["z"][p], mlp_post=a["mlp_post"][p], rotary=rotary, route=route,
         attn_scale=ad.attn_scale(layer),
         d_head=ad.d_head, d_model=ad.d_model, gated_mlp=ad.gated_mlp, parallel_blocks=ad.parallel_blocks)
 
