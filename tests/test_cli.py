@@ -14,6 +14,7 @@ from huggingface_hub import constants as hub_constants
 
 import tl_backward.core.loading as loading
 from tl_backward import cli
+from tl_backward.core.compat import HookedTransformer
 from tl_backward.errors import TLBackwardError
 from tl_backward.zoo import list_models, model_card
 
@@ -271,3 +272,31 @@ def test_console_script_end_to_end_on_the_embedded_model(tmp_path):
     for line in proc.stderr.strip().splitlines():
         assert re.fullmatch(r".+ \.\.\. done \(\d+\.\d s\)", line), line
     assert page.is_file() and 1_000_000 < page.stat().st_size < 5_000_000
+
+
+# ------------------------------------------------------------------------- the HookedTransformer backend
+def _lens_lines(out: str) -> list[str]:
+    """The Backward Lens rows of the summary: layer and the tokens it writes (no figures)."""
+    return [" ".join(w for w in line.split() if not re.match(r"^[\d.e+-]+$|^/$", w))
+            for line in out.splitlines() if re.match(r"  L\d ", line)]
+
+
+@pytest.mark.skipif(HookedTransformer is None, reason="TransformerLens 4.x has no HookedTransformer")
+def test_report_on_the_embedded_model_as_a_hooked_transformer(capsys, tmp_path):
+    """--backend hooked loads facts-gpt2 as a HookedTransformer: the same prediction and the same tokens
+    written per layer as the bridge's report of the same weights."""
+    pages = {b: tmp_path / f"{b}.html" for b in ("bridge", "hooked")}
+    outs = {}
+    for backend, page in pages.items():
+        code, outs[backend], err = run(["report", PROMPT, "--backend", backend, "--target", "rome", "--no-flow",
+                                        "-o", str(page)], capsys)
+        assert code == 0, err
+        assert page.is_file()
+    assert "model    facts-gpt2" in outs["hooked"] and "predicts paris" in outs["hooked"]
+    assert _lens_lines(outs["hooked"]) == _lens_lines(outs["bridge"]) != []
+
+
+@pytest.mark.skipif(HookedTransformer is not None, reason="this TransformerLens has HookedTransformer")
+def test_hooked_backend_is_refused_in_one_line_where_removed(capsys, tmp_path):
+    code, _, err = run(["report", PROMPT, "--backend", "hooked", "-o", str(tmp_path / "x.html")], capsys)
+    assert_one_line_error(code, err, "--backend", "transformer_lens<4")

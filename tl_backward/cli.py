@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", "-m", metavar="NAME", default=None,
                      help="an embedded model (default: facts-gpt2), a local Hugging Face directory, "
                           "or a hub name such as gpt2 (needs network)")
+    rep.add_argument("--backend", choices=("bridge", "hooked"), default="bridge",
+                     help="load the model as a TransformerBridge (default) or a HookedTransformer "
+                          "(needs TransformerLens < 4)")
     rep.add_argument("--out", "-o", metavar="PATH", default="report.html",
                      help="where to write the HTML page (default: report.html)")
     rep.add_argument("--layers", "-l", metavar="L", type=int, nargs="+", default=None,
@@ -151,7 +154,8 @@ def cmd_models() -> int:
 # ------------------------------------------------------------------------------------------ report
 # The library names arguments as its functions spell them; on the command line they are options.
 _OPTIONS = {"prompt": "PROMPT", "input": "PROMPT", "target": "--target", "layers": "--layers", "layer": "--layers",
-            "heads": "--heads", "lens_tokens": "--lens-tokens", "name": "--model", "out": "--out"}
+            "heads": "--heads", "lens_tokens": "--lens-tokens", "name": "--model", "out": "--out",
+            "backend": "--backend"}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -160,7 +164,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         progress = Progress(True)
         _quiet_hf()
         with progress(f"loading {args.model or zoo.DEFAULT_MODEL}"):
-            model = loading.load_model(args.model)
+            model = loading.load_model(args.model, backend=args.backend)
         _check_against_model(model, args)
         report = build_report(model, args.prompt, target=args.target, layers=args.layers, heads=args.heads,
                               lens_tokens=args.lens_tokens or None, flow=not args.no_flow, progress=progress)

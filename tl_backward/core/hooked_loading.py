@@ -70,7 +70,7 @@ def hooked_from_hf(hf: torch.nn.Module, tokenizer: Any, label: str, device: torc
     for module, cls_name, write_config, convert in CONVERSIONS:
         cls = getattr(sys.modules.get(module), cls_name, None)
         if cls is not None and isinstance(hf, cls):
-            cfg = HookedTransformerConfig(**write_config(hf.config), dtype=dtype, device=str(device))
+            cfg = HookedTransformerConfig(**write_config(hf.config), model_name=label, dtype=dtype, device=str(device))
             model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
             model.load_and_process_state_dict(getattr(weight_conversions, convert)(hf, cfg), fold_ln=False,
                                               center_writing_weights=False, center_unembed=False,
