@@ -36,6 +36,7 @@ $(TL39)/.installed: pyproject.toml | $(TL39)/bin/python
 
 test-tl39: $(TL39)/.installed
 	$(TL39)/bin/python -m pytest
+	$(TL39)/bin/python -m pytest -m notebooks -k hooked_transformer
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest -m notebooks
