@@ -10,6 +10,7 @@ name                                          3.9                               
 ``build_alias_to_canonical_map``              ``transformer_lens.model_bridge.bridge``     ``….bridge_core``
 ``HookedTransformer`` / ``…Config``           top level                                    removed (None here)
 ``pretrained.weight_conversions``             HF → HookedTransformer state dicts           None here
+``TransformerLensKeyValueCache``              top level (HookedTransformer's KV cache)    top level
 ============================================  ==========================================  =====================
 
 Everything else (the attention/MoE bridge classes, ``ArchitectureAdapter``, ``NativeModel``,
@@ -59,12 +60,17 @@ except ImportError:
     HookedTransformerConfig = None
     weight_conversions = None
 
+try:  # the HookedTransformer KV cache (``cache/key_value_cache.py``); older releases named it otherwise
+    from transformer_lens import TransformerLensKeyValueCache
+except ImportError:
+    TransformerLensKeyValueCache = None
+
 __all__ = [
     "TL_MAJOR", "TL_VERSION", "ActivationCache", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge",
     "CodeGenAttentionBridge", "GatedMLPBridge", "HookedTransformer", "HookedTransformerConfig",
     "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge",
     "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge", "NativeAttention", "NativeModel",
-    "PositionEmbeddingsAttentionBridge", "TransformerBridge", "build_alias_to_canonical_map", "get_act_name",
+    "PositionEmbeddingsAttentionBridge", "TransformerBridge", "TransformerLensKeyValueCache", "build_alias_to_canonical_map", "get_act_name",
     "get_device", "is_hooked_transformer", "unwrap_bridge", "weight_conversions",
 ]
 

@@ -6,6 +6,9 @@ Why a forward pre-hook on the wrapped HF model: every Bridge entry point (``mode
 pre-hook there sees the final token tensor and kwargs, so it can inject the 4-D keep-mask (which
 reconstructing bridges treat as authoritative, no causal mask added) and position ids. A hook on
 ``hook_attn_scores`` could not do this: the causal mask is applied before it.
+
+A ``transformer_lens.HookedTransformer`` (TransformerLens 3.x) has no HF module: every entry point
+here dispatches it to ``hooked.py``, which shadows each layer's ``apply_causal_mask`` instead.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from tl_backward.core.device import input_device
 from ..core import checks
 from ..core.adapter import get_adapter
 from ..core.bridges import check_runnable
-from ..core.compat import NativeModel
+from ..core.compat import NativeModel, is_hooked_transformer
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
-from .families import check_family, hf_attention_mask, hf_mask
+from . import hooked
+from .families import check_family, hf_attention_mask, hf_mask, run_masked
 from .segments import Segments
 
 _ACTIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -48,6 +52,24 @@ def hf_module(model: Any) -> torch.nn.Module:
     check_family(model)
     check_runnable(model)
     return hf
+
+
+def forward_module(model: Any) -> torch.nn.Module:
+    """The checked module a MAS forward goes through: a HookedTransformer itself
+    (:func:`hooked.check_model`), a Bridge's HF module (:func:`hf_module`)."""
+    if is_hooked_transformer(model):
+        hooked.check_model(model)
+        return model
+    return hf_module(model)
+
+
+def run_segments(model: Any, segments: Segments, **kwargs: Any) -> Any:
+    """``model(segments.tokens, **kwargs)`` under the keep-mask ``segments.mask()`` with the segments'
+    padding and positions (``segments`` on the input device; ``segments.causal()`` for the causal
+    baseline). Differentiable."""
+    if is_hooked_transformer(model):
+        return hooked.run_masked(model, segments, **kwargs)
+    return run_masked(model, segments.tokens, segments.mask(), segments.position_ids, **kwargs)
 
 
 def _cache_len(past: Any) -> int:
@@ -85,17 +107,37 @@ def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
     (``families.py``), so cached decoding (:func:`mas_generate`) agrees with it. On exit (also after an exception) the hook is removed and the model is exactly causal.
     Each object returned by ``segment_mask(...)`` can be entered once.
 
+    ``model``: a reconstructing TransformerBridge, or a ``transformer_lens.HookedTransformer``
+    (TransformerLens 3.x): there every layer's causal mask gives way to the segment mask (AND a
+    local layer's window) and each call gets ``attention_mask=segments.valid``, from which the
+    model derives the same positions (``hooked.py``).
+
     Example::
 
         seg = tl_backward.segments.from_blocks(model, ["the cat sat", "where is the cat ?"], "on the mat")
         with tl_backward.segment_mask(model, seg):
             logits, cache = model.run_with_cache(seg.tokens)
     """
-    hf = hf_module(model)
+    hf = forward_module(model)
     segments = check_segments(model, segments)
     # Held before the nesting check, so another thread waits here instead of seeing _ACTIVE.
     with model_lock(model):
-        yield from _masked(model, hf, segments)
+        if hf is model:  # a HookedTransformer (hooked.py)
+            yield from _hooked_masked(model, segments)
+        else:
+            yield from _masked(model, hf, segments)
+
+
+def _hooked_masked(model: Any, segments: Segments) -> Iterator[Segments]:
+    """:func:`segment_mask`'s block on a HookedTransformer: :func:`hooked.lifted` for its duration."""
+    if model in _ACTIVE:
+        raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
+    with hooked.lifted(model, segments.to(input_device(model))):
+        _ACTIVE.add(model)
+        try:
+            yield segments
+        finally:
+            _ACTIVE.discard(model)
 
 
 def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Segments]:
@@ -158,11 +200,14 @@ def attention_patterns(
     checks.one_of(mask, "mask", ("mas", "causal"))
     ad = get_adapter(model)
     names = [ad.hook_name("pattern", layer) for layer in ad.layers(layers)]
-    seg = check_segments(model, segments).to(input_device(hf_module(model)))
+    hf = forward_module(model)
+    seg = check_segments(model, segments).to(input_device(hf))
     with torch.no_grad():
         if mask == "mas":
             with segment_mask(model, seg):
                 _, cache = model.run_with_cache(seg.tokens, names_filter=names)
+        elif hf is model:  # a HookedTransformer: its causal mask, with the same padding and positions
+            _, cache = model.run_with_cache(seg.tokens, names_filter=names, attention_mask=seg.valid.long())
         else:
             with hf_mask(model, seg.causal().mask(), seg.position_ids):
                 _, cache = model.run_with_cache(seg.tokens, names_filter=names, attention_mask=seg.causal().mask(),

@@ -39,8 +39,7 @@ from ..errors import TLBackwardError
 from ..render.page import Page, html_figure
 from ..zoo.tiny import tiny_model
 from ..zoo.world import World
-from .context import attention_patterns
-from .families import run_masked
+from .context import attention_patterns, run_segments
 from .finetune import finetune, preserving_weights, restore_weights, snapshot_weights
 from .render import mask_figure, patterns_figure, row_tokens, segment_tokens
 from .segments import Segments, from_delimiter
@@ -105,8 +104,7 @@ def answer_accuracy(model: Any, segments: Segments, *, mask: str = "mas", batch_
         if not seg.target.any(-1).all() or (first == 0).any():
             raise TLBackwardError("every row needs an answer (target) after at least one prompt token",
                                   argument="segments")
-        keep = (seg if mask == "mas" else seg.causal()).mask()
-        logits = on(run_masked(model, seg.tokens, keep, seg.position_ids), device)  # from the unembedding's device
+        logits = on(run_segments(model, seg if mask == "mas" else seg.causal()), device)  # from the unembedding's device
         rows = torch.arange(len(seg), device=device)
         hits += int((logits[rows, first - 1].argmax(-1) == seg.tokens[rows, first]).sum())
     return hits / len(segments)

@@ -10,6 +10,9 @@ These functions change the weights **in place** (that is their point); undo with
 are restored. LoRA (``lora=``) needs the optional ``peft`` dependency (``pip install
 tl_backward[lora]``); adapters go on the attention q/v projections by default (the paper's recipe)
 and are merged into the weights at the end, so the returned model is a plain Bridge again.
+A ``transformer_lens.HookedTransformer`` fine-tunes the same way (its forward under the mask:
+``hooked.py``), without LoRA: its weights are parameters like ``W_Q [head, d_model, d_head]``, not
+the Linear modules peft adapts.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ from tl_backward.core.stream import picked_readout
 from tl_backward.core.sweep import rank_and_world
 
 from ..core import checks
+from ..core.compat import is_hooked_transformer
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
-from .context import hf_module
-from .families import run_masked
+from .context import forward_module, hf_module, run_segments
 from .segments import Segments, concat
 
 MASKS = ("mas", "causal")
@@ -100,12 +103,11 @@ def answer_loss(model: Any, segments: Segments, *, mask: str = "mas") -> Float[T
 
 def _answer_nll_sum(model: Any, segments: Segments, mask: str) -> Float[Tensor, ""]:
     """``Σ_{t: target[t]} -log p(tokens[t] | context of t-1)`` (differentiable), for checked segments."""
-    seg = segments.to(input_device(hf_module(model)))
-    keep = (seg if mask == "mas" else seg.causal()).mask()
+    seg = segments.to(input_device(forward_module(model)))
     # Position t predicts token t + 1: only the answer positions are unembedded (core/stream.py).
     rows, positions = seg.target[:, 1:].nonzero(as_tuple=True)
     with picked_readout(model, rows, positions) as pick:
-        logits = pick(run_masked(model, seg.tokens, keep, seg.position_ids))
+        logits = pick(run_segments(model, seg if mask == "mas" else seg.causal()))
     logp = logits.float().log_softmax(-1)  # on the unembedding's device (the last of a split model)
     return -logp.gather(-1, on(seg.tokens[rows, positions + 1], logp)[:, None]).sum()
 
@@ -272,7 +274,11 @@ def finetune(
     checks.flag(progress, "progress")
     _check_lora(lora)
     data = _as_dataset(dataset)
-    hf = hf_module(model)
+    hf = forward_module(model)
+    if lora is not None and is_hooked_transformer(model):
+        raise TLBackwardError("lora= needs a TransformerBridge: a HookedTransformer holds its weights as parameters "
+                              "(W_Q [head, d_model, d_head], ...), not the Linear modules peft adapts; pass lora=None "
+                              "to train all weights", argument="lora")
     device = input_device(hf)
     n = len(data)
     steps = epochs * math.ceil(n / batch_size)

@@ -6,6 +6,9 @@ row with the cache, a running 2-D padding mask over all columns so far (HF adds 
 its absolute position ``n_real_prompt_tokens + step``. Columns are shared by the batch, so with
 right padding the pads sit between a short prompt and its answer: they stay masked as keys and the
 position ids skip them.
+
+On a ``transformer_lens.HookedTransformer`` the same loop runs with TransformerLens's own KV cache
+(``hooked.generate``): the prefill under the segment mask, every decode step causal.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from torch import Tensor
 from tl_backward.core.device import input_device, on
 
 from ..core import checks
+from ..core.compat import is_hooked_transformer
 from ..core.lock import model_lock
 from ..core.tokens import pad_token_id
 from ..errors import TLBackwardError
+from . import hooked
 from .batch import Segments
-from .context import check_segments, hf_module
+from .context import check_segments, forward_module
 from .families import run_masked
 
 
@@ -118,7 +123,7 @@ def mas_generate(
     """Generate with a MAS prefill and causal, KV-cached decoding.
 
     Args:
-        model: a reconstructing ``TransformerBridge``.
+        model: a reconstructing ``TransformerBridge`` or a ``transformer_lens.HookedTransformer``.
         segments: the prompts (left or right padded; their ``target`` is ignored).
         max_new_tokens: tokens to generate per row (an int >= 1; prompt + new tokens <= n_ctx).
         temperature: 0 = greedy (deterministic); a finite T > 0 samples from ``softmax(logits / T)``.
@@ -131,7 +136,7 @@ def mas_generate(
     Returns:
         :class:`Generation`. The model's weights, mode and hooks are untouched.
     """
-    hf = hf_module(model)
+    hf = forward_module(model)
     segments = check_segments(model, segments)
     vocab = int(model.cfg.d_vocab)
     max_new_tokens = checks.count(max_new_tokens, "max_new_tokens", minimum=1)
@@ -157,6 +162,11 @@ def mas_generate(
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
 
+    if is_hooked_transformer(model):
+        def pick(logits: Tensor) -> Tensor:
+            return _pick(logits, temperature, top_k, gen)
+        with model_lock(model):  # other threads wait (core/lock.py)
+            return Generation(segments, *hooked.generate(model, seg, max_new_tokens, pick, eos_token_id, pad))
     with model_lock(model), _kv_cache_shim(model):  # other threads wait (core/lock.py)
         return _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_id, pad, gen)
 
