@@ -188,3 +188,28 @@ def test_every_factor_and_the_lens_agree_across_backends(subject, twin):
         assert torch.equal(a.target_rank, b.target_rank), m  # a near-tie could swap; none at these seeds
         assert_close_fp32(a.top_logits, b.top_logits, n_terms=MODEL_TERMS, what=f"lens {m} top logits")
         assert_close_fp32(a.norm, b.norm, n_terms=MODEL_TERMS, what=f"lens {m} norms")
+
+
+# ---------------------------------------------------------------------------------------------- MAS
+PROMPTS = [["the cat sat on", "where is the cat ?"], ["big dog", "red", "what is it"]]
+ANSWERS = ["A :", "A"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_segment_mask_and_mas_generate_agree_across_backends(subject, twin, side):
+    """Under one segment mask the hooked model's logits and greedy continuation equal the bridge's (the
+    bridge's are checked against an explicit MAS reference in tests/masking; the hooked path against its
+    own in tests/masking/test_hooked_mas.py)."""
+    _, backend, model, _ = subject
+    if backend == "bridge":
+        pytest.skip("the reference of this comparison")
+    logits, generated = [], []
+    for m in (model, twin):
+        seg = tlb.segments.from_blocks(m, PROMPTS, ANSWERS, padding_side=side)
+        with tlb.segment_mask(m, seg):
+            with torch.no_grad():
+                logits.append(m(seg.tokens, return_type="logits")[seg.valid])
+        generated.append(tlb.mas_generate(m, seg, max_new_tokens=4, eos_token_id=None).new_tokens)
+        assert_no_hooks(m)
+    assert_close_fp32(logits[0], logits[1], n_terms=MODEL_TERMS, what="logits under the segment mask")
+    assert torch.equal(generated[0], generated[1])
