@@ -159,8 +159,10 @@ def test_factors_are_the_parameter_gradients(name):
     model = hooked(name)
     ad = get_adapter(model)
     toks = tokens()
-    modules = ["q", "k", "v", "o"] if name == "attn_only" else "all"
-    gf = tlb.gradient_factors(model, toks, TARGET, modules=modules)
+    # modules="all": the modules the model has (attention-only: no MLP; gated: mlp_gate too)
+    gf = tlb.gradient_factors(model, toks, TARGET, modules="all")
+    mlp = () if name == "attn_only" else ("mlp_in", "mlp_gate", "mlp_out") if ad.gated_mlp else ("mlp_in", "mlp_out")
+    assert gf.modules == (*mlp, "q", "k", "v", "o")
     _, _, pgrads, _ = reference(model, toks, lambda n: False)
     gqa = ad.n_kv_heads != ad.n_heads
     checked = 0
@@ -256,7 +258,7 @@ def test_derived_points_are_values_only_and_refusals_name_the_fix():
     shortformer = get_adapter(hooked("gpt2_ln", positional_embedding_type="shortformer"))
     with pytest.raises(tlb.errors.TLBackwardError, match="shortformer"):
         shortformer.linear(0, "q")
-    with pytest.raises(tlb.errors.TLBackwardError, match="forward_pass_shift needs a TransformerBridge"):
+    with pytest.raises(tlb.errors.TLBackwardError, match="read weights through the adapter"):
         ad.linear(0, "mlp_out").original_component
 
 

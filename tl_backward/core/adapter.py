@@ -8,8 +8,9 @@ routes, scales, soft-capping), in :mod:`tl_backward.core.attention_kinds`.
 
 from __future__ import annotations
 
+import sys
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -22,7 +23,7 @@ from .adapter_base import HOOKS, ModelAdapter, readout_input
 from .attention_kinds import PatternRoute, ValueRoute, attention_route, attention_scale
 from .compat import PositionEmbeddingsAttentionBridge, TransformerBridge, is_hooked_transformer
 from .hooked import HookedAdapter
-from .moe import MoELayer, moe_layer
+from .moe import MoELayer, has_moe, has_shared_expert, moe_layer, refuse_moe_neurons
 from .tokens import decode_ids
 
 __all__ = ["BridgeAdapter", "HookedAdapter", "ModelAdapter", "apply_rotary", "decode_ids", "get_adapter",
@@ -46,6 +47,7 @@ class BridgeAdapter(ModelAdapter):
         # on-path pattern hook (boot_native), z = P·V, or refused with a reason (RA / patching refuse
         # per feature through ra_route; the model itself is adapted).
         self.routes = tuple(attention_route(block.attn, self.n_heads) for block in model.blocks)
+        self.has_moe, self.has_shared_expert = has_moe(model), has_shared_expert(model)
         self.flattened_hooks = bridges.flattened_norm_hooks(model.hook_dict)
         value_layers = [l for l, r in enumerate(self.routes) if isinstance(r, ValueRoute)]
         self.values_only_hooks = frozenset(HOOKS["pattern"].format(l=l) for l in value_layers)
@@ -93,6 +95,32 @@ class BridgeAdapter(ModelAdapter):
     def _moe_layer(self, layer: int) -> MoELayer | None:
         return moe_layer(self._mlp(layer), layer)
 
+    def require_dense_mlp(self, layers: Sequence[int], feature: str) -> None:
+        """As :meth:`ModelAdapter.require_dense_mlp`; mixture-of-experts layers are refused too
+        (:func:`tl_backward.core.moe.refuse_moe_neurons`)."""
+        super().require_dense_mlp(layers, feature)
+        refuse_moe_neurons(self.model, list(layers), feature)
+
+    def mlp_out_weight(self, layer: int) -> tuple[torch.Tensor, bool]:
+        """As :meth:`ModelAdapter.mlp_out_weight`: the weight of the HF module the bridge wraps, its layout
+        decided by the module's class and never by shape (with ``d_mlp == d_model`` both orientations fit):
+        ``torch.nn.Linear`` stores ``[out, in]``, transformers' ``Conv1D`` (GPT-2) ``[in, out]``; other
+        classes and non-float (quantised) weights are refused."""
+        module = self.linear(layer, "mlp_out").original_component
+        # A model built from Conv1D modules has imported transformers.pytorch_utils already; looking it
+        # up there keeps `import tl_backward` free of a transformers import.
+        hf_utils = sys.modules.get("transformers.pytorch_utils")
+        if isinstance(module, torch.nn.Linear):
+            out_in, shape = True, (self.d_model, self.d_mlp)
+        elif hf_utils is not None and isinstance(module, hf_utils.Conv1D):
+            out_in, shape = False, (self.d_mlp, self.d_model)
+        else:
+            raise TLBackwardError(
+                f"this model's MLP out-projection is a {type(module).__name__}, whose weight layout "
+                "forward_pass_shift does not know; it edits torch.nn.Linear ([out, in]) and transformers' "
+                "Conv1D ([in, out]) out-projections", argument="model")
+        return _plain_weight(getattr(module, "weight", None), shape, type(module).__name__), out_in
+
     @property
     def logits_transform(self):
         """The model's post-unembedding transform, or None (:func:`tl_backward.core.bridges.logits_transform`)."""
@@ -109,6 +137,16 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "
     half = rot // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def _plain_weight(weight: Any, shape: tuple[int, int], what: str) -> torch.Tensor:
+    """``weight`` if it is a floating-point tensor of ``shape``, else a ``TLBackwardError``."""
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape or not weight.is_floating_point():
+        raise TLBackwardError(
+            f"the MLP out-projection's weight is {getattr(weight, 'dtype', None)} "
+            f"{tuple(getattr(weight, 'shape', ()))}, expected a floating-point {shape} for {what}; "
+            "forward_pass_shift edits plain (unquantised) weights", argument="model")
+    return weight
 
 
 def _check_supported(model: Any) -> None:

@@ -89,6 +89,11 @@ class ModelAdapter:
     derived_hooks: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
     # Hook points fired several times per forward on the same value; capture sums their gradients.
     summed_grad_hooks: frozenset[str] = frozenset()
+    # Whether the blocks have an MLP at all (False: an attention-only HookedTransformer), any sparse
+    # (mixture-of-experts) MLP, and a bridged shared expert (Qwen2-MoE): what modules="all" covers.
+    has_mlp: bool = True
+    has_moe: bool = False
+    has_shared_expert: bool = False
 
     def __init__(self, model: Any):
         self.model = model
@@ -242,6 +247,20 @@ class ModelAdapter:
         """An object whose ``hook_in.name`` / ``hook_out.name`` are the hook points carrying the factor x
         and the factor δ of ``module`` (in {q, k, v, o, mlp_in, mlp_gate, mlp_out}) at ``layer``."""
         raise NotImplementedError
+
+    def mlp_out_weight(self, layer: int) -> tuple[Tensor, bool]:
+        """``(parameter, out_in)``: the very parameter holding ``layer``'s dense MLP out-projection
+        ``W_out`` (what Forward Pass Shift edits in place), and whether it is stored ``[out, in] =
+        [d_model, d_mlp]`` (``out_in=True``: ``torch.nn.Linear``) rather than TransformerLens's
+        ``[in, out] = [d_mlp, d_model]``. Raises a ``TLBackwardError`` where there is none."""
+        raise NotImplementedError
+
+    def require_dense_mlp(self, layers: Sequence[int], feature: str) -> None:
+        """Refuse ``feature``, which reads one dense MLP's neurons (W_in columns, W_out rows,
+        ``hook_post``), where a layer in ``layers`` has no such MLP; backends add their sparse cases."""
+        if not self.has_mlp:
+            raise TLBackwardError(f"{feature} reads the MLP's neurons (W_in columns, W_out rows, hook_post), but "
+                                  "this model is attention-only: its blocks have no MLP", argument="model")
 
     def moe(self, layer: int) -> MoELayer | None:
         """``layer``'s sparse MLP (:class:`tl_backward.core.moe.MoELayer`), None if dense; cached."""

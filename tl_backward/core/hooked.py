@@ -76,7 +76,7 @@ class LinearHooks:
             raise AttributeError(name)
         raise TLBackwardError(
             f"this feature reads the bridged linear module's {name!r}, which a HookedTransformer does not have: "
-            "forward_pass_shift needs a TransformerBridge for now (TransformerBridge.boot_transformers(...))",
+            "read weights through the adapter (adapter.W_out(layer), adapter.mlp_out_weight(layer), ...)",
             argument="model")
 
 
@@ -91,6 +91,7 @@ class HookedAdapter(ModelAdapter):
         cfg = model.cfg
         self.rotary = cfg.positional_embedding_type == "rotary"
         self.rot_hooks = self.rotary  # HookedTransformer fires hook_rot_q / hook_rot_k itself
+        self.has_mlp = not cfg.attn_only
         cap = getattr(cfg, "attn_scores_soft_cap", None)
         softcap = float(cap) if cap is not None and cap > 0 else None
         self.routes = tuple(ScoreRoute(softcap=softcap) for _ in range(self.n_layers))
@@ -187,6 +188,34 @@ class HookedAdapter(ModelAdapter):
             raise TLBackwardError(f"{module}: a norm after the sublayer (use_normalization_before_and_after) sits "
                                   f"between {module}'s output and hook_{'attn' if module == 'o' else 'mlp'}_out",
                                   argument="module")
+
+    def mlp_out_weight(self, layer: int) -> tuple[Tensor, bool]:
+        """As :meth:`ModelAdapter.mlp_out_weight`: the parameter ``blocks[layer].mlp.W_out [d_mlp, d_model]``
+        (``mlp_out = post @ W_out + b_out``, plain and gated MLPs alike), so ``out_in`` is False. Refused on
+        attention-only and mixture-of-experts models and where a norm follows the MLP
+        (``use_normalization_before_and_after``: W_out's output is not ``hook_mlp_out`` there)."""
+        layer = self.check_layer(layer)
+        self.require_dense_mlp([layer], "editing W_out")
+        if getattr(self.model.cfg, "use_normalization_before_and_after", False):
+            raise TLBackwardError("editing W_out: a norm after the MLP (use_normalization_before_and_after) sits "
+                                  "between W_out's output and hook_mlp_out, so the edit's effect is not "
+                                  "η‖x‖²e_t there", argument="model")
+        weight = self.model.blocks[layer].mlp.W_out
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (self.d_mlp, self.d_model) or \
+                not weight.is_floating_point():
+            raise TLBackwardError(f"blocks[{layer}].mlp.W_out is {getattr(weight, 'dtype', None)} "
+                                  f"{tuple(getattr(weight, 'shape', ()))}, expected a floating-point "
+                                  f"{(self.d_mlp, self.d_model)}", argument="model")
+        return weight, False
+
+    def require_dense_mlp(self, layers: Any, feature: str) -> None:
+        """As :meth:`ModelAdapter.require_dense_mlp`; a mixture-of-experts HookedTransformer
+        (``cfg.num_experts``) is refused too: its experts are not one set of neurons."""
+        super().require_dense_mlp(layers, feature)
+        if getattr(self.model.cfg, "num_experts", None):
+            raise TLBackwardError(f"{feature} reads one dense MLP's neurons, but this HookedTransformer's MLPs are "
+                                  f"mixtures of {self.model.cfg.num_experts} experts; use a TransformerBridge "
+                                  "(its MoE support: expert_lens, per-expert factors)", argument="model")
 
     # ---------------------------------------------------------------- readout
     @torch.no_grad()
