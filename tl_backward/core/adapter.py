@@ -8,6 +8,7 @@ routes, scales, soft-capping), in :mod:`tl_backward.core.attention_kinds`.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ from . import bridges
 from .adapter_base import HOOKS, ModelAdapter, readout_input
 from .attention_kinds import PatternRoute, ValueRoute, attention_route, attention_scale
 from .compat import PositionEmbeddingsAttentionBridge, TransformerBridge, is_hooked_transformer
+from .device import module_device, param_dtype
 from .hooked import HookedAdapter
 from .moe import MoELayer, has_moe, has_shared_expert, moe_layer, refuse_moe_neurons
 from .tokens import decode_ids
@@ -65,6 +67,26 @@ class BridgeAdapter(ModelAdapter):
         """
         layer = self.check_layer(layer)
         return attention_scale(self.model.blocks[layer].attn, layer, self.d_head)
+
+    def rotary_tables(self, layer: int, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`ModelAdapter.rotary_tables`, from the HF ``*RotaryEmbedding`` module called directly
+        (GPT-NeoX's bridge does not fire hook_rot_q/k, and hook_cos/sin carry no gradient): one table for
+        every layer; rotary embeddings that differ by layer type (Gemma-3's local / global) are refused."""
+        self.check_layer(layer)
+        for mod in self.model.original_model.modules():
+            name = type(mod).__name__
+            if name.endswith("RotaryEmbedding") and "Bridge" not in name:
+                if "layer_type" in inspect.signature(mod.forward).parameters:
+                    raise TLBackwardError(
+                        f"this model's rotary embedding ({name}) differs by layer type (local and global RoPE, "
+                        "e.g. Gemma-3), but flow graphs read one cos/sin table for every layer: not supported",
+                        argument="model")
+                x = torch.zeros(1, n_pos, self.d_model, dtype=param_dtype(self.model), device=module_device(mod))
+                with torch.no_grad():
+                    cos, sin = mod(x, torch.arange(n_pos, device=x.device)[None])
+                return cos[0].float().cpu(), sin[0].float().cpu()
+        raise TLBackwardError("this rotary model has no HF *RotaryEmbedding module to read cos/sin from",
+                              argument="model")
 
     def linear(self, layer: int, module: str):
         """The bridged linear module: ``module`` in {q, k, v, o, mlp_in, mlp_gate, mlp_out}.
