@@ -30,7 +30,13 @@ tests/core/test_hooked.py against autograd on the model's own activations and pa
   ``hook_normalized`` fires before the gain and bias. The adapter declares the derived points
   ``blocks.{l}.ln1.hook_out`` / ``ln2.hook_out`` = ``hook_normalized · w (+ b)`` (the very tensor
   the attention / MLP reads; ``resid_pre``/``resid_mid`` without normalisation), which
-  :func:`tl_backward.capture` computes from the captured ``hook_normalized``. They carry values only.
+  :func:`tl_backward.capture` computes from the captured ``hook_normalized``, and ``ln1.hook_in`` /
+  ``ln2.hook_in`` (the residual the norm reads). Their gradients (``derived_grads``), where one norm
+  output feeds the sublayer: ``∂L/∂ln1_out = Σ_h g_q W_Qᵀ + g_k W_Kᵀ + g_v W_Vᵀ`` (hook_q/k/v gradients),
+  ``∂L/∂ln2_out = g_pre W_inᵀ`` (gated: ``g_pre W_gateᵀ + g_pre_linear W_inᵀ``), and at ``hook_in`` the
+  norm's branch only: the VJP of the model's own norm module at its input (flow graphs' LN edges).
+* **Rotary tables** (flow graphs): the attention module's ``rotary_cos`` / ``rotary_sin`` buffers, in the
+  ``rotate_half`` convention unless ``rotary_adjacent_pairs`` (refused).
 """
 
 from __future__ import annotations

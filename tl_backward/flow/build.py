@@ -298,7 +298,9 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
 
     Args:
         model: a reconstructing TransformerBridge in raw mode (compatibility mode is refused:
-            fold_ln erases the LN effect and centring changes the norms VISIT draws).
+            fold_ln erases the LN effect and centring changes the norms VISIT draws), or a
+            HookedTransformer with pre-norm blocks and dense MLPs (its ln1/ln2 points are derived:
+            core/hooked.py; loaded with fold_ln it draws the processed weights it holds).
         input: one prompt (str, or token ids [pos] / [1, pos]).
         layer: a layer index, or a list of layers (chained: block_out of L is block_in of L+1).
         target: token whose probability/rank colours the nodes (a string uses its first
