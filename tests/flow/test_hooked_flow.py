@@ -194,6 +194,8 @@ def test_graph_from_a_shared_cache_equals_its_own_pass():
 
 @pytest.mark.parametrize("name, extra, match", [
     ("attn_only", {}, "attention-only"),
+    ("gpt2_ln", dict(num_experts=4, experts_per_token=2), "mixtures of 4 experts"),
+    ("llama_gqa_rotary_gated", dict(use_normalization_before_and_after=True), "a norm follows each sublayer"),
     ("softcap_inverse_scale_lnpre", {}, "soft-capping"),
     ("gpt2_ln", dict(use_split_qkv_input=True), "per-head inputs"),
     ("gpt2_ln", dict(original_architecture="Olmo2ForCausalLM"), "post-norm"),

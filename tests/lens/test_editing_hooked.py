@@ -31,13 +31,13 @@ PROMPTS = ("the capital of france is", "the cat sat on the", "the dog ran to the
 DENSE = ("gpt2_ln", "llama_gqa_rotary_gated", "neox_parallel_partial_rotary", "softcap_inverse_scale_lnpre")
 
 
-def hooked(name: str):
+def hooked(name: str, **extra):
     """A tiny random HookedTransformer with the word tokenizer (every parameter perturbed, as in
     tests/core/test_hooked.py, so zero biases and unit gains hide nothing)."""
     tok = word_tokenizer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg = HookedTransformerConfig(**(BASE | dict(d_vocab=len(tok), n_ctx=16)), **CONFIGS[name])
+        cfg = HookedTransformerConfig(**(BASE | dict(d_vocab=len(tok), n_ctx=16)), **CONFIGS[name], **extra)
         model = HookedTransformer(cfg, tokenizer=tok).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -176,9 +176,13 @@ def test_evaluate_edits_restores_a_hooked_model():
     assert same(model, snap)  # the edit was undone after scoring
 
 
-@pytest.mark.parametrize("name, match", [("attn_only", "attention-only")])
-def test_models_without_a_dense_mlp_are_refused(name, match):
-    model = hooked(name)
+@pytest.mark.parametrize("name, extra, match", [
+    ("attn_only", {}, "attention-only"),
+    ("gpt2_ln", dict(num_experts=4, experts_per_token=2), "mixtures of 4 experts"),
+    ("llama_gqa_rotary_gated", dict(use_normalization_before_and_after=True), "use_normalization_before_and_after"),
+])
+def test_models_without_a_dense_mlp_are_refused(name, extra, match):
+    model = hooked(name, **extra)
     snap = snapshot(model)
     with pytest.raises(TLBackwardError, match=match) as err:
         forward_pass_shift(model, PROMPT, "rome", layer=0, eta=0.5)
