@@ -232,6 +232,8 @@ def forward_pass_shift(
 
 # ------------------------------------------- argument readers (shared with lens/evaluation.py)
 def check_raw(model: Any) -> None:
+    """Refuse a bridge in compatibility mode (folded W_out / W_U). A HookedTransformer records no such
+    flag, so it passes whatever it holds (module docstring: FPS in the processed parametrisation)."""
     if getattr(model, "compatibility_mode", False):
         raise TLBackwardError(
             "forward_pass_shift needs raw weights: this model is in compatibility mode (folded layer "
