@@ -159,8 +159,10 @@ def test_factors_are_the_parameter_gradients(name):
     model = hooked(name)
     ad = get_adapter(model)
     toks = tokens()
-    modules = ["q", "k", "v", "o"] if name == "attn_only" else "all"
-    gf = tlb.gradient_factors(model, toks, TARGET, modules=modules)
+    # modules="all": the modules the model has (attention-only: no MLP; gated: mlp_gate too)
+    gf = tlb.gradient_factors(model, toks, TARGET, modules="all")
+    mlp = () if name == "attn_only" else ("mlp_in", "mlp_gate", "mlp_out") if ad.gated_mlp else ("mlp_in", "mlp_out")
+    assert gf.modules == (*mlp, "q", "k", "v", "o")
     _, _, pgrads, _ = reference(model, toks, lambda n: False)
     gqa = ad.n_kv_heads != ad.n_heads
     checked = 0
@@ -236,16 +238,83 @@ def test_backward_lens_reads_the_models_own_readout(name):
         assert_close_fp32(readout.bottom_logits[i], bottom.values, n_terms=BASE["d_model"] * 2)
 
 
-def test_derived_points_are_values_only_and_refusals_name_the_fix():
+def norm_reference(model, toks):
+    """{(layer, ln): (input, output, ∂L/∂input along the norm's branch, ∂L/∂output)} by plain autograd: a
+    forward pre-hook hands each norm call a clone of its input (a node whose gradient is that call's branch
+    only), a forward hook keeps its output; ln1's three calls (q, k, v inputs) are summed."""
+    calls: dict[tuple[int, str], list[list[torch.Tensor]]] = {}
+    handles = []
+    for l, block in enumerate(model.blocks):
+        for ln in ("ln1", "ln2"):
+            if hasattr(block, ln):
+                def pre(module, args, key=(l, ln)):
+                    calls.setdefault(key, []).append([args[0].clone()])
+                    return (calls[key][-1][0],)
+
+                def post(module, args, out, key=(l, ln)):
+                    calls[key][-1].append(out)
+                handles += [getattr(block, ln).register_forward_pre_hook(pre),
+                            getattr(block, ln).register_forward_hook(post)]
+    try:
+        with torch.enable_grad():
+            logits = model(toks, return_type="logits")
+            loss = -torch.log_softmax(logits[:, -1].float(), -1)[:, TARGET].sum()
+            flat = [t for pairs in calls.values() for pair in pairs for t in pair]
+            grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for key, pairs in calls.items():
+        g = [[next(grads) for _ in pair] for pair in pairs]
+        total = [sum(x[i] if x[i] is not None else 0 for x in g) for i in (0, 1)]
+        out[key] = (pairs[0][0].detach(), pairs[0][1].detach(), total[0], total[1])
+    return out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_derived_norm_points_carry_their_gradients(name):
+    """ln1/ln2 ``hook_out`` (the sublayer input) and ``hook_in`` (the residual it normalises) are derived points:
+    values and gradients equal plain autograd at the norm modules (``hook_in``: the norm's branch only). On
+    sequential blocks the branch gradients are also the residual differences g(resid_pre) − g(resid_mid) and
+    g(resid_mid) − g(resid_post)."""
+    model = hooked(name)
+    ad = get_adapter(model)
+    toks = tokens()
+    lns = ("ln1",) if model.cfg.attn_only else ("ln1", "ln2")
+    names = [f"blocks.{l}.{ln}.hook_{io}" for l in range(ad.n_layers) for ln in lns for io in ("in", "out")]
+    assert not set(names) & ad.values_only_hooks
+    cache = tlb.capture(model, toks, tlb.metrics.target_nll(TARGET), names=names)
+    ref = norm_reference(model, toks)
+    _, grads, _, _ = reference(model, toks, lambda n: "resid" in n)
+    for l in range(ad.n_layers):
+        for ln in lns:
+            x, y, gx, gy = ref[(l, ln)]
+            for io, value, grad in (("in", x, gx), ("out", y, gy)):
+                key = f"blocks.{l}.{ln}.hook_{io}"
+                assert_close_fp32(cache[key], value, n_terms=TERMS, what=key)
+                assert float(grad.abs().max()) > 0
+                assert_close_fp32(cache.grad(key), grad, n_terms=TERMS, what=f"{key} grad")
+        if not ad.parallel_blocks and not model.cfg.attn_only:
+            g = lambda kind: grads[f"blocks.{l}.hook_{kind}"]  # noqa: E731
+            size = float(g("resid_pre").abs().max())  # a difference is rounded at the size of its terms
+            assert_close_fp32(cache.grad(f"blocks.{l}.ln1.hook_in"), g("resid_pre") - g("resid_mid"),
+                              n_terms=TERMS, scale=size)
+            assert_close_fp32(cache.grad(f"blocks.{l}.ln2.hook_in"), g("resid_mid") - g("resid_post"),
+                              n_terms=TERMS, scale=size)
+    assert_no_hooks(model)
+    assert_untouched(model)
+
+
+def test_derived_points_and_refusals_name_the_fix():
     model = hooked("gpt2_ln")
     ad = get_adapter(model)
     assert ad.hook_name("attn_in", 0) == "blocks.0.ln1.hook_out"
-    assert "blocks.0.ln1.hook_out" in ad.values_only_hooks
     cache = tlb.capture(model, tokens(), tlb.metrics.target_nll(TARGET), names=["blocks.0.ln1.hook_out"])
     ln1 = model.blocks[0].ln1
     expected = reference(model, tokens(), ["blocks.0.ln1.hook_normalized"])[0]["blocks.0.ln1.hook_normalized"]
     assert_close_fp32(cache["blocks.0.ln1.hook_out"], expected * ln1.w + ln1.b, n_terms=BASE["d_model"])
-    assert "blocks.0.ln1.hook_out" not in cache.gradients
+    assert list(cache) == ["blocks.0.ln1.hook_out"]  # the hooks its gradient is computed from stay internal
     with pytest.raises(tlb.errors.TLBackwardError, match="hook_cos"):
         ad.hook_name("cos", 0)
     with pytest.raises(tlb.errors.TLBackwardError, match="mlp_gate"):
@@ -256,7 +325,7 @@ def test_derived_points_are_values_only_and_refusals_name_the_fix():
     shortformer = get_adapter(hooked("gpt2_ln", positional_embedding_type="shortformer"))
     with pytest.raises(tlb.errors.TLBackwardError, match="shortformer"):
         shortformer.linear(0, "q")
-    with pytest.raises(tlb.errors.TLBackwardError, match="forward_pass_shift needs a TransformerBridge"):
+    with pytest.raises(tlb.errors.TLBackwardError, match="read weights through the adapter"):
         ad.linear(0, "mlp_out").original_component
 
 

@@ -8,8 +8,10 @@ routes, scales, soft-capping), in :mod:`tl_backward.core.attention_kinds`.
 
 from __future__ import annotations
 
+import inspect
+import sys
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -21,8 +23,9 @@ from . import bridges
 from .adapter_base import HOOKS, ModelAdapter, readout_input
 from .attention_kinds import PatternRoute, Unsupported, ValueRoute, attention_route, attention_scale
 from .compat import PositionEmbeddingsAttentionBridge, TransformerBridge, is_hooked_transformer
+from .device import module_device, param_dtype
 from .hooked import HookedAdapter
-from .moe import MoELayer, moe_layer
+from .moe import MoELayer, has_moe, has_shared_expert, moe_layer, refuse_moe_neurons
 from .tokens import decode_ids
 
 __all__ = ["BridgeAdapter", "HookedAdapter", "ModelAdapter", "apply_rotary", "decode_ids", "get_adapter",
@@ -51,6 +54,7 @@ class BridgeAdapter(ModelAdapter):
         mlp = getattr(model.blocks[0], "mlp", None)
         if mlp is not None and getattr(mlp, "name", "") is None and "blocks.0.mlp.in.hook_in" in self._hook_names:
             self.hooks_table = {**HOOKS, "mlp_in": "blocks.{l}.mlp.in.hook_in"}
+        self.has_moe, self.has_shared_expert = has_moe(model), has_shared_expert(model)
         self.flattened_hooks = bridges.flattened_norm_hooks(model.hook_dict)
         # hook_pattern carries values only where RA is read through z = P·V, or where no gradient reaches
         # it at all (Unsupported with a forward route: TransformerLens 3.x's NativeAttention).
@@ -71,6 +75,26 @@ class BridgeAdapter(ModelAdapter):
         """
         layer = self.check_layer(layer)
         return attention_scale(self.model.blocks[layer].attn, layer, self.d_head)
+
+    def rotary_tables(self, layer: int, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`ModelAdapter.rotary_tables`, from the HF ``*RotaryEmbedding`` module called directly
+        (GPT-NeoX's bridge does not fire hook_rot_q/k, and hook_cos/sin carry no gradient): one table for
+        every layer; rotary embeddings that differ by layer type (Gemma-3's local / global) are refused."""
+        self.check_layer(layer)
+        for mod in self.model.original_model.modules():
+            name = type(mod).__name__
+            if name.endswith("RotaryEmbedding") and "Bridge" not in name:
+                if "layer_type" in inspect.signature(mod.forward).parameters:
+                    raise TLBackwardError(
+                        f"this model's rotary embedding ({name}) differs by layer type (local and global RoPE, "
+                        "e.g. Gemma-3), but flow graphs read one cos/sin table for every layer: not supported",
+                        argument="model")
+                x = torch.zeros(1, n_pos, self.d_model, dtype=param_dtype(self.model), device=module_device(mod))
+                with torch.no_grad():
+                    cos, sin = mod(x, torch.arange(n_pos, device=x.device)[None])
+                return cos[0].float().cpu(), sin[0].float().cpu()
+        raise TLBackwardError("this rotary model has no HF *RotaryEmbedding module to read cos/sin from",
+                              argument="model")
 
     def linear(self, layer: int, module: str):
         """The bridged linear module: ``module`` in {q, k, v, o, mlp_in, mlp_gate, mlp_out}.
@@ -101,6 +125,32 @@ class BridgeAdapter(ModelAdapter):
     def _moe_layer(self, layer: int) -> MoELayer | None:
         return moe_layer(self._mlp(layer), layer)
 
+    def require_dense_mlp(self, layers: Sequence[int], feature: str) -> None:
+        """As :meth:`ModelAdapter.require_dense_mlp`; mixture-of-experts layers are refused too
+        (:func:`tl_backward.core.moe.refuse_moe_neurons`)."""
+        super().require_dense_mlp(layers, feature)
+        refuse_moe_neurons(self.model, list(layers), feature)
+
+    def mlp_out_weight(self, layer: int) -> tuple[torch.Tensor, bool]:
+        """As :meth:`ModelAdapter.mlp_out_weight`: the weight of the HF module the bridge wraps, its layout
+        decided by the module's class and never by shape (with ``d_mlp == d_model`` both orientations fit):
+        ``torch.nn.Linear`` stores ``[out, in]``, transformers' ``Conv1D`` (GPT-2) ``[in, out]``; other
+        classes and non-float (quantised) weights are refused."""
+        module = self.linear(layer, "mlp_out").original_component
+        # A model built from Conv1D modules has imported transformers.pytorch_utils already; looking it
+        # up there keeps `import tl_backward` free of a transformers import.
+        hf_utils = sys.modules.get("transformers.pytorch_utils")
+        if isinstance(module, torch.nn.Linear):
+            out_in, shape = True, (self.d_model, self.d_mlp)
+        elif hf_utils is not None and isinstance(module, hf_utils.Conv1D):
+            out_in, shape = False, (self.d_mlp, self.d_model)
+        else:
+            raise TLBackwardError(
+                f"this model's MLP out-projection is a {type(module).__name__}, whose weight layout "
+                "forward_pass_shift does not know; it edits torch.nn.Linear ([out, in]) and transformers' "
+                "Conv1D ([in, out]) out-projections", argument="model")
+        return _plain_weight(getattr(module, "weight", None), shape, type(module).__name__), out_in
+
     @property
     def logits_transform(self):
         """The model's post-unembedding transform, or None (:func:`tl_backward.core.bridges.logits_transform`)."""
@@ -117,6 +167,16 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "
     half = rot // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def _plain_weight(weight: Any, shape: tuple[int, int], what: str) -> torch.Tensor:
+    """``weight`` if it is a floating-point tensor of ``shape``, else a ``TLBackwardError``."""
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape or not weight.is_floating_point():
+        raise TLBackwardError(
+            f"the MLP out-projection's weight is {getattr(weight, 'dtype', None)} "
+            f"{tuple(getattr(weight, 'shape', ()))}, expected a floating-point {shape} for {what}; "
+            "forward_pass_shift edits plain (unquantised) weights", argument="model")
+    return weight
 
 
 def _check_supported(model: Any) -> None:

@@ -43,6 +43,8 @@ HOOKS = {
     "cos": "blocks.{l}.attn.hook_cos",
     "sin": "blocks.{l}.attn.hook_sin",
     "attn_in": "blocks.{l}.ln1.hook_out",
+    "ln1_in": "blocks.{l}.ln1.hook_in",
+    "ln2_in": "blocks.{l}.ln2.hook_in",
     "attn_out": "blocks.{l}.hook_attn_out",
     "resid_pre": "blocks.{l}.hook_resid_pre",
     "resid_mid": "blocks.{l}.hook_resid_mid",
@@ -85,10 +87,18 @@ class ModelAdapter:
     # Hook points whose tensor is not what their name says: capture refuses them by name and
     # leaves them out of filters (hook name -> why, and what to read instead).
     misfired_hooks: dict[str, str] = {}
-    # Names capture() computes from another hook's activation: name -> (source hook, map); values only.
+    # Names capture() computes from another hook's activation: name -> (source hook, map).
     derived_hooks: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
+    # Derived points whose gradient capture() computes too: name -> (hooks whose activations and hooks
+    # whose gradients it reads, fn(activations, gradients) -> gradient); the others carry values only.
+    derived_grads: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict, dict], Tensor]]] = {}
     # Hook points fired several times per forward on the same value; capture sums their gradients.
     summed_grad_hooks: frozenset[str] = frozenset()
+    # Whether the blocks have an MLP at all (False: an attention-only HookedTransformer), any sparse
+    # (mixture-of-experts) MLP, and a bridged shared expert (Qwen2-MoE): what modules="all" covers.
+    has_mlp: bool = True
+    has_moe: bool = False
+    has_shared_expert: bool = False
 
     def __init__(self, model: Any):
         self.model = model
@@ -182,6 +192,16 @@ class ModelAdapter:
             return route.forward
         return self.ra_route(layer, feature)
 
+    def rotary_tables(self, layer: int, n_pos: int) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[n_pos, rot]`` (fp32, CPU) of ``layer``'s rotary embedding at positions 0..n_pos-1, in the
+        ``rotate_half`` convention of :func:`tl_backward.core.adapter.apply_rotary`: ``R_pos x = x_r·cos +
+        rotate_half(x_r)·sin`` on the first ``rot`` dims of the unrotated ``hook_q`` / ``hook_k``."""
+        raise TLBackwardError(f"{type(self.model).__name__} is not a rotary model", argument="model")
+
+    def require_pre_norm_blocks(self, feature: str) -> None:
+        """Refuse ``feature`` where a block is not VISIT's pre-norm picture (one ln1 output feeds q, k and v,
+        one ln2 output the MLP, each sublayer's output is added to the residual); backends add their cases."""
+
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (GQA)."""
         return head // (self.n_heads // self.n_kv_heads)
@@ -251,6 +271,20 @@ class ModelAdapter:
         """An object whose ``hook_in.name`` / ``hook_out.name`` are the hook points carrying the factor x
         and the factor δ of ``module`` (in {q, k, v, o, mlp_in, mlp_gate, mlp_out}) at ``layer``."""
         raise NotImplementedError
+
+    def mlp_out_weight(self, layer: int) -> tuple[Tensor, bool]:
+        """``(parameter, out_in)``: the very parameter holding ``layer``'s dense MLP out-projection
+        ``W_out`` (what Forward Pass Shift edits in place), and whether it is stored ``[out, in] =
+        [d_model, d_mlp]`` (``out_in=True``: ``torch.nn.Linear``) rather than TransformerLens's
+        ``[in, out] = [d_mlp, d_model]``. Raises a ``TLBackwardError`` where there is none."""
+        raise NotImplementedError
+
+    def require_dense_mlp(self, layers: Sequence[int], feature: str) -> None:
+        """Refuse ``feature``, which reads one dense MLP's neurons (W_in columns, W_out rows,
+        ``hook_post``), where a layer in ``layers`` has no such MLP; backends add their sparse cases."""
+        if not self.has_mlp:
+            raise TLBackwardError(f"{feature} reads the MLP's neurons (W_in columns, W_out rows, hook_post), but "
+                                  "this model is attention-only: its blocks have no MLP", argument="model")
 
     def moe(self, layer: int) -> MoELayer | None:
         """``layer``'s sparse MLP (:class:`tl_backward.core.moe.MoELayer`), None if dense; cached."""

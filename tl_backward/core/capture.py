@@ -269,7 +269,8 @@ def capture(
     ``[batch, pos, …]``, also the norm hooks TransformerLens fires flattened ``[batch·pos, …]`` (OPT's
     ``ln2.hook_normalized`` / ``hook_scale``, ``ModelAdapter.flattened_hooks``). Explicit names may also be
     an adapter's derived points (``adapter.derived_hooks``, e.g. a HookedTransformer's
-    ``blocks.L.ln1.hook_out`` = ``hook_normalized · w + b``): activation only, no gradient.
+    ``blocks.L.ln1.hook_out`` = ``hook_normalized · w + b``), whose gradient, where the adapter declares
+    one (``adapter.derived_grads``), is computed from the gradients of the hooks it lists.
 
     The model is left as found: parameters' ``requires_grad``, train/eval mode and hooks are
     restored (also on error), and no parameter ``.grad`` is written.
@@ -301,11 +302,15 @@ def capture(
             store[key] = store[key] + value if summed and key in store else value
         return fn
 
+    # Derived points with a gradient (adapter.derived_grads): the hooks it is computed from are kept too.
+    derived = {r.bwd: adapter.derived_grads[r.bwd] for r in requests if r.derive and r.bwd in adapter.derived_grads}
+    fwds = [*(r.fwd for r in requests), *(aliases.get(n, n) for reads, _, _ in derived.values() for n in reads)]
+    bwds = [*(r.bwd for r in requests if r.derive is None),
+            *(aliases.get(n, n) for _, reads, _ in derived.values() for n in reads)]
     run = stream(
         model, input, metric, prepend_bos=prepend_bos, on_last_logits=lambda x: last_logits.append(x.float()),
-        on_activation={fwd: keep(acts, fwd, False) for fwd in dict.fromkeys(r.fwd for r in requests)},
-        on_gradient={bwd: keep(grads, bwd, True, bwd in adapter.summed_grad_hooks)
-                     for bwd in dict.fromkeys(r.bwd for r in requests if r.derive is None)},
+        on_activation={fwd: keep(acts, fwd, False) for fwd in dict.fromkeys(fwds)},
+        on_gradient={bwd: keep(grads, bwd, True, bwd in adapter.summed_grad_hooks) for bwd in dict.fromkeys(bwds)},
     )
     flat = {aliases.get(n, n) for n in adapter.flattened_hooks}
     for store in (acts, grads):
@@ -317,6 +322,8 @@ def capture(
     # values but, truthfully, no gradient: kept activation-only.
     values_only = {aliases.get(n, n) for n in adapter.values_only_hooks}
     acts.update({r.name: r.derive(acts[r.fwd]) for r in requests if r.derive is not None and r.fwd in acts})
+    grads.update({name: fn(acts, grads) for name, (a_reads, g_reads, fn) in derived.items()
+                  if all(n in acts for n in a_reads) and all(n in grads for n in g_reads)})
     missing = [r.name for r in requests if r.fwd not in acts or (r.bwd not in grads and r.bwd not in values_only)]
     if missing and strict:
         raise TLBackwardError(

@@ -52,6 +52,11 @@ try:  # TransformerLens 4.x
 except ImportError:  # TransformerLens 3.x
     from transformer_lens.model_bridge.bridge import build_alias_to_canonical_map
 
+try:  # the HookedTransformer architectures whose ln1 / ln2 follow the sublayer (OLMo-2 / 3)
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+except ImportError:
+    POST_NORM_ARCHITECTURES = frozenset()
+
 try:  # TransformerLens ≤ 3.x; 4.0 removed it (importing it raises ImportError)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained import weight_conversions
@@ -70,8 +75,9 @@ __all__ = [
     "CodeGenAttentionBridge", "GatedMLPBridge", "HookedTransformer", "HookedTransformerConfig",
     "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge",
     "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge", "NativeAttention", "NativeModel",
-    "PositionEmbeddingsAttentionBridge", "TransformerBridge", "TransformerLensKeyValueCache", "build_alias_to_canonical_map", "get_act_name",
-    "get_device", "is_hooked_transformer", "unwrap_bridge", "weight_conversions",
+    "POST_NORM_ARCHITECTURES", "PositionEmbeddingsAttentionBridge", "TransformerBridge", "TransformerLensKeyValueCache",
+    "build_alias_to_canonical_map", "get_act_name", "get_device", "is_hooked_transformer", "unwrap_bridge",
+    "weight_conversions",
 ]
 
 

@@ -279,18 +279,19 @@ def shared_linears(mlp: nn.Module) -> tuple[tuple[str, str, str], ...]:
 
 def has_moe(model: Any) -> bool:
     """True when any block of the bridge has a sparse (``MoEBridge``) MLP."""
-    return any(isinstance(block.mlp, MoEBridge) for block in model.blocks)
+    return any(isinstance(getattr(block, "mlp", None), MoEBridge) for block in model.blocks)
 
 
 def has_shared_expert(model: Any) -> bool:
     """True when any sparse MLP of the bridge has a bridged shared expert (:func:`shared_linears`)."""
-    return any(isinstance(block.mlp, MoEBridge) and shared_linears(block.mlp) for block in model.blocks)
+    return any(isinstance(getattr(block, "mlp", None), MoEBridge) and shared_linears(block.mlp)
+               for block in model.blocks)
 
 
 def refuse_moe_neurons(model: Any, layers: list[int], feature: str) -> None:
     """Refuse ``feature`` (a method drawing an MLP's neurons: W_in columns, W_out rows, hook_post)
     on mixture-of-experts layers, naming why and what works there instead."""
-    sparse = [l for l in layers if isinstance(model.blocks[l].mlp, MoEBridge)]
+    sparse = [l for l in layers if isinstance(getattr(model.blocks[l], "mlp", None), MoEBridge)]
     if not sparse:
         return
     dense = not all(isinstance(block.mlp, MoEBridge) for block in model.blocks)

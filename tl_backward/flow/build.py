@@ -9,7 +9,6 @@ pass (:mod:`tl_backward.flow.project`) and assembles a :class:`~tl_backward.flow
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Sequence
 
 import torch
@@ -19,8 +18,7 @@ from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.attention_kinds import ScoreRoute, Unsupported, hidden_rotary
 from tl_backward.core.capture import capture, require_hooks
-from tl_backward.core.device import input_device, module_device, param_dtype
-from tl_backward.core.moe import refuse_moe_neurons
+from tl_backward.core.device import input_device
 from tl_backward.errors import TLBackwardError
 
 from .colors import BIAS_COLOR, entropy_grey, rank_color
@@ -44,9 +42,9 @@ def _names(ad: ModelAdapter, layer: int, backward: bool) -> dict[str, str]:
         route = ad.ra_route(layer, "flow_graph")
         names.update({k: ad.hook_name(k, layer) for k in (*route.activations, *route.gradients)})
         names["mlp_pre"] = ad.hook_name("mlp_pre_linear" if ad.gated_mlp else "mlp_pre", layer)
-        names["ln1_in"] = f"blocks.{layer}.ln1.hook_in"  # the LN1-branch gradient of resid_pre
-        names["ln2_in"] = f"blocks.{layer}.ln2.hook_in"  # the LN2-branch gradient
-        if names["ln2_in"] not in ad.model.hook_dict:
+        # the LN1- / LN2-branch gradients of the residual (a HookedTransformer's are derived points: core/hooked.py)
+        names["ln1_in"], names["ln2_in"] = ad.hook_name("ln1_in", layer), ad.hook_name("ln2_in", layer)
+        if names["ln2_in"] not in ad.model.hook_dict and names["ln2_in"] not in ad.derived_grads:
             raise TLBackwardError(
                 "backward flow graphs split the residual gradient into the LN1 and LN2 branches, but this "
                 "model's blocks have no ln2 (Phi / Falcon / Cohere-style parallel blocks share one input norm; "
@@ -55,35 +53,17 @@ def _names(ad: ModelAdapter, layer: int, backward: bool) -> dict[str, str]:
     return names
 
 
-def _rotary(ad: ModelAdapter, n_pos: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
-    """cos, sin [pos, rot] of the model's rotary embedding (None for absolute positions).
-
-    GPT-NeoX's bridge does not fire hook_rot_q/k, and hook_cos/sin carry no gradient, so the HF
-    rotary module is called directly (positions 0..n_pos-1, one unpadded prompt).
-    # TODO(core): an adapter method returning cos/sin would serve every RoPE consumer.
-    """
-    if not ad.rotary:
-        return None, None
-    for mod in ad.model.original_model.modules():
-        name = type(mod).__name__
-        if name.endswith("RotaryEmbedding") and "Bridge" not in name:
-            if "layer_type" in inspect.signature(mod.forward).parameters:
-                raise TLBackwardError(
-                    f"this model's rotary embedding ({name}) differs by layer type (local and global RoPE, "
-                    "e.g. Gemma-3), but flow graphs read one cos/sin table for every layer: not supported",
-                    argument="model")
-            x = torch.zeros(1, n_pos, ad.d_model, dtype=param_dtype(ad.model), device=module_device(mod))
-            with torch.no_grad():
-                cos, sin = mod(x, torch.arange(n_pos, device=x.device)[None])
-            return cos[0].float().cpu(), sin[0].float().cpu()
-    raise TLBackwardError("this rotary model has no HF *RotaryEmbedding module to read cos/sin from",
-                          argument="model")
+def _rotary(ad: ModelAdapter, n_pos: int, layer: int = 0) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """cos, sin [pos, rot] of ``layer``'s rotary embedding (:meth:`ModelAdapter.rotary_tables`; None for
+    absolute positions): positions 0..n_pos-1 of one unpadded prompt."""
+    return ad.rotary_tables(layer, n_pos) if ad.rotary else (None, None)
 
 
 def _check_attention(ad: ModelAdapter, layers: list[int]) -> None:
     """Refuse where a layer's attention cannot be drawn exactly: no exact RA route (unknown bridges),
     Gemma-2 soft-capping, or q/k rotated after hook_q/hook_k with no hooked rotation (GPT-J): the key
     and query nodes need q_p·k'_i = s·score[p, i] from hook_q/hook_k (and the RoPE tables)."""
+    ad.require_pre_norm_blocks("flow_graph")
     for layer in layers:
         route = ad.forward_route(layer, "flow_graph")
         if isinstance(route, ScoreRoute) and route.softcap:
@@ -100,7 +80,7 @@ def flow_hook_names(model: Any, layer: int | Sequence[int], *, backward: bool = 
     the backward graph needs. A backward list serves the forward graph too."""
     ad = get_adapter(model)
     layers = sorted(set(ad.layers(layer)))
-    refuse_moe_neurons(model, layers, "flow_graph")
+    ad.require_dense_mlp(layers, "flow_graph")
     names = {l: _names(ad, l, backward) for l in layers}
     return list(dict.fromkeys(n for d in names.values() for n in d.values()))
 
@@ -115,7 +95,7 @@ def _gather(ad: ModelAdapter, tokens: Tensor, layers: list[int], p: int, backwar
     elif backward:
         acts, grads, t, value = _backward_pass(ad.model, tokens, flat, p, metric, target)
     else:
-        acts, grads, t, value = _forward_pass(ad.model, tokens, flat, p, target)
+        acts, grads, t, value = _forward_pass(ad, tokens, flat, p, target)
     # hook_pattern on HF-delegating bridges: values only (RA is read through z = P·V there)
     silent = [n for n in flat if n not in acts or (backward and n not in grads and n not in ad.values_only_hooks)]
     if silent:
@@ -146,12 +126,17 @@ def _backward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, metric: 
     return acts, grads, chosen["t"], float(cache.metric)
 
 
-def _forward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, target: int | None):
+def _forward_pass(ad: ModelAdapter, tokens: Tensor, flat: list[str], p: int, target: int | None):
+    """One ``run_with_cache``; the adapter's derived points (``ad.derived_hooks``) from their source hooks."""
+    model, derived = ad.model, {n: ad.derived_hooks[n] for n in flat if n in ad.derived_hooks}
+    real = list(dict.fromkeys([*(n for n in flat if n not in derived), *(src for src, _ in derived.values())]))
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens.to(input_device(model)), names_filter=flat)
+        logits, cache = model.run_with_cache(tokens.to(input_device(model)), names_filter=real)
     t = int(logits[0, p].argmax()) if target is None else target
     fired = set(cache.keys())  # a hook that never fires is reported by _gather, not as a KeyError
-    return {n: cache[n].detach().float().cpu() for n in flat if n in fired}, {}, t, None
+    acts = {n: cache[n].detach().float() for n in real if n in fired}
+    acts.update({n: derive(acts[src]) for n, (src, derive) in derived.items() if src in acts})
+    return {n: acts[n].cpu() for n in flat if n in acts}, {}, t, None
 
 
 def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: bool, target: int | None,
@@ -313,7 +298,9 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
 
     Args:
         model: a reconstructing TransformerBridge in raw mode (compatibility mode is refused:
-            fold_ln erases the LN effect and centring changes the norms VISIT draws).
+            fold_ln erases the LN effect and centring changes the norms VISIT draws), or a
+            HookedTransformer with pre-norm blocks and dense MLPs (its ln1/ln2 points are derived:
+            core/hooked.py; loaded with fold_ln it draws the processed weights it holds).
         input: one prompt (str, or token ids [pos] / [1, pos]).
         layer: a layer index, or a list of layers (chained: block_out of L is block_in of L+1).
         target: token whose probability/rank colours the nodes (a string uses its first
@@ -345,7 +332,7 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
                               "(fold_ln erases the layer-norm effect, centring changes the edge norms); "
                               "load the model without enable_compatibility_mode()", argument="model")
     layers = sorted(ad.layers(layer, "layer"))
-    refuse_moe_neurons(model, layers, "flow_graph")  # VISIT's MLP nodes are one dense MLP's neurons
+    ad.require_dense_mlp(layers, "flow_graph")  # VISIT's MLP nodes are one dense MLP's neurons
     _check_attention(ad, layers)
     checks.flag(backward, "backward")
     if metric is not None and not backward:
@@ -375,11 +362,10 @@ def flow_graph(model: Any, input: Any, *, layer: int | Sequence[int], target: An
                               argument="metric")
     data, t, value = _gather(ad, tokens, layers, p, backward, metric, t, cache)
     str_tokens = ad.to_str_tokens(tokens)[0]
-    rot = _rotary(ad, n_pos)
     target_str = ad.decode_ids([t])[0]
     graphs = []
     for l, d in zip(layers, data):
-        specs, espec = layer_specs(ad, d, l, p, opts, backward, str_tokens, rot)
+        specs, espec = layer_specs(ad, d, l, p, opts, backward, str_tokens, _rotary(ad, n_pos, l))
         nodes, edges = _assemble(ad, specs, espec, t, target_str, backward,
                                  backward if normalize is None else bool(normalize), k)
         notes = (GATED_NOTE,) if ad.gated_mlp else ()

@@ -21,7 +21,6 @@ from torch import Tensor
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.device import input_device, module_device, param_dtype
-from tl_backward.core.moe import refuse_moe_neurons
 from tl_backward.core.readout import entropy_bits
 from tl_backward.errors import TLBackwardError
 
@@ -245,7 +244,7 @@ def regularisation_neurons(model: Any, prompts: Sequence[str] | str, *, layers: 
     """
     ad = get_adapter(model)
     layer_list = ad.layers(layers)
-    refuse_moe_neurons(model, layer_list, "regularisation_neurons")
+    ad.require_dense_mlp(layer_list, "regularisation_neurons")
     checks.count(top, "top", minimum=1, maximum=ad.d_mlp - 1, hint=f"below d_mlp={ad.d_mlp}")
     checks.probability(min_fraction, "min_fraction", open_zero=True)
     checks.count(baseline, "baseline", minimum=1, hint="random neurons for the median entropy")

@@ -8,13 +8,23 @@ first token; a leading space is added to string targets, as BPE vocabularies nee
     W_out[ℓ] += η · x_n ⊗ e_t          (TL layout [d_mlp, d_model]; bias untouched)
 
 On the same prompt the MLP output at the last position then gains exactly ``η‖x_n‖² e_t``, which
-raises logit t by ≈ ``η‖x_n‖²‖e_t‖²`` before the later layers. The update is written into the HF
-parameter the bridge uses, in that parameter's own layout, decided by the module's class and never
-by shape (with ``d_mlp == d_model`` both orientations fit): ``torch.nn.Linear`` stores
-``[out, in] = [d_model, d_mlp]`` and gets ``η e_t ⊗ x_n``; transformers' ``Conv1D`` (GPT-2)
-stores ``[in, out] = [d_mlp, d_model]`` and gets ``η x_n ⊗ e_t``. Other modules are refused.
-Raw weights only: refused in compatibility mode, where W_out / W_U are folded and η would mean
-something else.
+raises logit t by ≈ ``η‖x_n‖²‖e_t‖²`` before the later layers. The update is written into the
+parameter the adapter names (``ModelAdapter.mlp_out_weight``), in that parameter's own layout: on a
+bridge the HF module's weight, its layout decided by the module's class and never by shape (with
+``d_mlp == d_model`` both orientations fit): ``torch.nn.Linear`` stores ``[out, in] = [d_model,
+d_mlp]`` and gets ``η e_t ⊗ x_n``; transformers' ``Conv1D`` (GPT-2) stores ``[in, out] = [d_mlp,
+d_model]`` and gets ``η x_n ⊗ e_t``; other modules are refused. On a ``HookedTransformer`` it is
+``blocks[ℓ].mlp.W_out [d_mlp, d_model]`` itself (``post @ W_out``), which gets ``η x_n ⊗ e_t``.
+
+Which weights: a bridge in compatibility mode is refused (W_out / W_U folded there). A
+``HookedTransformer`` records no such flag: one loaded with ``fold_ln`` / ``center_writing_weights`` /
+``center_unembed`` (TransformerLens's ``from_pretrained`` default) is edited in the parametrisation it
+holds: ``e_t`` is its processed column (``ln_final``'s gain folded in, centred over the vocabulary) and
+``W_out`` its centred matrix. The identities above hold exactly for that model (the edit is
+``W_out += η x_n ⊗ e_t`` with its own tensors, the MLP output gains ``η‖x_n‖² e_t``), but it is not
+the paper's edit of the raw weights, and an η tuned on one does not carry over to the other; for the
+paper's edit load it raw (``tl_backward.load_model(..., backend="hooked")`` or
+``from_pretrained_no_processing``).
 
 Undo semantics (several edits may be active, on the same or on different layers, and undone in
 any order): the first edit of a weight saves a pristine copy of it. While edits are active the
@@ -37,7 +47,6 @@ Scoring edits (:func:`~tl_backward.lens.evaluation.evaluate_edits`) lives in ``l
 from __future__ import annotations
 
 import itertools
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,7 +193,8 @@ def forward_pass_shift(
 
     Args:
         model: a reconstructing ``TransformerBridge`` in raw mode (compatibility mode is refused)
-            whose MLP out-projection is a ``torch.nn.Linear`` or a transformers ``Conv1D``.
+            whose MLP out-projection is a ``torch.nn.Linear`` or a transformers ``Conv1D``, or a
+            ``HookedTransformer`` with dense MLPs (processed weights: see the module docstring).
         prompt: the prompt whose completion should become ``target``.
         target: a string (a leading space is added if missing; its first token is used) or a
             token id.
@@ -207,10 +217,8 @@ def forward_pass_shift(
     tokens = prompt_tokens(ad, prompt, prepend_bos, "prompt").tokens
     if ad.moe(layer) is not None:
         return _moe_shift(model, ad, ad.moe(layer), eta, t, tokens)
-    lin = ad.linear(layer, "mlp_out")
-    module = lin.original_component
-    out_in = _stores_out_in(module, ad)
-    name = lin.hook_in.name  # = blocks.L.mlp.hook_post
+    weight, out_in = ad.mlp_out_weight(layer)  # the parameter itself and its layout (core adapters)
+    name = ad.linear(layer, "mlp_out").hook_in.name  # W_out's input: blocks.L.mlp.hook_post
     device = input_device(model)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens.to(device), names_filter=[name], return_type="logits")
@@ -219,11 +227,13 @@ def forward_pass_shift(
     edit = Edit(layer=layer, eta=eta, target_id=t, x=x, e_t=e_t, applied=False, model=model)
     if int(logits[0, -1].argmax()) == t:
         return edit
-    return _push(edit, module.weight, eta * (torch.outer(e_t, x) if out_in else torch.outer(x, e_t)))
+    return _push(edit, weight, eta * (torch.outer(e_t, x) if out_in else torch.outer(x, e_t)))
 
 
 # ------------------------------------------- argument readers (shared with lens/evaluation.py)
 def check_raw(model: Any) -> None:
+    """Refuse a bridge in compatibility mode (folded W_out / W_U). A HookedTransformer records no such
+    flag, so it passes whatever it holds (module docstring: FPS in the processed parametrisation)."""
     if getattr(model, "compatibility_mode", False):
         raise TLBackwardError(
             "forward_pass_shift needs raw weights: this model is in compatibility mode (folded layer "
@@ -259,32 +269,6 @@ def _push(edit: Edit, param: Tensor, update: Tensor) -> Edit:
             argument="eta")
     edit.applied, edit._ledger, edit._slot = True, ledger, slot
     return edit
-
-
-def _stores_out_in(module: Any, ad: Any) -> bool:
-    """True for ``[out, in]`` weights (``nn.Linear``), False for ``[in, out]`` (transformers ``Conv1D``).
-
-    Decided by the class, never by shape: with ``d_mlp == d_model`` both orientations fit.
-    """
-    # A model built from Conv1D modules has imported transformers.pytorch_utils already; looking it
-    # up there keeps `import tl_backward` free of a transformers import.
-    hf_utils = sys.modules.get("transformers.pytorch_utils")
-    if isinstance(module, torch.nn.Linear):
-        out_in, shape = True, (ad.d_model, ad.d_mlp)
-    elif hf_utils is not None and isinstance(module, hf_utils.Conv1D):
-        out_in, shape = False, (ad.d_mlp, ad.d_model)
-    else:
-        raise TLBackwardError(
-            f"this model's MLP out-projection is a {type(module).__name__}, whose weight layout "
-            "forward_pass_shift does not know; it edits torch.nn.Linear ([out, in]) and transformers' "
-            "Conv1D ([in, out]) out-projections", argument="model")
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, Tensor) or tuple(weight.shape) != shape or not weight.is_floating_point():
-        raise TLBackwardError(
-            f"the MLP out-projection's weight is {getattr(weight, 'dtype', None)} "
-            f"{tuple(getattr(weight, 'shape', ()))}, expected a floating-point {shape} for "
-            f"{type(module).__name__}; forward_pass_shift edits plain (unquantised) weights", argument="model")
-    return out_in
 
 
 def check_eta(eta: Any) -> float:

@@ -5,6 +5,10 @@ target tokens): efficacy (``target_new`` on the prompt), paraphrase (``target_ne
 paraphrases) and neighbourhood (``target_true`` kept on other subjects' prompts), one edit at a
 time, restoring the weights after each; with neither ``layer`` nor ``eta`` it scores the unedited
 model as a baseline.
+
+Which weights are edited is :func:`~tl_backward.lens.editing.forward_pass_shift`'s rule: a bridge in
+compatibility mode is refused (``check_raw``); a ``HookedTransformer`` is edited in the parametrisation
+it holds (with ``fold_ln`` / centring that is not the paper's raw-weight edit; see lens/editing.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from tl_backward.core.adapter import get_adapter
-from tl_backward.core.moe import SHARED_MODULES, has_moe, has_shared_expert
+from tl_backward.core.moe import SHARED_MODULES
 from tl_backward.errors import TLBackwardError
 
 # Module names -> TL weight name. Order is the display order.
@@ -70,12 +70,13 @@ def factor_hook_names(model: Any, modules: str | Sequence[str] = ("mlp_in", "mlp
 
 def resolve_modules(ad: Any, modules: str | Sequence[str]) -> tuple[str, ...]:
     """Validate a ``modules`` argument: names from :data:`MODULES` or ``"all"`` (every module the
-    model has: ``mlp_gate`` if gated, ``router`` on MoE, ``shared_*`` with a shared expert)."""
+    model has: the MLP's unless attention-only, ``mlp_gate`` if gated, ``router`` on MoE, ``shared_*``
+    with a shared expert)."""
     if isinstance(modules, str):
         if modules == "all":
-            moe, shared = has_moe(ad.model), has_shared_expert(ad.model)
-            return tuple(m for m in MODULES if (m != "mlp_gate" or ad.gated_mlp) and (m != "router" or moe)
-                         and (m not in SHARED_MODULES or shared))
+            return tuple(m for m in MODULES if (not m.startswith("mlp_") or ad.has_mlp)
+                         and (m != "mlp_gate" or ad.gated_mlp) and (m != "router" or ad.has_moe)
+                         and (m not in SHARED_MODULES or ad.has_shared_expert))
         modules = (modules,)
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
         raise TLBackwardError(f"modules must be a module name or a list of names from {list(MODULES)}, got "
