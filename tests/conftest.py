@@ -16,7 +16,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from tl_backward.zoo.tiny import tiny_model
+from tl_backward.core.compat import HookedTransformer
+from tl_backward.core.hooked_loading import hooked_from_hf
+from tl_backward.zoo.tiny import tiny_hf_model, tiny_model, word_tokenizer
 
 
 def _test_threads() -> int:
@@ -61,12 +63,57 @@ def llama_model():
     return build("llama")
 
 
+def build_hooked(family: str):
+    """A ``HookedTransformer`` holding the fixture's weights (TransformerLens's own conversion of the same
+    tiny HF model, no weight processing: tl_backward/core/hooked_loading.py)."""
+    hf = tiny_hf_model(family, **SPECS[family])
+    return hooked_from_hf(hf, word_tokenizer(), f"tiny-{family}", torch.device("cpu"), torch.float32)
+
+
+# The backend axis of ``model``: where TransformerLens still has HookedTransformer (3.x, make test-tl39)
+# every test on ``model`` also runs on a HookedTransformer of the same weights.
+BACKENDS = ("bridge", "hooked") if HookedTransformer is not None else ("bridge",)
+
+
 @pytest.fixture(scope="session", params=FAMILIES)
 def family(request):
     return request.param
 
 
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def model(family, request):
-    """Each supported family in turn (GPT-2, NeoX with parallel blocks, Llama with GQA)."""
+def model(family, backend, request):
+    """Each supported family in turn (GPT-2, NeoX with parallel blocks, Llama with GQA), as a bridge and,
+    on TransformerLens 3.x, as a HookedTransformer of the same weights."""
+    if backend == "hooked":
+        return request.getfixturevalue(f"{family}_hooked")
     return request.getfixturevalue(f"{family}_model")
+
+
+@pytest.fixture(scope="session")
+def gpt2_hooked():
+    return build_hooked("gpt2")
+
+
+@pytest.fixture(scope="session")
+def neox_hooked():
+    return build_hooked("neox")
+
+
+@pytest.fixture(scope="session")
+def llama_hooked():
+    return build_hooked("llama")
+
+
+@pytest.fixture(autouse=True)
+def _bridge_only(request):
+    """``@pytest.mark.bridge_only(reason)``: a test of the bridge path itself (its HF module, HF-level masks)
+    is skipped on the hooked half of ``model``, naming where the HookedTransformer counterpart is tested."""
+    marker = request.node.get_closest_marker("bridge_only")
+    callspec = getattr(request.node, "callspec", None)
+    if marker is not None and callspec is not None and callspec.params.get("backend") == "hooked":
+        pytest.skip(marker.args[0])

@@ -21,7 +21,11 @@ def _check_scores(model):
         ("hook_attn_scores", "hook_q", "hook_k", "hook_rot_q", "hook_rot_k", "hook_cos", "hook_sin")))
     for layer in range(ad.n_layers):
         q, k = cache[ad.hook_name("q", layer)], cache[ad.hook_name("k", layer)]
-        if ad.rotary:
+        if ad.rotary and "blocks.0.attn.hook_cos" not in model.hook_dict:
+            # A HookedTransformer rotates with its own buffers and hooks the result (its tables are
+            # checked against hook_rot_k in tests/flow/test_hooked_flow.py)
+            q, k = cache[ad.hook_name("rot_q", layer)], cache[ad.hook_name("rot_k", layer)]
+        elif ad.rotary:
             cos, sin = cache[ad.hook_name("cos", layer)], cache[ad.hook_name("sin", layer)]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if ad.rot_hooks:  # the bridge's own rotated tensors agree with apply_rotary
@@ -42,6 +46,8 @@ def test_gpt2_inverse_layer_scaling_is_included():
     _check_scores(model)
 
 
+@pytest.mark.bridge_only("compares with the bridged HF modules; a HookedTransformer's weights are its own "
+                         "parameters (tests/core/test_hooked.py)")
 def test_weights_are_tl_layout_copies(model):
     ad = get_adapter(model)
     assert ad.W_Q(0).shape == (ad.n_heads, ad.d_model, ad.d_head)
@@ -75,7 +81,9 @@ def test_gqa_head_mapping(llama_model):
 def test_hook_names_and_layer_errors(model):
     ad = get_adapter(model)
     assert ad.hook_name("pattern", 1) == "blocks.1.attn.hook_pattern"
-    assert all(ad.hook_name(k, 0) in model.hook_dict for k in ("q", "z", "mlp_post", "mlp_in", "attn_in", "resid_pre"))
+    # attn_in / mlp_in are derived points on a HookedTransformer (core/hooked.py): no hook of their own
+    assert all(ad.hook_name(k, 0) in model.hook_dict or ad.hook_name(k, 0) in ad.derived_hooks
+               for k in ("q", "z", "mlp_post", "mlp_in", "attn_in", "resid_pre"))
     with pytest.raises(ValueError, match="out of range"):
         ad.hook_name("pattern", ad.n_layers)
     with pytest.raises(ValueError, match="kind must be"):

@@ -128,6 +128,7 @@ def test_finetune_errors(model):
     assert all(p.requires_grad and p.grad is None for p in model.parameters()) and not model.training
 
 
+@pytest.mark.bridge_only("LoRA adapts Linear modules, which a HookedTransformer does not have (refused; tests/masking/test_hooked_mas.py)")
 @pytest.mark.skipif(not HAS_PEFT, reason="peft (optional extra 'lora') not installed")
 def test_lora_adapters_are_used_and_merge_exactly(model):
     from tl_backward.masking.finetune import _inject_lora, _merge_lora
@@ -159,6 +160,7 @@ def test_lora_adapters_are_used_and_merge_exactly(model):
         assert torch.equal(model(seg.tokens), base)
 
 
+@pytest.mark.bridge_only("LoRA adapts Linear modules, which a HookedTransformer does not have (refused; tests/masking/test_hooked_mas.py)")
 @pytest.mark.skipif(not HAS_PEFT, reason="peft (optional extra 'lora') not installed")
 def test_lora_finetune_changes_only_q_and_v(model):
     seg = data(model)

@@ -13,6 +13,7 @@ PROMPTS = [["the cat sat on", "where is the cat ?"], ["big dog", "red", "what is
 ANSWERS = ["A :", "A"]
 
 
+@pytest.mark.bridge_only("its no-cache reference passes the HF-level 4-D mask and position_ids; on a HookedTransformer: tests/masking/test_hooked_mas.py")
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_cached_generation_equals_no_cache_reference(model, side):
     seg = S.from_blocks(model, PROMPTS, ANSWERS, padding_side=side)
@@ -40,6 +41,7 @@ def test_all_length_one_segments_generate_like_ordinary_causal_decoding(model):
     assert torch.equal(out.new_tokens[0], ref[0, tokens.shape[1]:])
 
 
+@pytest.mark.bridge_only("its no-cache reference passes the HF-level 4-D mask and position_ids; on a HookedTransformer: tests/masking/test_hooked_mas.py")
 def test_mas_prefill_changes_the_continuation_somewhere(model):
     seg = S.from_blocks(model, PROMPTS, ANSWERS)
     with torch.no_grad():
@@ -87,6 +89,7 @@ def test_generation_leaves_no_hooks_and_checks_arguments(model):
         mas_generate(model, seg.tokens, max_new_tokens=2)
 
 
+@pytest.mark.bridge_only("reuses the HF module's KV cache across prompts (a bridge path); on a HookedTransformer: tests/masking/test_hooked_mas.py")
 def test_system_block_kv_can_be_cached_and_reused(model):
     """Prefill block 0 alone, then the rest with the mask rows at absolute positions: same logits
     as one MAS prefill (block 0 never sees later tokens, so its K/V do not depend on them)."""

@@ -26,7 +26,7 @@ from tl_backward.errors import TLBackwardError
 from . import checks
 from .attention_kinds import PatternRoute, ScoreRoute, Unsupported, ValueRoute
 from .batch import Batch
-from .device import module_device, param_dtype
+from .device import input_device, module_device, param_dtype
 from .moe import MoELayer
 from .readout import Unembed
 from .tokens import bos_prefix, decode_ids, encode_text, pad_token_id
@@ -151,6 +151,20 @@ class ModelAdapter:
         """Normalise a ``layers`` argument (None = all; negative counts from the end) to a checked
         list; repeated layers are refused unless ``distinct=False`` (see core/checks.py)."""
         return checks.layer_list(layers, self.n_layers, argument, distinct=distinct)
+
+    @torch.no_grad()
+    def forward_values(self, tokens: Int[Tensor, "batch pos"],
+                       names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One forward pass (``run_with_cache``): the logits and the fp32 activations at ``names``, the
+        derived points (:attr:`derived_hooks`) computed from their source hooks. A name whose hook never
+        fired is absent (callers name what is missing)."""
+        derived = {n: self.derived_hooks[n] for n in names if n in self.derived_hooks}
+        real = list(dict.fromkeys([*(n for n in names if n not in derived), *(src for src, _ in derived.values())]))
+        logits, cache = self.model.run_with_cache(tokens.to(input_device(self.model)), names_filter=real)
+        fired = set(cache.keys())
+        acts = {n: cache[n].detach().float() for n in real if n in fired}
+        acts.update({n: derive(acts[src]) for n, (src, derive) in derived.items() if src in acts})
+        return logits, {n: acts[n] for n in names if n in acts}
 
     def resolve_hook(self, name: str, argument: str = "names") -> str:
         """Validate a user hook name; unknown names get an error suggesting the closest."""

@@ -1,7 +1,7 @@
 """An HF causal LM as a ``HookedTransformer`` (TransformerLens < 4), raw: no weight processing.
 
 The weights are converted by TransformerLens's own ``transformer_lens.pretrained.weight_conversions``
-(``convert_gpt2_weights``, ``convert_llama_weights``) and loaded with ``fold_ln``,
+(``convert_gpt2_weights``, ``convert_llama_weights``, ``convert_neox_weights``) and loaded with ``fold_ln``,
 ``center_writing_weights``, ``center_unembed`` and ``fold_value_biases`` all off, so the model holds the
 HF parametrisation (factors are gradients of the HF matrices in TransformerLens layout). The
 ``HookedTransformerConfig`` is written here from the HF config, following TransformerLens 3.9's
@@ -47,11 +47,27 @@ def _llama_config(c: Any) -> dict[str, Any]:
                 gated_mlp=True, original_architecture="LlamaForCausalLM")
 
 
+def _neox_config(c: Any) -> dict[str, Any]:
+    rope = getattr(c, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise TLBackwardError(f"backend='hooked': rope_type {rope.get('rope_type')!r} is not converted; use "
+                              "backend='bridge'", argument="backend")
+    d_head = c.hidden_size // c.num_attention_heads
+    pct = rope.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
+    return dict(d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+                n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps,
+                d_vocab=c.vocab_size, act_fn=c.hidden_act, parallel_attn_mlp=c.use_parallel_residual,
+                positional_embedding_type="rotary", rotary_adjacent_pairs=False, rotary_dim=round(pct * d_head),
+                rotary_base=float(rope.get("rope_theta", getattr(c, "rotary_emb_base", 10000.0))),
+                normalization_type="LN", original_architecture="GPTNeoXForCausalLM")
+
+
 # (HF module, HF class, config writer, TransformerLens conversion): isinstance dispatch on the HF class, looked
 # up in sys.modules (a model of the class has imported its module), so importing tl_backward imports no model code.
 CONVERSIONS: tuple[tuple[str, str, Callable[[Any], dict], str], ...] = (
     ("transformers.models.gpt2.modeling_gpt2", "GPT2LMHeadModel", _gpt2_config, "convert_gpt2_weights"),
     ("transformers.models.llama.modeling_llama", "LlamaForCausalLM", _llama_config, "convert_llama_weights"),
+    ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXForCausalLM", _neox_config, "convert_neox_weights"),
 )
 
 

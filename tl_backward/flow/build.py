@@ -18,7 +18,6 @@ from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
 from tl_backward.core.attention_kinds import ScoreRoute, Unsupported, hidden_rotary
 from tl_backward.core.capture import capture, require_hooks
-from tl_backward.core.device import input_device
 from tl_backward.errors import TLBackwardError
 
 from .colors import BIAS_COLOR, entropy_grey, rank_color
@@ -127,16 +126,11 @@ def _backward_pass(model: Any, tokens: Tensor, flat: list[str], p: int, metric: 
 
 
 def _forward_pass(ad: ModelAdapter, tokens: Tensor, flat: list[str], p: int, target: int | None):
-    """One ``run_with_cache``; the adapter's derived points (``ad.derived_hooks``) from their source hooks."""
-    model, derived = ad.model, {n: ad.derived_hooks[n] for n in flat if n in ad.derived_hooks}
-    real = list(dict.fromkeys([*(n for n in flat if n not in derived), *(src for src, _ in derived.values())]))
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens.to(input_device(model)), names_filter=real)
+    """One forward pass (``ad.forward_values``: derived points from their source hooks; a hook that
+    never fires is reported by _gather, not as a KeyError)."""
+    logits, acts = ad.forward_values(tokens, flat)
     t = int(logits[0, p].argmax()) if target is None else target
-    fired = set(cache.keys())  # a hook that never fires is reported by _gather, not as a KeyError
-    acts = {n: cache[n].detach().float() for n in real if n in fired}
-    acts.update({n: derive(acts[src]) for n, (src, derive) in derived.items() if src in acts})
-    return {n: acts[n].cpu() for n in flat if n in acts}, {}, t, None
+    return {n: a.cpu() for n, a in acts.items()}, {}, t, None
 
 
 def _from_cache(cache: Any, tokens: Tensor, flat: list[str], p: int, backward: bool, target: int | None,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tl_backward.core import checks
 from tl_backward.core.adapter import ModelAdapter, get_adapter
-from tl_backward.core.device import input_device, module_device, param_dtype
+from tl_backward.core.device import module_device, param_dtype
 from tl_backward.core.readout import entropy_bits
 from tl_backward.errors import TLBackwardError
 
@@ -54,17 +54,14 @@ def _collect(ad: ModelAdapter, prompts: list[str], names: list[str], position: i
     """Activations at ``names`` at each prompt's position, stacked [n_prompts, ...] (forward only)."""
     checks.count(batch_size, "batch_size", minimum=1)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
-    model = ad.model
-    device = input_device(model)
     for start in range(0, len(prompts), batch_size):
         batch = ad.tokenize(prompts[start:start + batch_size], prepend_bos)
         pos = _positions(batch, position)
-        with torch.no_grad():
-            _, cache = model.run_with_cache(batch.tokens.to(device), names_filter=names)
+        _, acts = ad.forward_values(batch.tokens, names)  # derived points (a HookedTransformer's ln*.hook_out) too
         rows = torch.arange(len(pos))
         for n in names:
-            out[n].append(cache[n][rows, pos.to(cache[n].device)].detach().float().cpu())
-        del cache
+            out[n].append(acts[n][rows, pos.to(acts[n].device)].cpu())
+        del acts
     return {n: torch.cat(v) for n, v in out.items()}
 
 
