@@ -172,6 +172,7 @@ def test_smoke_group_pairing_statistics_and_files(facts, tmp_path, task, arm):
     # resume: nothing re-runs, the summary is the same
     again = run_group(facts, cfg, [0, 1], tmp_path, progress=False, log=logs.append)
     assert again == summary and sum("skipped" in line for line in logs) == 4
+    assert logs[0].startswith("note: 2 seeds; the protocol asks for at least 5")
     # a record of another configuration is refused, not mixed in
     with pytest.raises(ValueError, match="another configuration"):
         run_group(facts, protocol_config(task, "facts-gpt2", arm, **{**TINY, "n_train": 16}), [0, 1], tmp_path,

@@ -190,6 +190,8 @@ def run_group(model: Any, cfg: dict, seeds: Sequence[int], out: str | Path, *, p
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise TLBackwardError(f"seeds must list at least 2 distinct seeds (the protocol asks for >= 5), got {seeds}",
                               argument="seeds")
+    if len(seeds) < 5:
+        log(f"note: {len(seeds)} seeds; the protocol asks for at least 5 (a smoke run otherwise)")
     folder = group_dir(out, cfg)
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     make = TASKS[cfg["task"]]
