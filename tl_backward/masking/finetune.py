@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -249,6 +249,7 @@ def finetune(
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
     progress: bool = True,
+    on_step: Callable[[int, float, Tensor], Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on answer tokens under the ``mask`` ("mas" or "causal").
 
@@ -262,6 +263,11 @@ def finetune(
     Under ``torchrun`` every rank computes its share of each global batch and all ranks take the
     same step (gradients summed over the ranks, scaled by the global answer-token count), so the weights equal a one-process run's within fp32
     tolerance -- exactly so only without dropout (each rank draws its own dropout masks).
+    ``on_step(step, loss, rows)`` is called after every optimiser step (``step`` from 1, the batch's
+    mean answer NLL, the batch's row indices; the model in train mode with live LoRA adapters); a
+    truthy return stops training early (``result.steps`` counts the steps taken). It may evaluate
+    the model (switch to eval mode and back: eval forwards draw no random numbers, so the training
+    run is unchanged).
     """
     checks.one_of(mask, "mask", MASKS)
     epochs = checks.count(epochs, "epochs", minimum=1)
@@ -272,6 +278,9 @@ def finetune(
                                         hint="None for no clipping")
     seed = checks.count(seed, "seed", hint="seeds the batch order and dropout")
     checks.flag(progress, "progress")
+    if on_step is not None and not callable(on_step):
+        raise TLBackwardError(f"on_step must be None or a callable (step, loss, rows), got {type(on_step).__name__}",
+                              argument="on_step")
     _check_lora(lora)
     data = _as_dataset(dataset)
     hf = forward_module(model)
@@ -306,13 +315,19 @@ def finetune(
             order = torch.Generator().manual_seed(seed)
             model.train()
             bar = _progress(steps, progress, f"{mask} fine-tune")
+            stop = False
             for _ in range(epochs):
                 perm = torch.randperm(n, generator=order)
                 for i in range(0, n, batch_size):
-                    losses.append(_train_step(model, data, perm[i : i + batch_size], mask, params, opt,
-                                              max_grad_norm))
+                    rows = perm[i : i + batch_size]
+                    losses.append(_train_step(model, data, rows, mask, params, opt, max_grad_norm))
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                    stop = on_step is not None and bool(on_step(len(losses), losses[-1], rows))
+                    if stop:
+                        break
+                if stop:
+                    break
             bar.close()
             opt.zero_grad(set_to_none=True)
             done = True
@@ -327,7 +342,7 @@ def finetune(
             if not done:  # a failed run leaves the modes as found (a finished one: eval, as documented)
                 for m, mode in modes:
                     m.training = mode
-    return FinetuneResult(mask, torch.tensor(losses), steps, epochs, lr, batch_size, seed, lora is not None)
+    return FinetuneResult(mask, torch.tensor(losses), len(losses), epochs, lr, batch_size, seed, lora is not None)
 
 
 def mas_finetune(model: Any, dataset: Segments | Sequence[Segments], **kwargs: Any) -> FinetuneResult:
