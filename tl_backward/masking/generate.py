@@ -16,7 +16,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from jaxtyping import Bool, Int
@@ -32,6 +32,7 @@ from ..errors import TLBackwardError
 from . import hooked
 from .batch import Segments
 from .context import check_segments, forward_module
+from .decode import decode_loop
 from .families import run_masked
 
 
@@ -162,16 +163,20 @@ def mas_generate(
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
 
+    def pick(logits: Tensor) -> Tensor:
+        return _pick(logits, temperature, top_k, gen)
+
     if is_hooked_transformer(model):
-        def pick(logits: Tensor) -> Tensor:
-            return _pick(logits, temperature, top_k, gen)
         with model_lock(model):  # other threads wait (core/lock.py)
             return Generation(segments, *hooked.generate(model, seg, max_new_tokens, pick, eos_token_id, pad))
     with model_lock(model), _kv_cache_shim(model):  # other threads wait (core/lock.py)
-        return _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_id, pad, gen)
+        return Generation(segments, *_decode(model, seg, max_new_tokens, pick, eos_token_id, pad))
 
 
-def _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_id, pad, gen) -> Generation:
+def _decode(model: Any, seg: Segments, max_new_tokens: int, pick: Callable[[Tensor], Tensor],
+            eos_token_id: int | None, pad: int) -> tuple[Tensor, Tensor]:
+    """The bridge's loop: a prefill under the 4-D mask fills HF's KV cache; each step feeds one token per
+    row with the running 2-D padding mask and its absolute position (module docstring)."""
     batch, device = seg.tokens.shape[0], seg.device
     logits, cache = run_masked(model, seg.tokens, seg.mask(), seg.position_ids, return_type="logits_and_cache",
                                use_cache=True)  # MPT's config defaults to use_cache=False
@@ -181,23 +186,15 @@ def _decode(model, seg, segments, max_new_tokens, temperature, top_k, eos_token_
         )
     # Logits come from the unembedding's device (the last one of a dispatched model): sampled on the input's.
     next_logits = on(logits, device)[torch.arange(batch, device=device), _last_real(seg.valid)]
-    running = seg.valid.long()
+    state = {"running": seg.valid.long(), "cache": cache}
     n_real = seg.valid.sum(-1)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    out, alive = [], []
-    for step in range(max_new_tokens):
-        new = _pick(next_logits, temperature, top_k, gen)
-        new = torch.where(done, torch.full_like(new, pad), new)
-        out.append(new)
-        alive.append(~done)
-        if eos_token_id is not None:
-            done = done | (new == eos_token_id)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        running = torch.cat([running, torch.ones_like(running[:, :1])], 1)
-        logits, cache = model(
-            new[:, None], attention_mask=running, position_ids=(n_real + step)[:, None],
-            past_key_values=cache, return_type="logits_and_cache", use_cache=True,
+
+    def step(new: Tensor, i: int) -> Tensor:
+        running = state["running"] = torch.cat([state["running"], torch.ones_like(state["running"][:, :1])], 1)
+        logits, state["cache"] = model(
+            new[:, None], attention_mask=running, position_ids=(n_real + i)[:, None],
+            past_key_values=state["cache"], return_type="logits_and_cache", use_cache=True,
         )
-        next_logits = on(logits[:, -1], device)
-    return Generation(segments, torch.stack(out, 1).cpu(), torch.stack(alive, 1).cpu())
+        return on(logits[:, -1], device)
+
+    return decode_loop(next_logits, step, max_new_tokens, pick, eos_token_id, pad)

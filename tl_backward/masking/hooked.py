@@ -42,6 +42,7 @@ from ..core.compat import TransformerLensKeyValueCache
 from ..core.lock import model_lock
 from ..errors import TLBackwardError
 from .batch import Segments
+from .decode import decode_loop
 from .families import windowed
 
 __all__ = ["check_model", "generate", "lifted", "run_masked"]
@@ -204,17 +205,7 @@ def generate(model: Any, segments: Segments, max_new_tokens: int, pick: Callable
     last = torch.where(segments.valid, cols, -1).max(-1).values  # each row's last real column
     next_logits = on(logits, device)[torch.arange(batch, device=device), last]
     one = torch.ones(batch, 1, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    out, alive = [], []
-    for step in range(max_new_tokens):
-        new = pick(next_logits)
-        new = torch.where(done, torch.full_like(new, pad), new)
-        out.append(new)
-        alive.append(~done)
-        if eos_token_id is not None:
-            done = done | (new == eos_token_id)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits = model(new[:, None], attention_mask=one, past_kv_cache=cache)
-        next_logits = on(logits[:, -1], device)
-    return torch.stack(out, 1).cpu(), torch.stack(alive, 1).cpu()
+
+    def step(new: Tensor, i: int) -> Tensor:  # the cache appends ``one`` to its padding mask
+        return on(model(new[:, None], attention_mask=one, past_kv_cache=cache)[:, -1], device)
+    return decode_loop(next_logits, step, max_new_tokens, pick, eos_token_id, pad)
