@@ -20,7 +20,13 @@ from tl_backward.errors import TLBackwardError
 from . import bridges
 from .adapter_base import HOOKS, ModelAdapter, readout_input
 from .attention_kinds import PatternRoute, ValueRoute, attention_route, attention_scale
-from .compat import PositionEmbeddingsAttentionBridge, TransformerBridge, is_hooked_transformer
+from .compat import (
+    HAS_BRIDGE,
+    TL_VERSION,
+    PositionEmbeddingsAttentionBridge,
+    TransformerBridge,
+    is_hooked_transformer,
+)
 from .hooked import HookedAdapter
 from .moe import MoELayer, moe_layer
 from .tokens import decode_ids
@@ -112,6 +118,12 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "
 
 
 def _check_supported(model: Any) -> None:
+    if not HAS_BRIDGE:  # TransformerLens 2.x: HookedTransformer is the one model class
+        raise TLBackwardError(
+            f"model must be a transformer_lens HookedTransformer (TransformerLens {TL_VERSION} has no "
+            f"TransformerBridge), got {type(model).__name__}; load one with "
+            "tl_backward.load_model(..., backend='hooked') or HookedTransformer.from_pretrained(...)",
+            argument="model")
     if not isinstance(model, TransformerBridge):
         raise TLBackwardError(
             f"model must be a transformer_lens TransformerBridge (or, with TransformerLens < 4, a HookedTransformer), "

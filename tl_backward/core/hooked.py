@@ -31,6 +31,8 @@ tests/core/test_hooked.py against autograd on the model's own activations and pa
   ``blocks.{l}.ln1.hook_out`` / ``ln2.hook_out`` = ``hook_normalized · w (+ b)`` (the very tensor
   the attention / MLP reads; ``resid_pre``/``resid_mid`` without normalisation), which
   :func:`tl_backward.capture` computes from the captured ``hook_normalized``. They carry values only.
+  (TransformerLens 2.x's ``LayerNorm`` fires ``hook_normalized`` after its gain and bias, so there
+  ``ln1.hook_out`` is ``hook_normalized`` itself: ``compat.LAYERNORM_HOOK_AFTER_AFFINE``.)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tl_backward.errors import TLBackwardError
 
 from .adapter_base import HOOKS, ModelAdapter
 from .attention_kinds import ScoreRoute
+from .compat import LAYERNORM_HOOK_AFTER_AFFINE, HookedLayerNorm
 from .device import module_device, on, param_dtype
 
 __all__ = ["HOOKED_HOOKS", "HookedAdapter"]
@@ -117,6 +120,8 @@ class HookedAdapter(ModelAdapter):
         def apply(normalized: Tensor) -> Tensor:
             # Read at call time: process_weights_ (fold_ln) swaps LN for LNPre, which has no w / b.
             module = getattr(block, ln)
+            if LAYERNORM_HOOK_AFTER_AFFINE and isinstance(module, HookedLayerNorm):
+                return normalized  # TransformerLens 2.x: hook_normalized already is x/scale · w + b
             w, b = getattr(module, "w", None), getattr(module, "b", None)
             out = normalized if w is None else normalized * on(w.detach().float(), normalized)
             return out if b is None else out + on(b.detach().float(), normalized)
@@ -133,6 +138,18 @@ class HookedAdapter(ModelAdapter):
         if kind == "mlp_in" and self.model.cfg.attn_only:
             raise TLBackwardError("this HookedTransformer is attention-only: it has no MLP", argument="kind")
         return super().hook_name(kind, layer)
+
+    def check_model(self) -> None:
+        """Refuse a model whose ``hook_dict`` names hook points that are no longer in it: TransformerLens
+        2.x's ``process_weights_`` swaps in LayerNormPre / RMSNormPre modules without re-registering their
+        hooks, so ``hook_dict`` still holds the discarded modules' (which never fire)."""
+        present = {id(m) for m in self.model.modules()}
+        stale = [name for name, hp in self.model.hook_dict.items() if id(hp) not in present]
+        if stale:
+            raise TLBackwardError(f"this HookedTransformer's hook_dict holds {len(stale)} hook points that are no "
+                                  f"longer in the model (e.g. {stale[0]!r}: process_weights_ replaced the module "
+                                  "without re-registering its hooks, as TransformerLens 2.x does): call model.setup()",
+                                  argument="model")
 
     # ---------------------------------------------------------------- attention
     def attn_scale(self, layer: int) -> float:

@@ -39,7 +39,7 @@ import torch
 from .. import zoo
 from ..errors import TLBackwardError
 from . import checks
-from .compat import HookedTransformer, TransformerBridge, get_device
+from .compat import HookedTransformer, TransformerBridge, get_device, require_bridge
 from .device import declared_device
 from .hooked_loading import hooked_from_hf, require_hooked
 
@@ -173,10 +173,12 @@ def _map_value(module: str, device: Any) -> int | str:
 
 
 def _check_backend(backend: Any, place: _Placement) -> None:
-    """``backend`` is ``"bridge"`` or ``"hooked"``; ``"hooked"`` needs TransformerLens < 4 and one device
-    (a HookedTransformer is not dispatched by a Hugging Face device map)."""
+    """``backend`` is ``"bridge"`` or ``"hooked"``; ``"bridge"`` needs TransformerLens >= 3.9 (2.x has no
+    TransformerBridge), ``"hooked"`` TransformerLens < 4 and one device (a HookedTransformer is not
+    dispatched by a Hugging Face device map)."""
     checks.one_of(backend, "backend", tuple(_BACKENDS))
     if backend != "hooked":
+        require_bridge("load_model(backend='bridge')", argument="backend")
         return
     require_hooked()
     if place.device_map is not None:
