@@ -81,13 +81,14 @@ except ImportError:
 HAS_BRIDGE: bool = find_spec("transformer_lens.model_bridge") is not None
 
 _BRIDGE_NAMES = (
-    "TransformerBridge", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge", "CodeGenAttentionBridge",
+    "TransformerBridge", "TransformerBridgeConfig", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge", "CodeGenAttentionBridge",
     "GatedMLPBridge", "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge",
     "MoEBridge", "MoERouterBridge", "MPTALiBiAttentionBridge", "PositionEmbeddingsAttentionBridge",
     "NativeAttention", "NativeModel",
 )
 
 if HAS_BRIDGE:
+    from transformer_lens import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
     from transformer_lens.model_bridge.generalized_components import (
@@ -148,7 +149,8 @@ __all__ = [
     "BloomAttentionBridge", "CodeGenAttentionBridge", "GatedMLPBridge", "HookedLayerNorm", "HookedTransformer",
     "HookedTransformerConfig", "JointQKVAttentionBridge", "LAYERNORM_HOOK_AFTER_AFFINE", "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge",
     "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge", "NativeAttention", "NativeModel",
-    "PositionEmbeddingsAttentionBridge", "TransformerBridge", "build_alias_to_canonical_map", "get_act_name",
+    "PositionEmbeddingsAttentionBridge", "TransformerBridge", "TransformerBridgeConfig", "build_alias_to_canonical_map",
+    "get_act_name",
     "get_device", "is_hooked_transformer", "require_bridge", "unwrap_bridge", "weight_conversions",
 ]
 
