@@ -3,17 +3,17 @@
 Supported: TransformerLens 2.2 … 4.x (``pyproject.toml``). What moved between them, checked by
 importing each name in a 2.18.0, a 3.9.0 and a 4.3.0 venv:
 
-===================================  ============================  ===============================  ===================
-name                                 2.x                           3.9                              4.x
-===================================  ============================  ===============================  ===================
-``TransformerBridge`` and the        absent (no ``model_bridge``): ``transformer_lens.model_bridge``  also top level
-bridge classes                       placeholders, ``HAS_BRIDGE``  (``HAS_BRIDGE`` True)
-``build_alias_to_canonical_map``     absent (written out here)     ``….model_bridge.bridge``        ``….bridge_core``
-``HookedTransformer`` / ``…Config``  top level                     top level                        removed (None here)
-``pretrained.weight_conversions``    HF → HookedTransformer        the same                         None here
-``get_act_name`` / ``get_device``    ``transformer_lens.utils``    ``transformer_lens.utilities``   ``….utilities``
-``LayerNorm``'s ``hook_normalized``  after the gain and bias         before them                      (no HookedTransformer)
-===================================  ============================  ===============================  ===================
+===================================  ==========================  =================================  =================
+name                                 2.x                         3.9                                4.x
+===================================  ==========================  =================================  =================
+``TransformerBridge`` and the        absent (no model_bridge):   ``transformer_lens.model_bridge``  also top level
+bridge classes                       placeholders, HAS_BRIDGE    (``HAS_BRIDGE`` True)
+``build_alias_to_canonical_map``     absent (written out here)   ``….model_bridge.bridge``          ``….bridge_core``
+``HookedTransformer`` / ``…Config``  top level                   top level                          removed (None)
+``pretrained.weight_conversions``    HF → HookedTransformer      the same                           None
+``get_act_name`` / ``get_device``    ``transformer_lens.utils``  ``transformer_lens.utilities``     ``….utilities``
+LayerNorm's ``hook_normalized``      after the gain and bias     before them                        (none)
+===================================  ==========================  =================================  =================
 
 Everything else of the bridge (the attention/MoE bridge classes, ``ArchitectureAdapter``, ``NativeModel``)
 sits at the same path in 3.9 and 4.x; ``ActivationCache`` at the same path in all three.
@@ -22,26 +22,27 @@ sits at the same path in 3.9 and 4.x; ``ActivationCache`` at the same path in al
 class of the same name that nothing is an instance of (``isinstance(x, AttentionBridge)`` is False) and
 whose use (``TransformerBridge.boot_transformers(...)``, instantiation) raises :class:`BridgeUnavailable`,
 a :class:`~tl_backward.errors.TLBackwardError` naming the fix (TransformerLens >= 3.9);
-:func:`require_bridge` raises it up front (``load_model(backend="bridge")``). The HookedTransformer backend
-(:mod:`tl_backward.core.hooked`) works there, with three differences handled where they bite: 2.x's
-``LayerNorm`` fires ``hook_normalized`` after its gain and bias (:data:`LAYERNORM_HOOK_AFTER_AFFINE`), its
-``Unembed`` has no ``hook_in`` (metrics read the full logits), and its ``process_weights_`` leaves stale
-entries in ``hook_dict`` (refused by ``HookedAdapter.check_model``: call ``model.setup()``).
+:func:`require_bridge` raises it before a bridge is booted (``load_model(backend="bridge")``, once ``name``
+has been checked). The HookedTransformer backend (:mod:`tl_backward.core.hooked`) works there, with three
+differences handled where they bite: 2.x's ``LayerNorm`` fires ``hook_normalized`` after its gain and bias
+(:data:`LAYERNORM_HOOK_AFTER_AFFINE`), its ``Unembed`` has no ``hook_in`` (metrics read the full logits),
+and its ``process_weights_`` leaves stale entries in ``hook_dict`` (refused by
+``HookedAdapter.check_model``: call ``model.setup()``).
 
 **Why 2.2 is the floor.** 2.2 is the first release with ``transformer_lens.pretrained.weight_conversions``
 (``load_model(backend="hooked")`` converts HF weights with it) and the ``attn_scores_soft_cap`` /
-``output_logits_soft_cap`` config fields; 2.0.0 fails tests/core/test_hooked*.py on both (2.1 has neither). Tested here
-with torch 2.13: 2.18.0 (transformers 4.57.6, the whole suite: ``make test-tl2``), 2.16.1 (transformers 5.24)
-and 2.2.0 (transformers 4.57.6) on tests/core/test_hooked.py, test_hooked_loading.py and test_compat.py.
-Caveats that are TransformerLens's own: 2.2 … 2.15 read ``transformers.TRANSFORMERS_CACHE``, which
-transformers 5 removed, and declare no upper bound, so they import only next to transformers < 5 (a fresh
-``pip install 'transformer_lens==2.2.*'`` pulls transformers 5 and fails at ``import transformer_lens``);
-2.13.0 and 2.14.0 pin ``torch<2.5``, so pip cannot install them next to torch 2.13 at all ("transformer-lens
-2.14.0 depends on torch<2.5 and >=2.2"; 2.14.1 dropped the cap); 2.17+ cap
-``huggingface-hub<1`` and so get transformers 4.x. 2.16+ pin ``numpy<2`` on Python < 3.12, and pyarrow ≥ 26
-(pulled in through ``datasets``) refuses to import on numpy 1.x although its metadata does not say so:
-``make test-tl2`` installs with the constraint ``pyarrow<26`` (and ``torch==2.13.0``, so pip never swaps
-torch). 3.0 … 3.8 lie inside the range untested.
+``output_logits_soft_cap`` config fields: 2.0.0 fails tests/core/test_hooked*.py for lack of both, and 2.1
+has neither. Tested here with torch 2.13: 2.18.0 (transformers 4.57.6; the whole suite, ``make test-tl2``),
+2.16.1 (transformers 5.24) and 2.2.0 (transformers 4.57.6) on tests/core/test_hooked.py,
+test_hooked_loading.py and test_compat.py. Caveats that are TransformerLens's own: 2.2 … 2.15 read
+``transformers.TRANSFORMERS_CACHE``, which transformers 5 removed, and declare no upper bound, so they import
+only next to transformers < 5 (a fresh ``pip install 'transformer_lens==2.2.*'`` pulls transformers 5 and
+fails at ``import transformer_lens``); 2.13.0 and 2.14.0 pin ``torch<2.5``, so pip cannot install them next
+to torch 2.13 at all ("transformer-lens 2.14.0 depends on torch<2.5 and >=2.2"; 2.14.1 dropped the cap);
+2.17+ cap ``huggingface-hub<1`` and so get transformers 4.x. 2.16+ pin ``numpy<2`` on Python < 3.12, and
+pyarrow ≥ 26 (pulled in through ``datasets``) refuses to import on numpy 1.x although its metadata does not
+say so: ``make test-tl2`` installs with the constraint ``pyarrow<26`` (and ``torch==2.13.0``, so pip never
+swaps torch). 3.0 … 3.8 lie inside the range untested.
 
 :data:`HookedTransformer` is None on TransformerLens 4.x, where the class was removed; the
 HookedTransformer backend is then never selected.
@@ -81,9 +82,9 @@ except ImportError:
 HAS_BRIDGE: bool = find_spec("transformer_lens.model_bridge") is not None
 
 _BRIDGE_NAMES = (
-    "TransformerBridge", "TransformerBridgeConfig", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge", "CodeGenAttentionBridge",
-    "GatedMLPBridge", "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge",
-    "MoEBridge", "MoERouterBridge", "MPTALiBiAttentionBridge", "PositionEmbeddingsAttentionBridge",
+    "TransformerBridge", "TransformerBridgeConfig", "ArchitectureAdapter", "AttentionBridge", "BloomAttentionBridge",
+    "CodeGenAttentionBridge", "GatedMLPBridge", "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge",
+    "LinearBridge", "MoEBridge", "MoERouterBridge", "MPTALiBiAttentionBridge", "PositionEmbeddingsAttentionBridge",
     "NativeAttention", "NativeModel",
 )
 
@@ -145,13 +146,13 @@ else:
         return aliases
 
 __all__ = [
-    "HAS_BRIDGE", "TL_MAJOR", "TL_VERSION", "ActivationCache", "ArchitectureAdapter", "AttentionBridge",
-    "BloomAttentionBridge", "CodeGenAttentionBridge", "GatedMLPBridge", "HookedLayerNorm", "HookedTransformer",
-    "HookedTransformerConfig", "JointQKVAttentionBridge", "LAYERNORM_HOOK_AFTER_AFFINE", "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge",
-    "MPTALiBiAttentionBridge", "MoEBridge", "MoERouterBridge", "NativeAttention", "NativeModel",
-    "PositionEmbeddingsAttentionBridge", "TransformerBridge", "TransformerBridgeConfig", "build_alias_to_canonical_map",
-    "get_act_name",
-    "get_device", "is_hooked_transformer", "require_bridge", "unwrap_bridge", "weight_conversions",
+    "HAS_BRIDGE", "LAYERNORM_HOOK_AFTER_AFFINE", "TL_MAJOR", "TL_VERSION", "ActivationCache", "ArchitectureAdapter",
+    "AttentionBridge", "BloomAttentionBridge", "CodeGenAttentionBridge", "GatedMLPBridge", "HookedLayerNorm",
+    "HookedTransformer", "HookedTransformerConfig", "JointQKVAttentionBridge",
+    "JointQKVPositionEmbeddingsAttentionBridge", "LinearBridge", "MPTALiBiAttentionBridge", "MoEBridge",
+    "MoERouterBridge", "NativeAttention", "NativeModel", "PositionEmbeddingsAttentionBridge", "TransformerBridge",
+    "TransformerBridgeConfig", "build_alias_to_canonical_map", "get_act_name", "get_device", "is_hooked_transformer",
+    "require_bridge", "unwrap_bridge", "weight_conversions",
 ]
 
 
