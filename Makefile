@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Pin torch first so no later requirement can pull a multi-GB CUDA build; override for a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-tl39 notebooks processes conformance matrix bench gpu-check clean
+.PHONY: demo test test-tl39 test-tl2 notebooks processes conformance matrix bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,23 @@ test-tl39: $(TL39)/.installed
 	$(TL39)/bin/python -m pytest
 	$(TL39)/bin/python -m pytest -m notebooks -k hooked_transformer
 
+# The suite on TransformerLens 2.x (HookedTransformer only: the bridge tests skip, tests/conftest.py);
+# TL2_SPEC selects another 2.x release. The constraints file keeps torch at TORCH_SPEC whatever 2.x asks
+# for, and pyarrow < 26: TransformerLens 2.16+ pins numpy < 2, which pyarrow >= 26 (via datasets) cannot import.
+TL2      := .venv-tl2
+TL2_SPEC ?= transformer_lens==2.18.*
+$(TL2)/bin/python:
+	$(PYTHON) -m venv $(TL2)
+
+$(TL2)/.installed: pyproject.toml | $(TL2)/bin/python
+	printf '%s\n' "$(TORCH_SPEC)" "pyarrow<26" > $(TL2)/constraints.txt
+	$(TL2)/bin/pip install --quiet -c $(TL2)/constraints.txt "$(TORCH_SPEC)"
+	$(TL2)/bin/pip install --quiet -c $(TL2)/constraints.txt "$(TL2_SPEC)" -e ".[dev,demos,lora]"
+	touch $@
+
+test-tl2: $(TL2)/.installed
+	$(TL2)/bin/python -m pytest
+
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest -m notebooks
 
@@ -60,4 +77,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) $(TL39) build *.egg-info demos/out
+	rm -rf $(VENV) $(TL39) $(TL2) build *.egg-info demos/out

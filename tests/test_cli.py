@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from huggingface_hub import constants as hub_constants
 
 import tl_backward.core.loading as loading
@@ -146,6 +145,7 @@ def test_model_errors_are_one_line(tiny_loaded, argv, fragments, capsys, tmp_pat
     assert not (tmp_path / "x.html").exists()
 
 
+@pytest.mark.bridge  # loads the default (bridge) model where a BridgeUnavailable is only text
 def test_unknown_model_fails_fast_offline(capsys, monkeypatch, tmp_path):
     """The hub checks live in load_model (tests/core/test_loading.py); the CLI shows them as --model."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -255,6 +255,7 @@ def _script() -> str:
     return found
 
 
+@pytest.mark.bridge  # loads the default (bridge) model where a BridgeUnavailable is only text
 @pytest.mark.slow
 def test_console_script_end_to_end_on_the_embedded_model(tmp_path):
     """The real thing: the installed entry point, the embedded model, a page on disk; stdout holds

@@ -89,6 +89,7 @@ def _quickstart() -> str:
     return "\n".join(blocks)
 
 
+@pytest.mark.bridge  # loads the default (bridge) model where a BridgeUnavailable is only text
 def test_quickstart_runs_from_the_installed_wheel(venv, tmp_path):
     root, site = venv
     work = tmp_path / "elsewhere"  # outside the checkout: only the installed copy can be imported

@@ -27,7 +27,7 @@ from tl_backward import flow_graph, forward_pass_shift, gradient_factors, mas_ge
 from tl_backward.core.adapter import get_adapter
 from tl_backward.core.capture import capture
 from tl_backward.core.metrics import target_nll
-from tl_backward.errors import TLBackwardError
+from tl_backward.errors import BridgeUnavailable, TLBackwardError
 from tl_backward.lens import expert_lens
 from tl_backward.lens.factors import ATTENTION
 from tl_backward.masking import segments as S
@@ -423,10 +423,13 @@ FEATURES: dict[str, Callable[[str, Any, Any], None]] = {
 
 
 def outcome_of(fn: Callable[[], None]) -> Outcome:
-    """exact / refused (TLBackwardError: its message) / FAIL (anything else, with where it happened)."""
+    """exact / refused (TLBackwardError: its message) / FAIL (anything else, with where it happened).
+    A missing TransformerBridge (TransformerLens 2.x) is no cell's outcome: BridgeUnavailable propagates."""
     t0 = time.perf_counter()
     try:
         fn()
+    except BridgeUnavailable:
+        raise
     except TLBackwardError as e:
         return Outcome("refused", str(e).split("\n")[0], time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - every other failure is a FAIL, recorded with its place

@@ -95,10 +95,8 @@ def test_hook_names_and_layer_errors(model):
 def test_native_bridges_are_adapted_and_non_bridges_refused():
     """boot_native: the pattern hook is on the autograd path (PatternRoute; RA and patching checked
     in tests/attention/test_ra_native.py); anything but a TransformerBridge is a TypeError."""
-    from transformer_lens import TransformerBridgeConfig
-
     from tl_backward.core.attention_kinds import PatternRoute, Unsupported
-    from tl_backward.core.compat import TransformerBridge
+    from tl_backward.core.compat import TransformerBridge, TransformerBridgeConfig
 
     cfg = TransformerBridgeConfig(d_model=16, d_head=4, n_layers=1, n_ctx=8, d_vocab=20, n_heads=4, d_mlp=32, act_fn="gelu")
     native = TransformerBridge.boot_native(cfg)

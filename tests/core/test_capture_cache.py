@@ -11,13 +11,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from transformer_lens.utilities import get_act_name
 
-from tl_backward import capture
-from tl_backward.core.metrics import target_nll
-from tl_backward.errors import TLBackwardError
 from tests.conftest import build
 from tests.reference import assert_no_hooks, assert_untouched
+from tl_backward import capture
+from tl_backward.core.compat import get_act_name
+from tl_backward.core.metrics import target_nll
+from tl_backward.errors import TLBackwardError
 
 PROMPTS = ["the cat sat on", "a dog ran to"]  # same length: no padding, as run_with_cache sees it
 

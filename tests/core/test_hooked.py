@@ -185,6 +185,13 @@ def test_factors_of_processed_weights():
     model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
     assert model.cfg.normalization_type == "LNPre"
     toks = tokens()
+    if model.hook_dict["blocks.0.ln1.hook_normalized"] is not model.blocks[0].ln1.hook_normalized:
+        # TransformerLens 2.x: process_weights_ leaves hook_dict naming the discarded LN modules' hooks.
+        with pytest.raises(tlb.errors.TLBackwardError, match=r"call model.setup\(\)") as err:
+            tlb.gradient_factors(model, toks, TARGET, modules=["q"])
+        assert err.value.argument == "model"
+        assert_no_hooks(model)
+        model.setup()
     gf = tlb.gradient_factors(model, toks, TARGET, modules=["q", "mlp_in", "mlp_out"])
     _, _, pgrads, _ = reference(model, toks, lambda n: False)
     for (l, m), factor in gf.factors.items():
@@ -312,8 +319,11 @@ def test_derived_points_and_refusals_name_the_fix():
     assert ad.hook_name("attn_in", 0) == "blocks.0.ln1.hook_out"
     cache = tlb.capture(model, tokens(), tlb.metrics.target_nll(TARGET), names=["blocks.0.ln1.hook_out"])
     ln1 = model.blocks[0].ln1
-    expected = reference(model, tokens(), ["blocks.0.ln1.hook_normalized"])[0]["blocks.0.ln1.hook_normalized"]
-    assert_close_fp32(cache["blocks.0.ln1.hook_out"], expected * ln1.w + ln1.b, n_terms=BASE["d_model"])
+    # Independent of where a TransformerLens version fires hook_normalized (2.x: after the gain and bias):
+    # ln1's output is the LayerNorm of the residual, with its own gain and bias.
+    resid = reference(model, tokens(), ["blocks.0.hook_resid_pre"])[0]["blocks.0.hook_resid_pre"]
+    expected = torch.nn.functional.layer_norm(resid, (BASE["d_model"],), ln1.w, ln1.b, eps=model.cfg.eps)
+    assert_close_fp32(cache["blocks.0.ln1.hook_out"], expected, n_terms=BASE["d_model"])
     assert list(cache) == ["blocks.0.ln1.hook_out"]  # the hooks its gradient is computed from stay internal
     with pytest.raises(tlb.errors.TLBackwardError, match="hook_cos"):
         ad.hook_name("cos", 0)

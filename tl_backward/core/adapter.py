@@ -22,8 +22,13 @@ from tl_backward.errors import TLBackwardError
 from . import bridges
 from .adapter_base import HOOKS, ModelAdapter, readout_input
 from .attention_kinds import PatternRoute, Unsupported, ValueRoute, attention_route, attention_scale
-from .compat import PositionEmbeddingsAttentionBridge, TransformerBridge, is_hooked_transformer
-from .device import module_device, param_dtype
+from .compat import (
+    HAS_BRIDGE,
+    TL_VERSION,
+    PositionEmbeddingsAttentionBridge,
+    TransformerBridge,
+    is_hooked_transformer,
+)
 from .hooked import HookedAdapter
 from .moe import MoELayer, has_moe, has_shared_expert, moe_layer, refuse_moe_neurons
 from .tokens import decode_ids
@@ -180,6 +185,12 @@ def _plain_weight(weight: Any, shape: tuple[int, int], what: str) -> torch.Tenso
 
 
 def _check_supported(model: Any) -> None:
+    if not HAS_BRIDGE:  # TransformerLens 2.x: HookedTransformer is the one model class
+        raise TLBackwardError(
+            f"model must be a transformer_lens HookedTransformer (TransformerLens {TL_VERSION} has no "
+            f"TransformerBridge), got {type(model).__name__}; load one with "
+            "tl_backward.load_model(..., backend='hooked') or HookedTransformer.from_pretrained(...)",
+            argument="model")
     if not isinstance(model, TransformerBridge):
         raise TLBackwardError(
             f"model must be a transformer_lens TransformerBridge (or, with TransformerLens < 4, a HookedTransformer), "

@@ -184,6 +184,9 @@ class ModelAdapter:
             extra = " (parallel attention+MLP blocks have no resid_mid)"
         raise TLBackwardError(f"{argument}: unknown hook name {name!r}{extra}", argument=argument)
 
+    def check_model(self) -> None:
+        """Refuse a model whose hooks cannot be trusted for this call (run by every pass); the base accepts all."""
+
     # ---------------------------------------------------------------- attention
     def attn_scale(self, layer: int) -> float:
         """s such that ``attn_scores = q·kᵀ / s`` (before mask and soft-cap) at ``layer``."""

@@ -37,6 +37,8 @@ tests/core/test_hooked.py against autograd on the model's own activations and pa
   norm's branch only: the VJP of the model's own norm module at its input (flow graphs' LN edges).
 * **Rotary tables** (flow graphs): the attention module's ``rotary_cos`` / ``rotary_sin`` buffers, in the
   ``rotate_half`` convention unless ``rotary_adjacent_pairs`` (refused).
+  (TransformerLens 2.x's ``LayerNorm`` fires ``hook_normalized`` after its gain and bias, so there
+  ``ln1.hook_out`` is ``hook_normalized`` itself: ``compat.LAYERNORM_HOOK_AFTER_AFFINE``.)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from tl_backward.errors import TLBackwardError
 
 from .adapter_base import HOOKS, ModelAdapter
 from .attention_kinds import ScoreRoute
-from .compat import POST_NORM_ARCHITECTURES
+from .compat import LAYERNORM_HOOK_AFTER_AFFINE, POST_NORM_ARCHITECTURES, HookedLayerNorm
 from .device import module_device, on, param_dtype
 
 __all__ = ["HOOKED_HOOKS", "HookedAdapter"]
@@ -186,6 +188,8 @@ class HookedAdapter(ModelAdapter):
         def apply(normalized: Tensor) -> Tensor:
             # Read at call time: process_weights_ (fold_ln) swaps LN for LNPre, which has no w / b.
             module = getattr(block, ln)
+            if LAYERNORM_HOOK_AFTER_AFFINE and isinstance(module, HookedLayerNorm):
+                return normalized  # TransformerLens 2.x: hook_normalized already is x/scale · w + b
             w, b = getattr(module, "w", None), getattr(module, "b", None)
             out = normalized if w is None else normalized * on(w.detach().float(), normalized)
             return out if b is None else out + on(b.detach().float(), normalized)
@@ -202,6 +206,18 @@ class HookedAdapter(ModelAdapter):
         if kind in ("mlp_in", "ln2_in") and self.model.cfg.attn_only:
             raise TLBackwardError("this HookedTransformer is attention-only: it has no MLP", argument="kind")
         return super().hook_name(kind, layer)
+
+    def check_model(self) -> None:
+        """Refuse a model whose ``hook_dict`` names hook points that are no longer in it: TransformerLens
+        2.x's ``process_weights_`` swaps in LayerNormPre / RMSNormPre modules without re-registering their
+        hooks, so ``hook_dict`` still holds the discarded modules' (which never fire)."""
+        present = {id(m) for m in self.model.modules()}
+        stale = [name for name, hp in self.model.hook_dict.items() if id(hp) not in present]
+        if stale:
+            raise TLBackwardError(f"this HookedTransformer's hook_dict holds {len(stale)} hook points that are no "
+                                  f"longer in the model (e.g. {stale[0]!r}: process_weights_ replaced the module "
+                                  "without re-registering its hooks, as TransformerLens 2.x does): call model.setup()",
+                                  argument="model")
 
     # ---------------------------------------------------------------- attention
     def attn_scale(self, layer: int) -> float:

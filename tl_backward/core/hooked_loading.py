@@ -73,9 +73,13 @@ CONVERSIONS: tuple[tuple[str, str, Callable[[Any], dict], str], ...] = (
 
 def require_hooked(argument: str = "backend") -> None:
     """Refuse the HookedTransformer backend where TransformerLens has no HookedTransformer."""
-    if HookedTransformer is None or weight_conversions is None:
+    if HookedTransformer is None:
         raise TLBackwardError(f"backend='hooked' needs TransformerLens < 4 (installed: {TL_VERSION}, which removed "
                               "HookedTransformer): pip install 'transformer_lens<4', or use backend='bridge'",
+                              argument=argument)
+    if weight_conversions is None:  # TransformerLens 2.0 / 2.1, below the declared range
+        raise TLBackwardError(f"backend='hooked' converts weights with transformer_lens.pretrained.weight_conversions, "
+                              f"which TransformerLens {TL_VERSION} does not have: pip install 'transformer_lens>=2.2'",
                               argument=argument)
 
 

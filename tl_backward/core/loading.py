@@ -39,7 +39,7 @@ import torch
 from .. import zoo
 from ..errors import TLBackwardError
 from . import checks
-from .compat import HookedTransformer, TransformerBridge, get_device
+from .compat import HookedTransformer, TransformerBridge, get_device, require_bridge
 from .device import declared_device
 from .hooked_loading import hooked_from_hf, require_hooked
 
@@ -47,6 +47,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # One TCP connect to the hub host: a reachable hub answers in tens of ms, and waiting longer
 # only delays the offline error that would follow anyway.
 PROBE_TIMEOUT_S = 1.0
+# The files a saved tokenizer consists of (any one of them): named when a directory has none.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                    "vocab.txt")
 _LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
 
 
@@ -173,8 +176,9 @@ def _map_value(module: str, device: Any) -> int | str:
 
 
 def _check_backend(backend: Any, place: _Placement) -> None:
-    """``backend`` is ``"bridge"`` or ``"hooked"``; ``"hooked"`` needs TransformerLens < 4 and one device
-    (a HookedTransformer is not dispatched by a Hugging Face device map)."""
+    """``backend`` is ``"bridge"`` or ``"hooked"``; ``"hooked"`` needs TransformerLens < 4 and one device (a
+    HookedTransformer is not dispatched by a Hugging Face device map). ``"bridge"`` needs TransformerLens
+    >= 3.9, refused by the boot functions once ``name`` has been checked (so a bad name is named first)."""
     checks.one_of(backend, "backend", tuple(_BACKENDS))
     if backend != "hooked":
         return
@@ -233,6 +237,7 @@ def _boot_directory(directory: Path, label: str, place: _Placement, dtype: torch
         device = place.device if place.device is not None else torch.device(get_device())
         hf, where = hf.to(device), {"device": str(device)}
     # else: TransformerLens reads cfg.device / cfg.n_devices off the model's hf_device_map.
+    require_bridge("load_model(backend='bridge')", argument="backend")
     try:
         bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tokenizer, dtype=dtype, **where)
     except ValueError as err:  # e.g. an architecture TransformerLens has no adapter for
@@ -266,13 +271,16 @@ def _read_config(directory: Path, label: str) -> Any:
 
 def _read_tokenizer(directory: Path, label: str) -> Any:
     """``AutoTokenizer.from_pretrained(directory)``, refusing a directory without vocabulary files
-    (transformers would otherwise build an empty tokenizer from the config's class)."""
+    (transformers 5 would otherwise build an empty tokenizer from the config's class; 4.x raises)."""
     from transformers import AutoTokenizer
 
     advice = "save it next to the model with tokenizer.save_pretrained(dir)"
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
+        if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
+            raise TLBackwardError(f"name {label!r}: {directory} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}"
+                                  f"); {advice}", argument="name") from err
         raise TLBackwardError(f"name {label!r}: the tokenizer in {directory} cannot be loaded "
                               f"({_first_line(err)}); {advice}", argument="name") from err
     files = {"tokenizer.json", *getattr(tokenizer, "vocab_files_names", {}).values()}
@@ -304,6 +312,7 @@ def _read_weights(directory: Path, label: str, config: Any, dtype: torch.dtype,
 def _boot_hub(name: str, place: _Placement, dtype: torch.dtype) -> Any:
     where = {"device_map": place.device_map} if place.device_map is not None else \
         {"device": None if place.device is None else str(place.device)}
+    require_bridge("load_model(backend='bridge')", argument="backend")
     try:
         return TransformerBridge.boot_transformers(name, dtype=dtype, **where)
     except (OSError, ValueError) as err:
@@ -351,7 +360,9 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return bool(constants.is_offline_mode()) or any(
+    # huggingface_hub < 1 (what TransformerLens 2.17+ installs) has the constant but not is_offline_mode().
+    is_offline_mode = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)
+    return bool(is_offline_mode()) or any(
         (f or "").strip().lower() in ("1", "on", "yes", "true") for f in flags)
 
 

@@ -89,6 +89,7 @@ def stream(
 def _stream(model, adapter, input, metric, on_activation, on_gradient, on_batch, on_last_logits,
             prepend_bos) -> Streamed:
     """:func:`stream`'s body, run while the caller holds the model's lock."""
+    adapter.check_model()
     for argument, names in (("on_activation", on_activation), ("on_gradient", on_gradient)):
         for name in names:
             adapter.resolve_hook(name, argument)

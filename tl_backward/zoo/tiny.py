@@ -14,7 +14,7 @@ import torch
 
 from tl_backward.zoo.tokenizer import SPECIALS, build_tokenizer  # re-exported: ids <pad>=0 <bos>=1 <eos>=2 <unk>=3
 
-from ..errors import TLBackwardError
+from ..errors import BridgeUnavailable, TLBackwardError
 
 FAMILIES = ("gpt2", "neox", "llama", "qwen2")
 
@@ -83,9 +83,16 @@ def tiny_model(family: str = "gpt2", *, seed: int = 0, vocab_size: int | None = 
 
     ``overrides`` accepts ``n_layers``, ``d_model``, ``n_heads``, ``n_kv_heads``, ``n_ctx``,
     ``d_mlp`` and any raw HF config attribute. The HF model stays reachable as
-    ``bridge.original_model`` for independent autograd checks.
+    ``bridge.original_model`` for independent autograd checks. On TransformerLens 2.x (no
+    ``transformer_lens.model_bridge``) it raises :class:`~tl_backward.errors.BridgeUnavailable`;
+    :func:`tiny_hf_model` works everywhere.
     """
-    from transformer_lens.model_bridge import TransformerBridge
+    try:  # imported here, not at the top: the zoo (below core) must import on TransformerLens 2.x too
+        from transformer_lens.model_bridge import TransformerBridge
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("transformer_lens"):
+            raise
+        raise BridgeUnavailable("tiny_model") from None
 
     hf = tiny_hf_model(family, seed=seed, vocab_size=vocab_size, **overrides)
     bridge = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=hf, tokenizer=word_tokenizer())

@@ -219,9 +219,11 @@ def rescore(out: Path, *, notes: str | None = None) -> dict:
 
 
 def _mark_bos(path: Path) -> None:
-    """Record ``add_bos_token`` explicitly (TransformerLens reads it; transformers 5 drops it)."""
+    """Record ``add_bos_token`` explicitly (TransformerLens reads it; transformers 5 drops it), and name the
+    tokenizer class ``PreTrainedTokenizerFast``: transformers 5 writes ``TokenizersBackend``, which transformers
+    4.x (what TransformerLens 2.x installs) cannot load; both load the same tokenizer.json under the old name."""
     cfg = json.loads(path.read_text())
-    cfg.update(add_bos_token=True, add_eos_token=False)
+    cfg.update(add_bos_token=True, add_eos_token=False, tokenizer_class="PreTrainedTokenizerFast")
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
