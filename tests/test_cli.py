@@ -282,6 +282,7 @@ def _lens_lines(out: str) -> list[str]:
             for line in out.splitlines() if re.match(r"  L\d ", line)]
 
 
+@pytest.mark.bridge  # compares with the bridge's report
 @pytest.mark.skipif(HookedTransformer is None, reason="TransformerLens 4.x has no HookedTransformer")
 def test_report_on_the_embedded_model_as_a_hooked_transformer(capsys, tmp_path):
     """--backend hooked loads facts-gpt2 as a HookedTransformer: the same prediction and the same tokens

@@ -32,7 +32,8 @@ def hf_modules(hf, family: str, layer: int) -> dict:
     if family == "neox":
         b = hf.gpt_neox.layers[layer]
         return dict(o=(b.attention.dense, "linear"), fc_in=(b.mlp.dense_h_to_4h, "linear"),
-                    fc_out=(b.mlp.dense_4h_to_h, "linear"), ln_f=hf.gpt_neox.final_layer_norm, lm_head=hf.lm_head)
+                    fc_out=(b.mlp.dense_4h_to_h, "linear"), ln_f=hf.gpt_neox.final_layer_norm,
+                    lm_head=hf.get_output_embeddings())  # transformers 4.x names it embed_out
     b = hf.model.layers[layer]
     return dict(o=(b.self_attn.o_proj, "linear"), fc_in=(b.mlp.up_proj, "linear"),
                 fc_out=(b.mlp.down_proj, "linear"), ln_f=hf.model.norm, lm_head=hf.lm_head)

@@ -31,7 +31,7 @@ def test_project_matches_hf_lens(model, family, fresh_hf, row_chunk, vocab_chunk
     if normalize:
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
     with torch.no_grad():
-        logits = hf.lm_head(ln_f(x.float())).double()
+        logits = hf.get_output_embeddings()(ln_f(x.float())).double()  # NeoX: embed_out on transformers 4.x
     probs = torch.softmax(logits, -1)
     # final norm, lm_head, softmax (chunked vs whole): a probability's relative error is its logit's
     # absolute error, fp32 accumulation relative to the logits' size

@@ -64,3 +64,15 @@ def windowed_additive(keep, window):
                 ok = bool(keep[b, 0, i, j]) and (window is None or j > i - window)
                 out[b, 0, i, j] = 0.0 if ok else torch.finfo(torch.float32).min
     return out
+
+
+def greedy_causal(model, tokens, n):
+    """n greedy tokens [batch, n] by re-running the plain model on the whole prefix each step (no cache, no
+    mask: ordinary causal decoding; TransformerLens 2.x's own ``generate`` needs a tokenizer)."""
+    cur, new = tokens, []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(cur, return_type="logits")[:, -1].argmax(-1)
+            new.append(nxt)
+            cur = torch.cat([cur, nxt[:, None].to(cur.device)], 1)
+    return torch.stack(new, 1).cpu()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 
 from tl_backward.core.capture import capture
 from tl_backward.masking import segment_mask
@@ -47,6 +48,9 @@ def test_patterns_put_zero_mass_on_disallowed_entries(model):
 
 
 def test_logits_equal_an_unbridged_hf_model_with_the_pairwise_mask(model):
+    if family(model) == "gpt2" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x's GPT-2 attention ANDs every 4-D mask with its causal bias buffer (measured: "
+                    "an all-zero additive mask leaves its logits causal), so this HF reference cannot lift causality")
     hf = tiny_hf_model(family(model), **FIXTURE_ARGS[family(model)])
     seg = batch(model, "left")
     keep = pairwise_mask(seg.segment_ids, seg.valid)

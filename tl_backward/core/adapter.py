@@ -29,6 +29,7 @@ from .compat import (
     TransformerBridge,
     is_hooked_transformer,
 )
+from .device import module_device, param_dtype
 from .hooked import HookedAdapter
 from .moe import MoELayer, has_moe, has_shared_expert, moe_layer, refuse_moe_neurons
 from .tokens import decode_ids
