@@ -54,6 +54,7 @@ $(TL2)/.installed: pyproject.toml | $(TL2)/bin/python
 
 test-tl2: $(TL2)/.installed
 	$(TL2)/bin/python -m pytest
+	$(TL2)/bin/python -m pytest -m notebooks -k hooked_transformer
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest -m notebooks
