@@ -53,12 +53,14 @@ TARGET = 5
 TERMS = MODEL_TERMS
 
 
-def hooked(name: str, **extra) -> "HookedTransformer":
-    """A tiny random HookedTransformer; every parameter is perturbed so LN gains/biases and zero-initialised
-    biases are generic (w = 1, b = 0 would hide a missing gain or bias)."""
+def hooked(name: str | None, **extra) -> "HookedTransformer":
+    """A tiny random HookedTransformer of ``CONFIGS[name]`` (BASE alone for None) updated by ``extra``;
+    every parameter is perturbed so LN gains/biases and zero-initialised biases are generic (w = 1, b = 0
+    would hide a missing gain or bias)."""
+    cfg = {**BASE, **(CONFIGS[name] if name is not None else {}), **extra}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TransformerLens 3.9's HookedTransformer deprecation warning
-        model = HookedTransformer(HookedTransformerConfig(**BASE, **CONFIGS[name], **extra)).eval()
+        model = HookedTransformer(HookedTransformerConfig(**cfg)).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

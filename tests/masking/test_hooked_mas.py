@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 
 import pytest
 import torch
 
 import tl_backward as tlb
+from tests.core.test_hooked import BASE
+from tests.core.test_hooked import CONFIGS as HOOKED_CONFIGS
+from tests.core.test_hooked import hooked as hooked_config
 from tests.reference import assert_no_hooks, assert_untouched
 from tests.tolerance import MODEL_TERMS, assert_close_fp32
-from tl_backward.core.compat import TL_MAJOR, TL_VERSION, HookedTransformer, HookedTransformerConfig
+from tl_backward.core.compat import TL_MAJOR, TL_VERSION, HookedTransformer
 from tl_backward.core.lock import lock_of, model_lock
 from tl_backward.masking import (
     answer_loss,
@@ -42,12 +44,10 @@ pytestmark = pytest.mark.skipif(
     reason=f"TransformerLens {TL_VERSION} has no HookedTransformer (removed in 4.0); these tests run in a "
            "TransformerLens 3.9 venv")
 
-BASE = dict(n_layers=2, d_model=16, n_ctx=20, d_head=4, n_heads=4, d_mlp=32, d_vocab=30, seed=0)
+# tests/core/test_hooked.py's configurations (same BASE, n_ctx 20 for the longer MAS layouts), plus a
+# local-window, soft-capped, layer-scaled one.
 CONFIGS = {
-    "gpt2_ln": dict(act_fn="gelu_new", normalization_type="LN"),
-    "llama_gqa_rotary_gated": dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                                   rotary_dim=4, gated_mlp=True, n_key_value_heads=2),
-    "attn_only": dict(act_fn="gelu", normalization_type="LN", attn_only=True),
+    **{name: HOOKED_CONFIGS[name] for name in ("gpt2_ln", "llama_gqa_rotary_gated", "attn_only")},
     "local_softcap_lnpre": dict(act_fn="gelu", normalization_type="LNPre", use_local_attn=True,
                                 attn_types=["local", "global"], window_size=3, attn_scores_soft_cap=2.0,
                                 scale_attn_by_inverse_layer_idx=True),
@@ -57,15 +57,8 @@ SIDES = [None, "left", "right"]
 
 
 def hooked(name: str | None = None, **cfg) -> "HookedTransformer":
-    """A tiny random HookedTransformer, every parameter perturbed (generic LN gains and biases)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TransformerLens 3.9's HookedTransformer deprecation warning
-        model = HookedTransformer(HookedTransformerConfig(**{**BASE, **CONFIGS.get(name, {}), **cfg})).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
-    return model
+    """tests/core/test_hooked.py's tiny random HookedTransformer (every parameter perturbed) of ``CONFIGS[name]``."""
+    return hooked_config(None, n_ctx=20, **{**CONFIGS.get(name, {}), **cfg})
 
 
 def batch(side: str | None, length: int = 9, seed: int = 0) -> S.Segments:
