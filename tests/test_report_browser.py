@@ -38,6 +38,7 @@ def _figures(tree):
     return {i: el for i, el in tree.by_id.items() if el["attrs"].get("class") == "tlb-fig"}
 
 
+@pytest.mark.bridge  # make demo's page: run_demo.py boots a bridge in its own process
 def test_circuitsvis_components_mount(demo_page, tree):
     dom, t = tree
     html = demo_page.read_text(encoding="utf-8")
@@ -55,6 +56,7 @@ def test_circuitsvis_components_mount(demo_page, tree):
     assert 'class="tlb-error"' not in dom  # no component reported a failure
 
 
+@pytest.mark.bridge  # make demo's page: run_demo.py boots a bridge in its own process
 def test_tables_and_flow_graphs_render(tree):
     dom, t = tree
     figs = _figures(t)
@@ -67,10 +69,12 @@ def test_tables_and_flow_graphs_render(tree):
     assert figs[flows[0]]["tags"]["rect"] == figs[flows[1]]["tags"]["rect"]  # same components (like=)
 
 
+@pytest.mark.bridge  # make demo's page: run_demo.py boots a bridge in its own process
 def test_page_makes_no_network_request(demo_page):
     assert network_requests(demo_page, wait_ms=8000) == []
 
 
+@pytest.mark.bridge  # make demo's page: run_demo.py boots a bridge in its own process
 def test_screenshot_is_not_blank(demo_page, tmp_path):
     from PIL import Image
 
