@@ -26,7 +26,7 @@ Files (``out/<task>-<model>-<arm>/``): ``runs/<mask>-seed<k>.json`` written as e
 (a restart skips runs whose JSON exists with the same configuration), ``base.json`` (the base
 model's accuracies), then ``summary.json``, ``table.md`` and ``curve.html`` (protocol_report.py).
 CLI: ``python -m tl_backward.masking.protocol --task world --model facts-gpt2 --arm lora --seeds 0 1 2 3 4
---out demos/out/mas_protocol``.
+--out demos/mas_protocol``.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def _write(path: Path, obj: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """``python -m tl_backward.masking.protocol --task world choice --model facts-gpt2 facts-llama
-    --arm lora full --seeds 0 1 2 3 4 --out demos/out/mas_protocol`` (every combination given), then
+    --arm lora full --seeds 0 1 2 3 4 --out demos/mas_protocol`` (every combination given), then
     ``out/mas_protocol.md`` / ``.json`` over every finished group in ``out``; ``--collect`` only
     rewrites those two files."""
     ap = argparse.ArgumentParser(description="MAS vs causal fine-tuning under the MAS paper's protocol")
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--model", nargs="+", default=["facts-gpt2"], choices=MODELS)
     ap.add_argument("--arm", nargs="+", default=["lora"], choices=tuple(ARMS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--out", default="demos/out/mas_protocol")
+    ap.add_argument("--out", default="demos/mas_protocol")
     for key, value in DEFAULTS.items():
         ap.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     ap.add_argument("--epochs", type=int, default=None, help="override the arm's epochs (full: the maximum)")
