@@ -298,6 +298,16 @@ def test_report_on_the_embedded_model_as_a_hooked_transformer(capsys, tmp_path):
     assert _lens_lines(outs["hooked"]) == _lens_lines(outs["bridge"]) != []
 
 
+@pytest.mark.skipif(HookedTransformer is None, reason="TransformerLens 4.x has no HookedTransformer")
+def test_report_with_the_hooked_backend_alone(capsys, tmp_path):
+    """--backend hooked needs no bridge (TransformerLens 2.x too): the summary and the page of facts-gpt2."""
+    page = tmp_path / "h.html"
+    code, out, err = run(["report", PROMPT, "--backend", "hooked", "--target", "rome", "-o", str(page)], capsys)
+    assert code == 0, err
+    assert "model    facts-gpt2" in out and "predicts paris" in out and "target   rome (rank" in out
+    assert page.is_file() and page.stat().st_size > 100_000
+
+
 @pytest.mark.skipif(HookedTransformer is not None, reason="this TransformerLens has HookedTransformer")
 def test_hooked_backend_is_refused_in_one_line_where_removed(capsys, tmp_path):
     code, _, err = run(["report", PROMPT, "--backend", "hooked", "-o", str(tmp_path / "x.html")], capsys)
