@@ -122,28 +122,21 @@ def segment_mask(model: Any, segments: Segments) -> Iterator[Segments]:
     segments = check_segments(model, segments)
     # Held before the nesting check, so another thread waits here instead of seeing _ACTIVE.
     with model_lock(model):
-        if hf is model:  # a HookedTransformer (hooked.py)
-            yield from _hooked_masked(model, segments)
-        else:
-            yield from _masked(model, hf, segments)
-
-
-def _hooked_masked(model: Any, segments: Segments) -> Iterator[Segments]:
-    """:func:`segment_mask`'s block on a HookedTransformer: :func:`hooked.lifted` for its duration."""
-    if model in _ACTIVE:
-        raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
-    with hooked.lifted(model, segments.to(input_device(model))):
+        if model in _ACTIVE:
+            raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
         _ACTIVE.add(model)
         try:
-            yield segments
+            if hf is model:  # a HookedTransformer: its causal masks lifted for the block (hooked.py)
+                with hooked.lifted(model, segments.to(input_device(model))):
+                    yield segments
+            else:
+                yield from _masked(model, hf, segments)
         finally:
             _ACTIVE.discard(model)
 
 
 def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Segments]:
-    """:func:`segment_mask`'s block: the pre-hook lives from the yield to its end."""
-    if model in _ACTIVE:
-        raise TLBackwardError("segment_mask contexts cannot be nested on the same model", argument="segments")
+    """:func:`segment_mask`'s block on a Bridge: the pre-hook on its HF module lives from the yield to its end."""
     device = input_device(hf)
     seg = segments.to(device)
     # The HF-level mask (windowed per layer, in the family's format: families.py) and positions
@@ -184,12 +177,10 @@ def _masked(model: Any, hf: torch.nn.Module, segments: Segments) -> Iterator[Seg
         return args, kwargs
 
     handle = hf.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    _ACTIVE.add(model)
     try:
         yield segments
     finally:
         handle.remove()
-        _ACTIVE.discard(model)
 
 
 def attention_patterns(
